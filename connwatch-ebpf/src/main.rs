@@ -1,0 +1,151 @@
+//! connwatch's kernel side: one tracepoint that records each TCP socket's birth and
+//! state in a map and reports lifecycle changes through a ring buffer. It decides
+//! nothing; the daemon does.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
+    macros::{map, tracepoint},
+    maps::{HashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+use connwatch_common::{
+    event_kind, set_state_offsets as off, stat, tcp_state, ConnEvent, ConnInfo, AF_INET,
+    AF_INET6, DEFAULT_MAX_CONNS, DEFAULT_RING_BYTES, FLAG_BIRTH_UNKNOWN, IPPROTO_TCP,
+};
+
+// Pinned by name: a restarted daemon finds the same maps, and the ages in them.
+#[map(name = "CW_CONNS")]
+static CONNS: HashMap<u64, ConnInfo> = HashMap::pinned(DEFAULT_MAX_CONNS, 0);
+
+#[map(name = "CW_EVENTS")]
+static EVENTS: RingBuf = RingBuf::pinned(DEFAULT_RING_BYTES, 0);
+
+#[map(name = "CW_STATS")]
+static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
+
+const BPF_NOEXIST: u64 = 1;
+
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let _ = record(&ctx);
+    0
+}
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(v) = STATS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot, written only from this CPU.
+        unsafe { *v += 1 };
+    }
+}
+
+#[inline(always)]
+fn send(key: u64, kind: u32, oldstate: u32, info: &ConnInfo) {
+    let event = ConnEvent {
+        key,
+        kind,
+        oldstate,
+        info: *info,
+    };
+    if EVENTS.output::<ConnEvent>(&event, 0).is_err() {
+        count(stat::RING_FULL);
+    }
+}
+
+fn record(ctx: &TracePointContext) -> Result<(), i32> {
+    // SAFETY: offsets of this tracepoint's record, checked by the daemon against the
+    // format file before the program is loaded; read_at bounds the read itself.
+    let protocol: u16 = unsafe { ctx.read_at(off::PROTOCOL)? };
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    count(stat::EVENTS);
+    let key: u64 = unsafe { ctx.read_at(off::SKADDR)? };
+    let oldstate: i32 = unsafe { ctx.read_at(off::OLDSTATE)? };
+    let newstate: i32 = unsafe { ctx.read_at(off::NEWSTATE)? };
+    let (oldstate, newstate) = (oldstate as u32, newstate as u32);
+    let now = unsafe { bpf_ktime_get_ns() };
+
+    if newstate == tcp_state::CLOSE {
+        // SAFETY: the entry is copied out before it is removed.
+        if let Some(info) = unsafe { CONNS.get(&key) } {
+            let mut info = *info;
+            info.state = newstate;
+            info.state_since_ns = now;
+            let _ = CONNS.remove(&key);
+            send(key, event_kind::CLOSED, oldstate, &info);
+        }
+        return Ok(());
+    }
+
+    // The tuple is re-read on every change: at SYN_SENT the local port is still 0.
+    let family: u16 = unsafe { ctx.read_at(off::FAMILY)? };
+    let mut saddr = [0u8; 16];
+    let mut daddr = [0u8; 16];
+    if family == AF_INET {
+        let s: [u8; 4] = unsafe { ctx.read_at(off::SADDR)? };
+        let d: [u8; 4] = unsafe { ctx.read_at(off::DADDR)? };
+        saddr[..4].copy_from_slice(&s);
+        daddr[..4].copy_from_slice(&d);
+    } else if family == AF_INET6 {
+        saddr = unsafe { ctx.read_at(off::SADDR_V6)? };
+        daddr = unsafe { ctx.read_at(off::DADDR_V6)? };
+    } else {
+        return Ok(());
+    }
+    let sport: u16 = unsafe { ctx.read_at(off::SPORT)? };
+    let dport: u16 = unsafe { ctx.read_at(off::DPORT)? };
+
+    if let Some(entry) = CONNS.get_ptr_mut(&key) {
+        // SAFETY: a map value pointer; concurrent updates of one socket's state are
+        // serialised by the socket lock the kernel holds around this tracepoint.
+        let info = unsafe { &mut *entry };
+        info.state = newstate;
+        info.state_since_ns = now;
+        info.saddr = saddr;
+        info.daddr = daddr;
+        info.sport = sport;
+        info.dport = dport;
+        info.family = family;
+        send(key, event_kind::STATE, oldstate, info);
+        return Ok(());
+    }
+
+    // A socket is born when it leaves CLOSE (connect, listen) or when an accepted child
+    // enters SYN_RECV; any other first sighting predates the program.
+    let born = oldstate == tcp_state::CLOSE || newstate == tcp_state::SYN_RECV;
+    let mut info = ConnInfo::zeroed();
+    info.birth_ns = if born { now } else { 0 };
+    info.flags = if born { 0 } else { FLAG_BIRTH_UNKNOWN };
+    info.seen_ns = now;
+    info.state_since_ns = now;
+    info.saddr = saddr;
+    info.daddr = daddr;
+    info.sport = sport;
+    info.dport = dport;
+    info.family = family;
+    info.state = newstate;
+    if CONNS.insert(&key, &info, BPF_NOEXIST).is_err() {
+        count(stat::MAP_FULL);
+        return Ok(());
+    }
+    let kind = if born {
+        event_kind::OPENED
+    } else {
+        event_kind::DISCOVERED
+    };
+    send(key, kind, oldstate, &info);
+    Ok(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

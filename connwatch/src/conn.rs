@@ -1,0 +1,140 @@
+//! The vocabulary of connections: TCP states and address tuples.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use connwatch_common::{tcp_state, ConnInfo, AF_INET, AF_INET6};
+
+/// A kernel TCP state (`include/net/tcp_states.h`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TcpState(pub u32);
+
+impl TcpState {
+    pub const ESTABLISHED: TcpState = TcpState(tcp_state::ESTABLISHED);
+    pub const SYN_SENT: TcpState = TcpState(tcp_state::SYN_SENT);
+    pub const SYN_RECV: TcpState = TcpState(tcp_state::SYN_RECV);
+    pub const FIN_WAIT1: TcpState = TcpState(tcp_state::FIN_WAIT1);
+    pub const FIN_WAIT2: TcpState = TcpState(tcp_state::FIN_WAIT2);
+    pub const TIME_WAIT: TcpState = TcpState(tcp_state::TIME_WAIT);
+    pub const CLOSE: TcpState = TcpState(tcp_state::CLOSE);
+    pub const CLOSE_WAIT: TcpState = TcpState(tcp_state::CLOSE_WAIT);
+    pub const LAST_ACK: TcpState = TcpState(tcp_state::LAST_ACK);
+    pub const LISTEN: TcpState = TcpState(tcp_state::LISTEN);
+    pub const CLOSING: TcpState = TcpState(tcp_state::CLOSING);
+    pub const NEW_SYN_RECV: TcpState = TcpState(tcp_state::NEW_SYN_RECV);
+
+    const NAMES: [(TcpState, &'static str); 12] = [
+        (Self::ESTABLISHED, "ESTABLISHED"),
+        (Self::SYN_SENT, "SYN_SENT"),
+        (Self::SYN_RECV, "SYN_RECV"),
+        (Self::FIN_WAIT1, "FIN_WAIT1"),
+        (Self::FIN_WAIT2, "FIN_WAIT2"),
+        (Self::TIME_WAIT, "TIME_WAIT"),
+        (Self::CLOSE, "CLOSE"),
+        (Self::CLOSE_WAIT, "CLOSE_WAIT"),
+        (Self::LAST_ACK, "LAST_ACK"),
+        (Self::LISTEN, "LISTEN"),
+        (Self::CLOSING, "CLOSING"),
+        (Self::NEW_SYN_RECV, "NEW_SYN_RECV"),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES
+            .iter()
+            .find(|(s, _)| *s == self)
+            .map_or("UNKNOWN", |(_, n)| n)
+    }
+
+    /// Parses `CLOSE_WAIT`, `close-wait` or `close_wait`.
+    pub fn parse(text: &str) -> Option<TcpState> {
+        let norm = text.trim().to_ascii_uppercase().replace('-', "_");
+        Self::NAMES.iter().find(|(_, n)| *n == norm).map(|(s, _)| *s)
+    }
+
+    /// States a policy may never act on: a socket still opening, or a listener.
+    pub fn is_opening_or_listening(self) -> bool {
+        matches!(
+            self,
+            Self::LISTEN | Self::SYN_SENT | Self::SYN_RECV | Self::NEW_SYN_RECV
+        )
+    }
+}
+
+impl fmt::Display for TcpState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A connection's local and remote endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Tuple {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+impl Tuple {
+    pub fn new(local: SocketAddr, remote: SocketAddr) -> Self {
+        Tuple { local, remote }
+    }
+
+    /// The tuple a map entry records; `None` for a family connwatch does not track.
+    pub fn from_info(info: &ConnInfo) -> Option<Tuple> {
+        let ip = |raw: &[u8; 16]| -> Option<IpAddr> {
+            match info.family {
+                AF_INET => Some(IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))),
+                AF_INET6 => Some(IpAddr::V6(Ipv6Addr::from(*raw))),
+                _ => None,
+            }
+        };
+        Some(Tuple {
+            local: SocketAddr::new(ip(&info.saddr)?, info.sport),
+            remote: SocketAddr::new(ip(&info.daddr)?, info.dport),
+        })
+    }
+
+    pub fn is_ipv6(&self) -> bool {
+        self.local.is_ipv6()
+    }
+}
+
+impl fmt::Display for Tuple {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} -> {}", self.local, self.remote)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_names_parse_in_both_spellings() {
+        assert_eq!(TcpState::parse("close-wait"), Some(TcpState::CLOSE_WAIT));
+        assert_eq!(TcpState::parse("CLOSE_WAIT"), Some(TcpState::CLOSE_WAIT));
+        assert_eq!(TcpState::parse("fin_wait2"), Some(TcpState::FIN_WAIT2));
+        assert_eq!(TcpState::parse("open"), None);
+        assert_eq!(TcpState(99).name(), "UNKNOWN");
+    }
+
+    #[test]
+    fn tuple_from_map_entry() {
+        let mut info = ConnInfo::zeroed();
+        info.family = AF_INET;
+        info.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        info.daddr[..4].copy_from_slice(&[10, 1, 2, 3]);
+        info.sport = 8080;
+        info.dport = 50000;
+        let t = Tuple::from_info(&info).unwrap();
+        assert_eq!(t.to_string(), "127.0.0.1:8080 -> 10.1.2.3:50000");
+        info.family = AF_INET6;
+        info.saddr = Ipv6Addr::LOCALHOST.octets();
+        info.daddr = Ipv6Addr::LOCALHOST.octets();
+        assert_eq!(
+            Tuple::from_info(&info).unwrap().to_string(),
+            "[::1]:8080 -> [::1]:50000"
+        );
+        info.family = 1;
+        assert!(Tuple::from_info(&info).is_none());
+    }
+}
