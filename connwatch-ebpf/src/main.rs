@@ -11,8 +11,8 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use connwatch_common::{
-    event_kind, set_state_offsets as off, stat, tcp_state, ConnEvent, ConnInfo, AF_INET,
-    AF_INET6, DEFAULT_MAX_CONNS, DEFAULT_RING_BYTES, FLAG_BIRTH_UNKNOWN, IPPROTO_TCP,
+    event_kind, set_state_offsets as off, stat, tcp_state, ConnEvent, ConnInfo, AF_INET, AF_INET6,
+    DEFAULT_MAX_CONNS, DEFAULT_RING_BYTES, FLAG_BIRTH_UNKNOWN, IPPROTO_TCP,
 };
 
 // Pinned by name: a restarted daemon finds the same maps, and the ages in them.

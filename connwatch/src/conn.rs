@@ -48,7 +48,10 @@ impl TcpState {
     /// Parses `CLOSE_WAIT`, `close-wait` or `close_wait`.
     pub fn parse(text: &str) -> Option<TcpState> {
         let norm = text.trim().to_ascii_uppercase().replace('-', "_");
-        Self::NAMES.iter().find(|(_, n)| *n == norm).map(|(s, _)| *s)
+        Self::NAMES
+            .iter()
+            .find(|(_, n)| *n == norm)
+            .map(|(s, _)| *s)
     }
 
     /// States a policy may never act on: a socket still opening, or a listener.

@@ -1,2 +1,20 @@
 //! connwatch: watch every TCP socket through eBPF, destroy the ones a policy chooses.
+//!
+//! The kernel side (`connwatch-ebpf`) records each socket's birth and state; this
+//! library keeps each socket's next deadline ([`deadlines`], fed by [`tracker`]),
+//! decides with a pure [`policy`], and destroys through sock_diag ([`destroy`], [`diag`]).
+pub mod app;
+pub mod audit;
+pub mod check;
+pub mod cli;
+pub mod clock;
 pub mod conn;
+pub mod daemon;
+pub mod deadlines;
+pub mod destroy;
+pub mod diag;
+pub mod list;
+pub mod loader;
+pub mod policy;
+pub mod testing;
+pub mod tracker;

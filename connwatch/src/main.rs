@@ -1,1 +1,10 @@
-fn main(){}
+fn main() {
+    let cli = connwatch::cli::parse();
+    match connwatch::app::main(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("connwatch: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! One line per destroy or would-destroy, in the form operators grep for:
+//! `destroyed 10.0.15.73:18443 -> 174.201.120.36:64119 state=ESTABLISHED age=301s reason=max-age`.
+//! With `--log-format json` the same record carries its fields as JSON.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crate::conn::{TcpState, Tuple};
+use crate::policy::{Birth, Reason};
+
+static JSON: AtomicBool = AtomicBool::new(false);
+
+/// Chooses the record format; set once at start-up from `--log-format`.
+pub fn set_json(json: bool) {
+    JSON.store(json, Ordering::Relaxed);
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Destroyed,
+    WouldDestroy,
+    Skipped,
+    Failed,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Destroyed => "destroyed",
+            Action::WouldDestroy => "would destroy",
+            Action::Skipped => "skipped",
+            Action::Failed => "failed to destroy",
+        }
+    }
+}
+
+/// A socket's age as connwatch knows it: exact, or a lower bound for a socket born
+/// before connwatch saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Age {
+    pub secs: u64,
+    pub exact: bool,
+}
+
+impl Age {
+    pub fn of(birth: Birth, now_ns: u64) -> Age {
+        Age {
+            secs: Duration::from_nanos(now_ns.saturating_sub(birth.no_later_than())).as_secs(),
+            exact: birth.is_known(),
+        }
+    }
+}
+
+impl std::fmt::Display for Age {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let more = if self.exact { "" } else { ">" };
+        write!(f, "{more}{}s", self.secs)
+    }
+}
+
+pub struct Record<'a> {
+    pub action: Action,
+    pub tuple: Tuple,
+    pub state: TcpState,
+    pub age: Age,
+    pub reason: Reason,
+    pub dry_run: bool,
+    /// Why a destroy was skipped or failed.
+    pub detail: Option<&'a str>,
+}
+
+impl Record<'_> {
+    /// The text form of the record.
+    pub fn line(&self) -> String {
+        let mut line = format!(
+            "{} {} state={} age={} reason={}",
+            self.action.as_str(),
+            self.tuple,
+            self.state,
+            self.age,
+            self.reason
+        );
+        if let Some(d) = self.detail {
+            line.push_str(&format!(" detail=\"{d}\""));
+        }
+        if self.dry_run && self.action == Action::WouldDestroy {
+            line.push_str(" (dry run)");
+        }
+        line
+    }
+
+    pub fn emit(&self) {
+        let json = JSON.load(Ordering::Relaxed);
+        let action = self.action.as_str();
+        match (json, self.action) {
+            (true, Action::Failed) => tracing::warn!(
+                action,
+                local = %self.tuple.local,
+                remote = %self.tuple.remote,
+                state = %self.state,
+                age_secs = self.age.secs,
+                age_exact = self.age.exact,
+                reason = %self.reason,
+                dry_run = self.dry_run,
+                detail = self.detail,
+                "{}", self.line()
+            ),
+            (true, _) => tracing::info!(
+                action,
+                local = %self.tuple.local,
+                remote = %self.tuple.remote,
+                state = %self.state,
+                age_secs = self.age.secs,
+                age_exact = self.age.exact,
+                reason = %self.reason,
+                dry_run = self.dry_run,
+                detail = self.detail,
+                "{}", self.line()
+            ),
+            (false, Action::Failed) => tracing::warn!("{}", self.line()),
+            (false, _) => tracing::info!("{}", self.line()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_matches_the_seed_tools_form() {
+        let r = Record {
+            action: Action::Destroyed,
+            tuple: Tuple::new(
+                "10.0.15.73:18443".parse().unwrap(),
+                "174.201.120.36:64119".parse().unwrap(),
+            ),
+            state: TcpState::ESTABLISHED,
+            age: Age::of(Birth::Known(0), 301_500_000_000),
+            reason: Reason::MaxAge,
+            dry_run: false,
+            detail: None,
+        };
+        assert_eq!(
+            r.line(),
+            "destroyed 10.0.15.73:18443 -> 174.201.120.36:64119 state=ESTABLISHED age=301s reason=max-age"
+        );
+        let dry = Record {
+            action: Action::WouldDestroy,
+            age: Age::of(Birth::Unknown { seen_ns: 0 }, 61_000_000_000),
+            dry_run: true,
+            ..r
+        };
+        assert_eq!(
+            dry.line(),
+            "would destroy 10.0.15.73:18443 -> 174.201.120.36:64119 state=ESTABLISHED age=>61s reason=max-age (dry run)"
+        );
+    }
+}

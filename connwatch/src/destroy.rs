@@ -1,0 +1,175 @@
+//! Destroying exactly the socket the policy chose. Right before the kill the chosen
+//! socket is looked up again, in the kernel map (same generation, same state) and
+//! through an exact sock_diag lookup (same tuple, same state); the destroy then names
+//! the socket by tuple *and* cookie, so a connection that reused the tuple survives.
+
+use connwatch_common::ConnInfo;
+
+use crate::diag::{DestroyError, DiagSocket, SockDiag};
+use crate::loader::ConnMap;
+use crate::tracker::{Source, Tracked};
+
+#[derive(Debug)]
+pub enum Outcome {
+    Destroyed,
+    /// Dry run: the same checks passed, nothing was destroyed.
+    WouldDestroy,
+    /// The socket is no longer the one chosen; nothing was destroyed.
+    Skipped(String),
+    Failed(DestroyError),
+}
+
+/// Whether the kernel's view still shows the socket the policy chose. Pure, so each
+/// way a socket can change under a decision is unit-tested.
+pub fn verify(
+    chosen: &Tracked,
+    entry: Option<&ConnInfo>,
+    live: Option<&DiagSocket>,
+) -> Result<(), String> {
+    let live = live.ok_or("gone before the destroy")?;
+    if live.tuple != chosen.tuple {
+        return Err(format!("tuple is now {}", live.tuple));
+    }
+    if live.state != chosen.state {
+        return Err(format!("state changed to {}", live.state));
+    }
+    match chosen.source {
+        Source::Map => {
+            let entry = entry.ok_or("left the connection map")?;
+            if entry.seen_ns != chosen.generation {
+                return Err("socket address reused by a newer socket".into());
+            }
+            if entry.state != chosen.state.0 {
+                return Err(format!("map state changed to {}", entry.state));
+            }
+        }
+        Source::Seeded => {
+            if Some(live.cookie) != chosen.cookie {
+                return Err("tuple reused by a newer connection".into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Re-checks the chosen socket and destroys it (or, in a dry run, says it would).
+pub fn execute(
+    diag: &mut SockDiag,
+    conns: &ConnMap,
+    key: u64,
+    chosen: &Tracked,
+    enforce: bool,
+) -> Outcome {
+    let live = match diag.get(&chosen.tuple) {
+        Ok(live) => live,
+        Err(e) => return Outcome::Failed(DestroyError::Other(std::io::Error::other(e))),
+    };
+    // Read after the lookup: if the chosen socket closed and a new one took its tuple
+    // before the lookup, its map entry is already gone or renewed.
+    let entry = match chosen.source {
+        Source::Map => conns.get(&key, 0).ok(),
+        Source::Seeded => None,
+    };
+    if let Err(why) = verify(chosen, entry.as_ref(), live.as_ref()) {
+        return Outcome::Skipped(why);
+    }
+    if !enforce {
+        return Outcome::WouldDestroy;
+    }
+    let live = live.expect("verified above");
+    match diag.destroy(&live) {
+        Ok(()) => Outcome::Destroyed,
+        Err(DestroyError::Gone) => Outcome::Skipped("gone before the destroy".into()),
+        Err(e) => Outcome::Failed(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conn::{TcpState, Tuple};
+    use crate::policy::Birth;
+    use connwatch_common::{tcp_state, AF_INET};
+
+    fn tuple() -> Tuple {
+        Tuple::new(
+            "127.0.0.1:8080".parse().unwrap(),
+            "127.0.0.1:40000".parse().unwrap(),
+        )
+    }
+
+    fn chosen(source: Source) -> Tracked {
+        Tracked {
+            tuple: tuple(),
+            state: TcpState::ESTABLISHED,
+            birth: Birth::Known(1),
+            state_since_ns: 1,
+            generation: 1,
+            source,
+            cookie: (source == Source::Seeded).then_some([1; 8]),
+        }
+    }
+
+    fn entry(seen: u64, state: u32) -> ConnInfo {
+        let mut i = ConnInfo::zeroed();
+        i.family = AF_INET;
+        i.seen_ns = seen;
+        i.state = state;
+        i
+    }
+
+    fn live(state: TcpState, cookie: [u8; 8]) -> DiagSocket {
+        DiagSocket {
+            tuple: tuple(),
+            state,
+            cookie,
+            inode: 1,
+            uid: 0,
+            ifindex: 0,
+        }
+    }
+
+    #[test]
+    fn the_same_socket_passes() {
+        let e = entry(1, tcp_state::ESTABLISHED);
+        let l = live(TcpState::ESTABLISHED, [9; 8]);
+        assert_eq!(verify(&chosen(Source::Map), Some(&e), Some(&l)), Ok(()));
+        let l = live(TcpState::ESTABLISHED, [1; 8]);
+        assert_eq!(verify(&chosen(Source::Seeded), None, Some(&l)), Ok(()));
+    }
+
+    #[test]
+    fn every_change_is_refused() {
+        let c = chosen(Source::Map);
+        let ok_entry = entry(1, tcp_state::ESTABLISHED);
+        let ok_live = live(TcpState::ESTABLISHED, [9; 8]);
+        let cases = [
+            (Some(ok_entry), None, "gone"),
+            (None, Some(ok_live.clone()), "left the connection map"),
+            (
+                Some(entry(2, tcp_state::ESTABLISHED)),
+                Some(ok_live.clone()),
+                "reused",
+            ),
+            (
+                Some(ok_entry),
+                Some(live(TcpState::CLOSE_WAIT, [9; 8])),
+                "CLOSE_WAIT",
+            ),
+            (
+                Some(entry(1, tcp_state::CLOSE_WAIT)),
+                Some(ok_live),
+                "map state",
+            ),
+        ];
+        for (e, l, want) in cases {
+            let err = verify(&c, e.as_ref(), l.as_ref()).unwrap_err();
+            assert!(err.contains(want), "{err} lacks {want}");
+        }
+        let seeded = chosen(Source::Seeded);
+        let other = live(TcpState::ESTABLISHED, [2; 8]);
+        assert!(verify(&seeded, None, Some(&other))
+            .unwrap_err()
+            .contains("reused"));
+    }
+}

@@ -1,0 +1,259 @@
+//! Loading the kernel side: tracefs and bpffs, the tracepoint's layout, the embedded
+//! object, pinned maps, and the attach.
+
+use std::fs;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray, RingBuf};
+use aya::programs::TracePoint;
+use aya::{Ebpf, EbpfLoader};
+use connwatch_common::{
+    set_state_offsets as off, stat, ConnInfo, MAP_CONNS, MAP_EVENTS, MAP_STATS,
+};
+
+/// Where the maps are pinned, so `list` reads them and a restarted daemon keeps its ages.
+pub const PIN_DIR: &str = "/sys/fs/bpf/connwatch";
+pub const TRACEFS: &str = "/sys/kernel/tracing";
+pub const BPFFS: &str = "/sys/fs/bpf";
+pub const TRACEPOINT: (&str, &str) = ("sock", "inet_sock_set_state");
+
+/// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/connwatch.bpf.o"));
+
+pub type ConnMap = HashMap<MapData, u64, ConnInfo>;
+
+/// The loaded program and the maps the daemon uses. Dropping it detaches the program;
+/// the pinned maps stay.
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    pub conns: ConnMap,
+    pub events: RingBuf<MapData>,
+    pub stats: PerCpuArray<MapData, u64>,
+}
+
+/// Kernel-side drop counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub events: u64,
+    pub map_full: u64,
+    pub ring_full: u64,
+}
+
+fn is_mounted(path: &str, fstype: &str) -> bool {
+    fs::read_to_string("/proc/self/mounts").is_ok_and(|m| {
+        m.lines().any(|l| {
+            let mut f = l.split_whitespace();
+            let _dev = f.next();
+            f.next() == Some(path) && f.next() == Some(fstype)
+        })
+    })
+}
+
+fn mount(fstype: &str, target: &str) -> Result<()> {
+    let c = |s: &str| std::ffi::CString::new(s).expect("no NUL in a literal");
+    let (src, fst, tgt) = (c("nodev"), c(fstype), c(target));
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            tgt.as_ptr(),
+            fst.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "cannot mount {fstype} on {target}: {} (mount it by hand: mount -t {fstype} nodev {target})",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Mounts tracefs and bpffs where they are missing: aya resolves tracepoint ids through
+/// tracefs, and pinning needs bpffs.
+pub fn ensure_filesystems() -> Result<()> {
+    if !Path::new(TRACEFS).join("events").exists() && !is_mounted(TRACEFS, "tracefs") {
+        mount("tracefs", TRACEFS)?;
+        tracing::info!("mounted tracefs on {TRACEFS}");
+    }
+    if !is_mounted(BPFFS, "bpf") {
+        mount("bpf", BPFFS)?;
+        tracing::info!("mounted bpffs on {BPFFS}");
+    }
+    Ok(())
+}
+
+/// Offsets of the tracepoint's fields as the running kernel's format file gives them.
+pub fn tracepoint_fields(format: &str) -> Vec<(String, usize)> {
+    format
+        .lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            let decl = line.strip_prefix("field:")?.split(';').next()?;
+            let name = decl.split_whitespace().last()?;
+            let name = name.split('[').next()?.to_string();
+            let offset = line
+                .split(';')
+                .find_map(|p| p.trim().strip_prefix("offset:"))?
+                .parse()
+                .ok()?;
+            Some((name, offset))
+        })
+        .collect()
+}
+
+/// Refuses a kernel whose tracepoint record differs from what the program reads.
+pub fn check_tracepoint_layout(format: &str) -> Result<()> {
+    let fields = tracepoint_fields(format);
+    let expected = [
+        ("skaddr", off::SKADDR),
+        ("oldstate", off::OLDSTATE),
+        ("newstate", off::NEWSTATE),
+        ("sport", off::SPORT),
+        ("dport", off::DPORT),
+        ("family", off::FAMILY),
+        ("protocol", off::PROTOCOL),
+        ("saddr", off::SADDR),
+        ("daddr", off::DADDR),
+        ("saddr_v6", off::SADDR_V6),
+        ("daddr_v6", off::DADDR_V6),
+    ];
+    for (name, want) in expected {
+        match fields.iter().find(|(n, _)| n == name) {
+            Some((_, got)) if *got == want => {}
+            Some((_, got)) => bail!(
+                "tracepoint {}:{} field {name} is at offset {got}, connwatch reads it at {want}: this kernel's layout is not supported",
+                TRACEPOINT.0, TRACEPOINT.1
+            ),
+            None => bail!(
+                "tracepoint {}:{} has no field {name}: this kernel's layout is not supported",
+                TRACEPOINT.0,
+                TRACEPOINT.1
+            ),
+        }
+    }
+    Ok(())
+}
+
+pub fn read_tracepoint_format() -> Result<String> {
+    let path = format!("{TRACEFS}/events/{}/{}/format", TRACEPOINT.0, TRACEPOINT.1);
+    fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))
+}
+
+/// The embedded object, or an error if this binary was built without it.
+pub fn object() -> Result<&'static [u8]> {
+    if OBJECT.is_empty() {
+        bail!("this connwatch binary was built without its eBPF object: build it with `cargo xtask build` (which runs `cargo xtask build-ebpf` first)");
+    }
+    Ok(OBJECT)
+}
+
+/// Loads the program with its maps pinned under [`PIN_DIR`] (reusing maps already
+/// there) and attaches it to the tracepoint.
+pub fn load_and_attach(max_conns: Option<u32>) -> Result<Loaded> {
+    ensure_filesystems()?;
+    check_tracepoint_layout(&read_tracepoint_format()?)?;
+    fs::create_dir_all(PIN_DIR).with_context(|| format!("cannot create {PIN_DIR}"))?;
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(PIN_DIR);
+    if let Some(n) = max_conns {
+        loader.map_max_entries(MAP_CONNS, n);
+    }
+    let mut ebpf = loader
+        .load(object()?)
+        .context("cannot load the eBPF object (is this root, with CAP_BPF and CAP_PERFMON?)")?;
+    let program: &mut TracePoint = ebpf
+        .program_mut("inet_sock_set_state")
+        .context("the eBPF object has no inet_sock_set_state program")?
+        .try_into()?;
+    program
+        .load()
+        .context("the kernel refused the tracepoint program")?;
+    program
+        .attach(TRACEPOINT.0, TRACEPOINT.1)
+        .with_context(|| {
+            format!(
+                "cannot attach to tracepoint {}:{}",
+                TRACEPOINT.0, TRACEPOINT.1
+            )
+        })?;
+    let conns = ConnMap::try_from(ebpf.take_map(MAP_CONNS).context("no connection map")?)?;
+    let events = RingBuf::try_from(ebpf.take_map(MAP_EVENTS).context("no event ring")?)?;
+    let stats = PerCpuArray::try_from(ebpf.take_map(MAP_STATS).context("no stats map")?)?;
+    Ok(Loaded {
+        ebpf,
+        conns,
+        events,
+        stats,
+    })
+}
+
+/// Opens the pinned connection map, as `list` does while a daemon runs or after it.
+pub fn open_pinned_conns() -> Result<ConnMap> {
+    let path = Path::new(PIN_DIR).join(MAP_CONNS);
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!(
+            "cannot open {}: has `connwatch run` been started on this host since boot?",
+            path.display()
+        )
+    })?;
+    Ok(ConnMap::try_from(Map::HashMap(data))?)
+}
+
+pub fn read_stats(stats: &PerCpuArray<MapData, u64>) -> Result<Stats> {
+    let sum = |i: u32| -> Result<u64> { Ok(stats.get(&i, 0)?.iter().sum()) };
+    Ok(Stats {
+        events: sum(stat::EVENTS)?,
+        map_full: sum(stat::MAP_FULL)?,
+        ring_full: sum(stat::RING_FULL)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FORMAT_6_18: &str = "name: inet_sock_set_state
+ID: 1480
+format:
+	field:unsigned short common_type;	offset:0;	size:2;	signed:0;
+	field:unsigned char common_flags;	offset:2;	size:1;	signed:0;
+	field:unsigned char common_preempt_count;	offset:3;	size:1;	signed:0;
+	field:int common_pid;	offset:4;	size:4;	signed:1;
+
+	field:const void * skaddr;	offset:8;	size:8;	signed:0;
+	field:int oldstate;	offset:16;	size:4;	signed:1;
+	field:int newstate;	offset:20;	size:4;	signed:1;
+	field:__u16 sport;	offset:24;	size:2;	signed:0;
+	field:__u16 dport;	offset:26;	size:2;	signed:0;
+	field:__u16 family;	offset:28;	size:2;	signed:0;
+	field:__u16 protocol;	offset:30;	size:2;	signed:0;
+	field:__u8 saddr[4];	offset:32;	size:4;	signed:0;
+	field:__u8 daddr[4];	offset:36;	size:4;	signed:0;
+	field:__u8 saddr_v6[16];	offset:40;	size:16;	signed:0;
+	field:__u8 daddr_v6[16];	offset:56;	size:16;	signed:0;
+";
+
+    #[test]
+    fn accepts_the_known_layout() {
+        check_tracepoint_layout(FORMAT_6_18).unwrap();
+    }
+
+    #[test]
+    fn refuses_a_shifted_layout() {
+        // Before 5.6 `protocol` was a u8, which moved the addresses.
+        let old = FORMAT_6_18.replace("offset:32;", "offset:31;");
+        let err = check_tracepoint_layout(&old).unwrap_err().to_string();
+        assert!(err.contains("saddr") && err.contains("31"), "{err}");
+    }
+
+    #[test]
+    fn running_kernel_matches_the_program() {
+        crate::testing::require_root("reads the tracepoint format file under tracefs");
+        ensure_filesystems().unwrap();
+        check_tracepoint_layout(&read_tracepoint_format().unwrap()).unwrap();
+    }
+}
