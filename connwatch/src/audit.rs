@@ -89,36 +89,36 @@ impl Record<'_> {
         line
     }
 
+    /// Logs the record: failures as warnings, skips (a socket that changed under the
+    /// decision, a normal race) at debug level, the rest at info.
     pub fn emit(&self) {
         let json = JSON.load(Ordering::Relaxed);
-        let action = self.action.as_str();
-        match (json, self.action) {
-            (true, Action::Failed) => tracing::warn!(
-                action,
-                local = %self.tuple.local,
-                remote = %self.tuple.remote,
-                state = %self.state,
-                age_secs = self.age.secs,
-                age_exact = self.age.exact,
-                reason = %self.reason,
-                dry_run = self.dry_run,
-                detail = self.detail,
-                "{}", self.line()
-            ),
-            (true, _) => tracing::info!(
-                action,
-                local = %self.tuple.local,
-                remote = %self.tuple.remote,
-                state = %self.state,
-                age_secs = self.age.secs,
-                age_exact = self.age.exact,
-                reason = %self.reason,
-                dry_run = self.dry_run,
-                detail = self.detail,
-                "{}", self.line()
-            ),
-            (false, Action::Failed) => tracing::warn!("{}", self.line()),
-            (false, _) => tracing::info!("{}", self.line()),
+        macro_rules! emit_at {
+            ($level:expr) => {
+                if json {
+                    tracing::event!(
+                        $level,
+                        action = self.action.as_str(),
+                        local = %self.tuple.local,
+                        remote = %self.tuple.remote,
+                        state = %self.state,
+                        age_secs = self.age.secs,
+                        age_exact = self.age.exact,
+                        reason = %self.reason,
+                        dry_run = self.dry_run,
+                        detail = self.detail,
+                        "{}",
+                        self.line()
+                    )
+                } else {
+                    tracing::event!($level, "{}", self.line())
+                }
+            };
+        }
+        match self.action {
+            Action::Failed => emit_at!(tracing::Level::WARN),
+            Action::Skipped => emit_at!(tracing::Level::DEBUG),
+            Action::Destroyed | Action::WouldDestroy => emit_at!(tracing::Level::INFO),
         }
     }
 }

@@ -229,7 +229,38 @@ fn full_reconcile(
     Ok(engine.reconcile(conns, &live, now))
 }
 
+/// Where `run` holds its single-instance lock: two daemons would split the event ring
+/// between them and each miss half of the sockets.
+pub const LOCK_PATH: &str = "/run/connwatch.lock";
+
+/// Takes the single-instance lock; it is released when the returned file closes.
+fn lock_instance() -> Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(LOCK_PATH)
+        .with_context(|| format!("cannot open {LOCK_PATH}"))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let mut pid = String::new();
+        let _ = file.read_to_string(&mut pid);
+        anyhow::bail!(
+            "another `connwatch run` is active (pid {}, lock {LOCK_PATH}): stop it first",
+            pid.trim()
+        );
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    write!(file, "{}", std::process::id())?;
+    Ok(file)
+}
+
 pub async fn run(opts: Options) -> Result<()> {
+    let _lock = lock_instance()?;
     let Loaded {
         ebpf: _ebpf,
         mut conns,
@@ -255,7 +286,7 @@ pub async fn run(opts: Options) -> Result<()> {
         let now = monotonic_ns();
         let wake = engine
             .deadlines
-            .next()
+            .next_at()
             .map(|at| instant_of(at, now))
             .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         tokio::select! {

@@ -58,7 +58,7 @@ impl<K: Copy + Eq + Hash + Ord> Deadlines<K> {
     }
 
     /// The earliest live deadline.
-    pub fn next(&mut self) -> Option<u64> {
+    pub fn next_at(&mut self) -> Option<u64> {
         self.drop_stale_top();
         self.heap.peek().map(|Reverse((at, _, _))| *at)
     }
@@ -112,12 +112,12 @@ mod tests {
         d.set(1u64, 30);
         d.set(2, 10);
         d.set(3, 20);
-        assert_eq!(d.next(), Some(10));
+        assert_eq!(d.next_at(), Some(10));
         assert_eq!(d.pop_due(5), vec![]);
         assert_eq!(d.pop_due(20), vec![(2, 10), (3, 20)]);
         assert_eq!(d.len(), 1);
         assert_eq!(d.pop_due(100), vec![(1, 30)]);
-        assert!(d.is_empty() && d.next().is_none());
+        assert!(d.is_empty() && d.next_at().is_none());
     }
 
     #[test]
@@ -127,7 +127,7 @@ mod tests {
         d.set(1, 50);
         d.set(2, 20);
         d.cancel(2);
-        assert_eq!(d.next(), Some(50));
+        assert_eq!(d.next_at(), Some(50));
         assert_eq!(d.pop_due(40), vec![]);
         assert_eq!(d.pop_due(50), vec![(1, 50)]);
         assert_eq!(d.pop_due(1000), vec![]);

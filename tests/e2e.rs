@@ -1,0 +1,677 @@
+//! End to end: the real daemon binary, the real eBPF program, real loopback
+//! connections, and what the peer of each connection sees.
+//!
+//! These tests need root and a kernel with BPF, tracepoints and SOCK_DESTROY. Without
+//! them they fail and say why: they never pass by skipping.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use connwatch::conn::Tuple;
+use connwatch::destroy::{self, Outcome};
+use connwatch::diag::SockDiag;
+use connwatch::loader;
+use connwatch::testing::require_root;
+use connwatch::tracker::{Source, Tracked, Tracker};
+
+const BIN: &str = env!("CARGO_BIN_EXE_connwatch");
+
+/// One daemon at a time: they share the tracepoint and the pinned maps.
+fn exclusive() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    require_root("loads the eBPF program and destroys sockets");
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A running `connwatch run`, its log captured line by line.
+struct Daemon {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    fn start(args: &[&str]) -> Daemon {
+        let mut child = Command::new(BIN)
+            .arg("run")
+            .args(args)
+            .env("CONNWATCH_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn connwatch");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        let stderr = child.stderr.take().unwrap();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("daemon: {line}");
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let d = Daemon { child, log };
+        d.wait_for("watching TCP sockets", Duration::from_secs(20));
+        d
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn wait_for(&self, needle: &str, within: Duration) -> String {
+        let end = Instant::now() + within;
+        while Instant::now() < end {
+            if let Some(l) = self.lines().into_iter().find(|l| l.contains(needle)) {
+                return l;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "no log line with {needle:?} within {within:?}; log:\n{}",
+            self.lines().join("\n")
+        );
+    }
+
+    /// Tuples named in log lines that start with `action` (e.g. "destroyed").
+    fn decided(&self, actions: &[&str]) -> BTreeSet<String> {
+        self.lines()
+            .iter()
+            .filter_map(|l| {
+                actions.iter().find_map(|a| {
+                    let at = l.find(&format!(" {a} "))?;
+                    let rest = &l[at + a.len() + 2..];
+                    rest.split(" state=").next().map(str::to_string)
+                })
+            })
+            .collect()
+    }
+
+    fn stop(mut self) -> Vec<String> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "daemon exited with {status}");
+        thread::sleep(Duration::from_millis(50));
+        self.lines()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A loopback connection: our client end and the accepted server end.
+struct Conn {
+    client: TcpStream,
+    _server: TcpStream,
+    opened: Instant,
+    /// The client's local and remote address, kept: a destroyed socket forgets its peer.
+    local: SocketAddr,
+    remote: SocketAddr,
+}
+
+impl Conn {
+    fn open(listener: &TcpListener) -> Conn {
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        Conn::new(client, server)
+    }
+
+    fn new(client: TcpStream, server: TcpStream) -> Conn {
+        Conn {
+            local: client.local_addr().unwrap(),
+            remote: client.peer_addr().unwrap(),
+            client,
+            _server: server,
+            opened: Instant::now(),
+        }
+    }
+
+    fn tuple(&self) -> String {
+        format!("{} -> {}", self.local, self.remote)
+    }
+
+    /// Whether the connection was torn down, as the client end sees it: a reset or
+    /// abort (or EOF) instead of a read that times out.
+    fn is_dead(&self) -> bool {
+        self.client
+            .set_read_timeout(Some(Duration::from_millis(10)))
+            .unwrap();
+        let mut buf = [0u8; 1];
+        match (&self.client).read(&mut buf) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => match e.kind() {
+                ErrorKind::WouldBlock | ErrorKind::TimedOut => false,
+                ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted => true,
+                other => panic!("unexpected read error {other:?}: {e}"),
+            },
+        }
+    }
+
+    /// Waits until the connection dies; returns when, measured from its opening.
+    fn died_within(&self, limit: Duration) -> Option<Duration> {
+        while self.opened.elapsed() < limit {
+            if self.is_dead() {
+                return Some(self.opened.elapsed());
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+fn listen(ip: &str) -> TcpListener {
+    TcpListener::bind(format!("{ip}:0")).unwrap()
+}
+
+fn port(l: &TcpListener) -> String {
+    l.local_addr().unwrap().port().to_string()
+}
+
+/// A connection to port 22, which connwatch must never touch: to sshd if it runs,
+/// else to a listener of our own on 22.
+fn ssh_conn() -> (Option<TcpListener>, Conn) {
+    let own = TcpListener::bind("127.0.0.1:22").ok();
+    let client = TcpStream::connect("127.0.0.1:22").expect("connect to port 22");
+    let server = match &own {
+        Some(l) => l.accept().unwrap().0,
+        None => client.try_clone().unwrap(),
+    };
+    (own, Conn::new(client, server))
+}
+
+/// The scenario of the issue: with `--max-age 2s`, matching connections die within a
+/// second of their deadline, the others live on; a dry run kills nothing and decides
+/// the same.
+/// Returns the tuples the daemon decided on, and, per matching connection, the tuples
+/// of its two ends.
+fn max_age_scenario(ip: &str, enforce: bool) -> (BTreeSet<String>, Vec<[String; 2]>) {
+    let matching = listen(ip);
+    let other = listen(ip);
+    let excluded = listen(ip);
+    let before = Conn::open(&matching); // exists before the daemon: age unknown
+    let mut args = vec!["--max-age", "2s", "--port"];
+    let (mp, xp) = (port(&matching), port(&excluded));
+    args.extend([
+        mp.as_str(),
+        "--port",
+        xp.as_str(),
+        "--exclude-port",
+        xp.as_str(),
+    ]);
+    args.extend(["--port", "22"]);
+    if enforce {
+        args.push("--enforce");
+    }
+    let d = Daemon::start(&args);
+    let young = Conn::open(&matching);
+    let spared = [Conn::open(&other), Conn::open(&excluded)];
+    let (_own22, ssh) = if ip == "127.0.0.1" {
+        let (l, c) = ssh_conn();
+        (l, Some(c))
+    } else {
+        (None, None)
+    };
+
+    thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !young.is_dead(),
+        "a connection younger than the limit was destroyed"
+    );
+
+    let deadline = Duration::from_secs(2);
+    for (name, c) in [
+        ("started before the daemon", &before),
+        ("born under the daemon", &young),
+    ] {
+        let died = c.died_within(deadline + Duration::from_secs(if enforce { 1 } else { 3 }));
+        if enforce {
+            let at = died.unwrap_or_else(|| panic!("{name}: still alive 1 s after its deadline"));
+            if name == "born under the daemon" {
+                // Its birth is the SYN, a little before `opened`.
+                let early = deadline - Duration::from_millis(50);
+                assert!(at >= early, "{name}: destroyed early, at {at:?}");
+            }
+        } else {
+            assert_eq!(died, None, "{name}: a dry run destroyed it");
+        }
+    }
+    thread::sleep(Duration::from_millis(500));
+    for c in spared.iter().chain(ssh.iter()) {
+        assert!(!c.is_dead(), "{} should have lived on", c.tuple());
+        (&c.client)
+            .write_all(b"x")
+            .expect("spared connection still writable");
+    }
+    let verb = if enforce {
+        "destroyed"
+    } else {
+        "would destroy"
+    };
+    d.wait_for(verb, Duration::from_secs(1));
+    let decided = d.decided(if enforce {
+        &["destroyed", "skipped"]
+    } else {
+        &["would destroy"]
+    });
+    let lines = d.stop();
+    for c in spared.iter().chain(ssh.iter()) {
+        let t = c.tuple();
+        assert!(
+            !lines.iter().any(|l| l.contains(&t)),
+            "spared {t} appears in the log"
+        );
+    }
+    let ends = |c: &Conn| {
+        let (l, r) = (c.local, c.remote);
+        [format!("{l} -> {r}"), format!("{r} -> {l}")]
+    };
+    (decided, vec![ends(&before), ends(&young)])
+}
+
+/// With --enforce, destroying one end resets the other, so either end may be the one
+/// logged; each matching connection must have at least one.
+fn assert_each_decided(decided: &BTreeSet<String>, conns: &[[String; 2]]) {
+    for ends in conns {
+        assert!(
+            ends.iter().any(|t| decided.contains(t)),
+            "no decision logged for {ends:?}: {decided:?}"
+        );
+    }
+    let all: BTreeSet<String> = conns.iter().flatten().cloned().collect();
+    assert!(decided.is_subset(&all), "decided on others: {decided:?}");
+}
+
+#[test]
+fn max_age_destroys_matching_connections_and_spares_the_rest_ipv4() {
+    let _x = exclusive();
+    let (decided, conns) = max_age_scenario("127.0.0.1", true);
+    assert_each_decided(&decided, &conns);
+}
+
+#[test]
+fn max_age_works_on_ipv6() {
+    let _x = exclusive();
+    let (decided, conns) = max_age_scenario("[::1]", true);
+    assert_each_decided(&decided, &conns);
+    assert!(
+        decided.iter().all(|t| t.starts_with("[::1]")),
+        "{decided:?}"
+    );
+}
+
+#[test]
+fn dry_run_destroys_nothing_and_decides_the_same() {
+    let _x = exclusive();
+    let (decided, conns) = max_age_scenario("127.0.0.1", false);
+    // Both ends of both matching connections, and nothing else: what a live run
+    // decides on before the first destroy resets the other end.
+    let all: BTreeSet<String> = conns.iter().flatten().cloned().collect();
+    assert_eq!(decided, all);
+}
+
+#[test]
+fn log_lines_have_the_documented_form() {
+    let _x = exclusive();
+    let l = listen("127.0.0.1");
+    let d = Daemon::start(&["--max-age", "1s", "--port", &port(&l), "--enforce"]);
+    let c = Conn::open(&l);
+    let line = d.wait_for("destroyed ", Duration::from_secs(4));
+    let server_side = format!(
+        "destroyed {} -> {} state=ESTABLISHED age=1s reason=max-age",
+        c.remote, c.local
+    );
+    let client_side = format!(
+        "destroyed {} state=ESTABLISHED age=1s reason=max-age",
+        c.tuple()
+    );
+    assert!(
+        line.ends_with(&server_side) || line.ends_with(&client_side),
+        "{line}"
+    );
+    d.stop();
+}
+
+#[test]
+fn json_log_format_carries_the_fields() {
+    let _x = exclusive();
+    let l = listen("127.0.0.1");
+    let d = Daemon::start(&[
+        "--log-format",
+        "json",
+        "--max-age",
+        "1s",
+        "--port",
+        &port(&l),
+    ]);
+    let c = Conn::open(&l);
+    let line = d.wait_for("would destroy", Duration::from_secs(4));
+    assert!(!c.is_dead());
+    let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+    assert_eq!(v["action"], "would destroy");
+    assert_eq!(v["state"], "ESTABLISHED");
+    assert_eq!(v["reason"], "max-age");
+    assert_eq!(v["dry_run"], true);
+    let local = v["local"].as_str().unwrap().to_string();
+    let mine = [c.local, c.remote];
+    assert!(mine.iter().any(|a| a.to_string() == local), "{local}");
+    d.stop();
+}
+
+/// A connection whose 4-tuple was reused by a new connection is not the one the policy
+/// chose: the destroyer must leave the new one alone, whichever way the old one was
+/// known (kernel map or start-up dump).
+#[test]
+fn a_reused_tuple_survives() {
+    let _x = exclusive();
+    let mut loaded = loader::load_and_attach(None).expect("load the eBPF program");
+    let mut diag = SockDiag::open().unwrap();
+    let listener = listen("127.0.0.1");
+    let addr = listener.local_addr().unwrap();
+    let connect_from = |local_port: u16| -> (TcpStream, TcpStream) {
+        let sock = socket2_bind(local_port);
+        let c = connect_socket(sock, addr);
+        (c, listener.accept().unwrap().0)
+    };
+
+    // The first connection, known to the map and to a start-up dump.
+    let (c1, s1) = connect_from(0);
+    let tuple = Tuple::new(c1.local_addr().unwrap(), addr);
+    let mut tracker = Tracker::new();
+    drain_into(&mut loaded, &mut tracker);
+    let key = tracker
+        .key_of(&tuple)
+        .expect("the map recorded the client end");
+    let chosen_from_map = *tracker.get(key).unwrap();
+    assert_eq!(chosen_from_map.source, Source::Map);
+    let first = diag.get(&tuple).unwrap().expect("sock_diag sees it");
+    let chosen_from_dump = Tracked {
+        source: Source::Seeded,
+        cookie: Some(first.cookie),
+        ..chosen_from_map
+    };
+
+    // Close it without TIME_WAIT (RST), then open a new connection on the same tuple.
+    set_linger_zero(&c1);
+    drop(c1);
+    drop(s1);
+    thread::sleep(Duration::from_millis(50));
+    let (c2, mut s2) = connect_from(tuple.local.port());
+    assert_eq!(
+        c2.local_addr().unwrap(),
+        tuple.local,
+        "the tuple was reused"
+    );
+
+    for chosen in [chosen_from_map, chosen_from_dump] {
+        let outcome = destroy::execute(&mut diag, &loaded.conns, key, &chosen, true);
+        assert!(
+            matches!(outcome, Outcome::Skipped(_)),
+            "{:?} decision about the old connection hit the new one: {outcome:?}",
+            chosen.source
+        );
+    }
+    (&c2).write_all(b"ok").unwrap();
+    let mut buf = [0u8; 2];
+    s2.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ok", "the new connection lives");
+
+    // And the new connection itself, once chosen, is destroyed.
+    drain_into(&mut loaded, &mut tracker);
+    let key2 = tracker.key_of(&tuple).unwrap();
+    let chosen = *tracker.get(key2).unwrap();
+    let outcome = destroy::execute(&mut diag, &loaded.conns, key2, &chosen, true);
+    assert!(matches!(outcome, Outcome::Destroyed), "{outcome:?}");
+    let err = s2.read(&mut buf).unwrap_err();
+    assert_eq!(
+        err.kind(),
+        ErrorKind::ConnectionReset,
+        "the peer sees a reset"
+    );
+}
+
+fn drain_into(loaded: &mut loader::Loaded, tracker: &mut Tracker) {
+    thread::sleep(Duration::from_millis(50));
+    while let Some(item) = loaded.events.next() {
+        // SAFETY: the program writes whole ConnEvent records.
+        let ev = unsafe {
+            std::ptr::read_unaligned(item.as_ptr() as *const connwatch_common::ConnEvent)
+        };
+        tracker.apply(&ev);
+    }
+}
+
+fn socket2_bind(local_port: u16) -> i32 {
+    // SAFETY: plain socket calls on a descriptor we own.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0);
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            &one as *const _ as *const libc::c_void,
+            4,
+        );
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: local_port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let rc = libc::bind(
+            fd,
+            &sa as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        );
+        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+        fd
+    }
+}
+
+fn connect_socket(fd: i32, to: SocketAddr) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(v4) = to else {
+        unreachable!()
+    };
+    let sa = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_be_bytes(v4.ip().octets()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: connecting a socket we own, then handing it to TcpStream.
+    unsafe {
+        let rc = libc::connect(
+            fd,
+            &sa as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        );
+        assert_eq!(rc, 0, "connect: {}", std::io::Error::last_os_error());
+        TcpStream::from_raw_fd(fd)
+    }
+}
+
+fn set_linger_zero(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on a descriptor the stream owns.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &l as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as u32,
+        );
+    }
+}
+
+#[test]
+fn list_reports_ages_of_connections_opened_at_known_times() {
+    let _x = exclusive();
+    let l = listen("127.0.0.1");
+    let d = Daemon::start(&["--max-age", "1h", "--port", &port(&l)]);
+    let old = Conn::open(&l);
+    thread::sleep(Duration::from_secs(2));
+    let new = Conn::open(&l);
+    thread::sleep(Duration::from_millis(300));
+    let out = Command::new(BIN).args(["list", "--json"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let age_of = |c: &Conn| -> f64 {
+        let local = c.client.local_addr().unwrap().to_string();
+        let row = rows
+            .iter()
+            .find(|r| r["local"] == local.as_str())
+            .unwrap_or_else(|| panic!("{local} not listed"));
+        assert_eq!(row["state"], "ESTABLISHED");
+        assert!(row["state_secs"].is_number());
+        row["age_secs"].as_f64().expect("a known age")
+    };
+    let (a_old, a_new) = (age_of(&old), age_of(&new));
+    let want_old = old.opened.elapsed().as_secs_f64();
+    let want_new = new.opened.elapsed().as_secs_f64();
+    assert!(
+        (a_old - want_old).abs() < 1.0,
+        "old: listed {a_old}, opened {want_old} s ago"
+    );
+    assert!(
+        (a_new - want_new).abs() < 1.0,
+        "new: listed {a_new}, opened {want_new} s ago"
+    );
+    // The table form shows the same connection.
+    let table = Command::new(BIN).arg("list").output().unwrap();
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.starts_with("STATE"), "{text}");
+    assert!(
+        text.contains(&old.client.local_addr().unwrap().to_string()),
+        "{text}"
+    );
+    d.stop();
+}
+
+#[test]
+fn a_restarted_daemon_keeps_the_ages() {
+    let _x = exclusive();
+    let l = listen("127.0.0.1");
+    let d = Daemon::start(&["--max-age", "1h", "--port", &port(&l)]);
+    let c = Conn::open(&l);
+    thread::sleep(Duration::from_millis(200));
+    d.stop();
+    thread::sleep(Duration::from_secs(1));
+    let d = Daemon::start(&["--max-age", "1h", "--port", &port(&l)]);
+    let out = Command::new(BIN).args(["list", "--json"]).output().unwrap();
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let local = c.client.local_addr().unwrap().to_string();
+    let row = rows
+        .iter()
+        .find(|r| r["local"] == local.as_str())
+        .expect("listed");
+    let age = row["age_secs"].as_f64().expect("age survived the restart");
+    assert!(
+        (age - c.opened.elapsed().as_secs_f64()).abs() < 1.0,
+        "{age}"
+    );
+    d.stop();
+}
+
+#[test]
+fn bad_input_is_one_line_naming_the_value_and_nothing_runs() {
+    for (args, needle) in [
+        (vec!["run", "--port", "9-3"], "9-3"),
+        (vec!["run", "--max-age", "soon"], "soon"),
+        (vec!["run", "--max-age", "0s"], "0s"),
+        (vec!["run", "--frobnicate"], "--frobnicate"),
+        (vec!["run", "--exclude-port", "70000"], "70000"),
+    ] {
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    let out = Command::new(BIN)
+        .args(["run", "--enforce"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--enforce needs an explicit limit"));
+}
+
+#[test]
+fn not_root_is_refused_before_anything_loads() {
+    require_root("switches to an unprivileged user to check the refusal");
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            BIN,
+            "run",
+            "--max-age",
+            "1m",
+        ])
+        .output()
+        .expect("setpriv (util-linux) runs the daemon as nobody");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("needs root"), "{err}");
+}
+
+#[test]
+fn check_passes_on_this_machine() {
+    let _x = exclusive();
+    let out = Command::new(BIN).arg("check").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for what in [
+        "privileges",
+        "BPF",
+        "BTF",
+        "tracepoint",
+        "SOCK_DESTROY",
+        "eBPF object",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("ok") && l.contains(what)),
+            "{what}: {text}"
+        );
+    }
+}
+
+#[test]
+fn a_second_daemon_is_refused() {
+    let _x = exclusive();
+    let d = Daemon::start(&["--max-age", "1h"]);
+    let out = Command::new(BIN)
+        .args(["run", "--max-age", "1h"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("another `connwatch run` is active"), "{err}");
+    d.stop();
+}
