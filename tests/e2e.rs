@@ -578,13 +578,27 @@ fn a_restarted_daemon_keeps_the_ages() {
     let l = listen("127.0.0.1");
     let d = Daemon::start(&["--max-age", "1h", "--port", &port(&l)]);
     let c = Conn::open(&l);
+    let gone = Conn::open(&l);
     thread::sleep(Duration::from_millis(200));
     d.stop();
+    // Closed while nothing watches: its map entries go stale.
+    drop(gone);
     thread::sleep(Duration::from_secs(1));
     let d = Daemon::start(&["--max-age", "1h", "--port", &port(&l)]);
+    let started = d.wait_for("watching TCP sockets", Duration::from_secs(1));
+    let stale: usize = started
+        .split(" stale entries removed")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no stale count in {started}"));
+    assert!(
+        stale >= 2,
+        "both ends of the closed connection are stale: {started}"
+    );
     let out = Command::new(BIN).args(["list", "--json"]).output().unwrap();
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    let local = c.client.local_addr().unwrap().to_string();
+    let local = c.local.to_string();
     let row = rows
         .iter()
         .find(|r| r["local"] == local.as_str())

@@ -25,6 +25,7 @@ static EVENTS: RingBuf = RingBuf::pinned(DEFAULT_RING_BYTES, 0);
 #[map(name = "CW_STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
 
+const BPF_ANY: u64 = 0;
 const BPF_NOEXIST: u64 = 1;
 
 #[tracepoint]
@@ -98,24 +99,28 @@ fn record(ctx: &TracePointContext) -> Result<(), i32> {
     let sport: u16 = unsafe { ctx.read_at(off::SPORT)? };
     let dport: u16 = unsafe { ctx.read_at(off::DPORT)? };
 
-    if let Some(entry) = CONNS.get_ptr_mut(&key) {
-        // SAFETY: a map value pointer; concurrent updates of one socket's state are
-        // serialised by the socket lock the kernel holds around this tracepoint.
-        let info = unsafe { &mut *entry };
-        info.state = newstate;
-        info.state_since_ns = now;
-        info.saddr = saddr;
-        info.daddr = daddr;
-        info.sport = sport;
-        info.dport = dport;
-        info.family = family;
-        send(key, event_kind::STATE, oldstate, info);
-        return Ok(());
+    // A socket is born when it leaves CLOSE (connect, listen) or when an accepted child
+    // enters SYN_RECV. An entry already at its address belongs to a dead socket whose
+    // close went unseen (the program was detached): the new socket replaces it.
+    let born = oldstate == tcp_state::CLOSE || newstate == tcp_state::SYN_RECV;
+    if !born {
+        if let Some(entry) = CONNS.get_ptr_mut(&key) {
+            // SAFETY: a map value pointer; concurrent updates of one socket's state are
+            // serialised by the socket lock the kernel holds around this tracepoint.
+            let info = unsafe { &mut *entry };
+            info.state = newstate;
+            info.state_since_ns = now;
+            info.saddr = saddr;
+            info.daddr = daddr;
+            info.sport = sport;
+            info.dport = dport;
+            info.family = family;
+            send(key, event_kind::STATE, oldstate, info);
+            return Ok(());
+        }
     }
 
-    // A socket is born when it leaves CLOSE (connect, listen) or when an accepted child
-    // enters SYN_RECV; any other first sighting predates the program.
-    let born = oldstate == tcp_state::CLOSE || newstate == tcp_state::SYN_RECV;
+    // A new socket, or one first seen now: that one predates the program.
     let mut info = ConnInfo::zeroed();
     info.birth_ns = if born { now } else { 0 };
     info.flags = if born { 0 } else { FLAG_BIRTH_UNKNOWN };
@@ -127,7 +132,8 @@ fn record(ctx: &TracePointContext) -> Result<(), i32> {
     info.dport = dport;
     info.family = family;
     info.state = newstate;
-    if CONNS.insert(&key, &info, BPF_NOEXIST).is_err() {
+    let flags = if born { BPF_ANY } else { BPF_NOEXIST };
+    if CONNS.insert(&key, &info, flags).is_err() {
         count(stat::MAP_FULL);
         return Ok(());
     }

@@ -22,6 +22,10 @@ use crate::loader::{self, ConnMap, Loaded, Stats};
 use crate::policy::{Policy, Verdict};
 use crate::tracker::{Source, Tracked, Tracker};
 
+/// An unmatchable map entry (a connect still without a local port) older than this
+/// is stale: connect gives up long before.
+const UNMATCHABLE_STALE_NS: u64 = 600 * 1_000_000_000;
+
 /// How often the kernel's drop counters are read: a constant cost, whatever the load.
 const STATS_EVERY: Duration = Duration::from_secs(2);
 
@@ -86,16 +90,23 @@ impl Engine {
         let mut done = Reconciled::default();
         let live_tuples: HashSet<Tuple> = live.iter().map(|s| s.tuple).collect();
         let mut in_map = HashSet::new();
-        let mut stale = Vec::new();
+        let mut stale_keys = Vec::new();
         for item in conns.iter() {
             let Ok((key, info)) = item else { continue };
             let Some(t) = Tracked::from_info(&info) else {
                 continue;
             };
-            let unconfirmed = t.tuple.local.port() != 0 && !live_tuples.contains(&t.tuple);
-            // Entries made after the dump began may be newer than it; keep those.
-            if unconfirmed && info.seen_ns < now && !t.state.is_opening_or_listening() {
-                stale.push(key);
+            // An entry whose socket is not in the dump died while no program watched,
+            // unless it was made after the dump began. An entry without a local port
+            // (SYN_SENT) cannot be matched: only its age tells it is stale.
+            let made_before_dump = info.seen_ns < now;
+            let stale = if t.tuple.local.port() != 0 {
+                made_before_dump && !live_tuples.contains(&t.tuple)
+            } else {
+                now.saturating_sub(info.seen_ns) > UNMATCHABLE_STALE_NS
+            };
+            if stale {
+                stale_keys.push(key);
                 continue;
             }
             in_map.insert(key);
@@ -104,10 +115,10 @@ impl Engine {
             }
             done.from_map += 1;
         }
-        for key in &stale {
+        for key in &stale_keys {
             let _ = conns.remove(key);
         }
-        done.stale = stale.len();
+        done.stale = stale_keys.len();
         let lost: Vec<u64> = self
             .tracker
             .iter()
