@@ -3,7 +3,7 @@
 //! of every socket (a full reconciliation runs only at start-up and after the kernel
 //! reports dropped events).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -14,7 +14,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::audit::{Action, Age, Record};
 use crate::clock::monotonic_ns;
-use crate::conn::Tuple;
+use crate::conn::{TcpState, Tuple};
 use crate::deadlines::Deadlines;
 use crate::destroy::{self, Outcome};
 use crate::diag::{DiagSocket, SockDiag};
@@ -79,6 +79,14 @@ impl Engine {
 
     pub fn on_event(&mut self, ev: &ConnEvent) {
         self.counters.events += 1;
+        tracing::trace!(
+            key = format_args!("{:#x}", ev.key),
+            kind = ev.kind,
+            from = %TcpState(ev.oldstate),
+            to = %TcpState(ev.info.state),
+            tuple = ?Tuple::from_info(&ev.info),
+            "kernel event"
+        );
         for key in self.tracker.apply(ev) {
             self.plan(key);
         }
@@ -88,7 +96,8 @@ impl Engine {
     /// entries of sockets that are gone, and seeds sockets nothing recorded.
     pub fn reconcile(&mut self, conns: &mut ConnMap, live: &[DiagSocket], now: u64) -> Reconciled {
         let mut done = Reconciled::default();
-        let live_tuples: HashSet<Tuple> = live.iter().map(|s| s.tuple).collect();
+        let live_tuples: HashMap<Tuple, TcpState> =
+            live.iter().map(|s| (s.tuple, s.state)).collect();
         let mut in_map = HashSet::new();
         let mut stale_keys = Vec::new();
         for item in conns.iter() {
@@ -97,11 +106,15 @@ impl Engine {
                 continue;
             };
             // An entry whose socket is not in the dump died while no program watched,
-            // unless it was made after the dump began. An entry without a local port
+            // unless it was made after the dump began; so did one whose tuple is now in
+            // TIME_WAIT, a state the map never holds. An entry without a local port
             // (SYN_SENT) cannot be matched: only its age tells it is stale.
             let made_before_dump = info.seen_ns < now;
             let stale = if t.tuple.local.port() != 0 {
-                made_before_dump && !live_tuples.contains(&t.tuple)
+                made_before_dump
+                    && live_tuples
+                        .get(&t.tuple)
+                        .is_none_or(|s| *s == TcpState::TIME_WAIT)
             } else {
                 now.saturating_sub(info.seen_ns) > UNMATCHABLE_STALE_NS
             };
@@ -124,7 +137,7 @@ impl Engine {
             .iter()
             .filter(|(k, t)| match t.source {
                 Source::Map => !in_map.contains(k),
-                Source::Seeded => !live_tuples.contains(&t.tuple),
+                Source::Seeded => !live_tuples.contains_key(&t.tuple),
             })
             .map(|(k, _)| k)
             .collect();
@@ -132,7 +145,7 @@ impl Engine {
             self.tracker.remove(key);
         }
         for s in live {
-            if s.state.is_opening_or_listening() || s.state == crate::conn::TcpState::TIME_WAIT {
+            if s.state.is_opening_or_listening() || s.state == TcpState::TIME_WAIT {
                 continue;
             }
             if self.tracker.seed(s.tuple, s.state, s.cookie, now).is_some() {
