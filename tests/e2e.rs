@@ -334,10 +334,19 @@ fn log_lines_have_the_documented_form() {
         "destroyed {} state=ESTABLISHED age=1s reason=max-age",
         c.tuple()
     );
+    let (_, decided) = line
+        .split_once(" INFO ")
+        .unwrap_or_else(|| panic!("{line}"));
+    let decided = decided.trim_start_matches(|ch: char| !ch.is_ascii_alphabetic());
     assert!(
-        line.ends_with(&server_side) || line.ends_with(&client_side),
+        decided.starts_with(&server_side) || decided.starts_with(&client_side),
         "{line}"
     );
+    // The client end was learned at connect(), in this process: the owner is named.
+    if decided.starts_with(&client_side) {
+        let owner = format!("({})", std::process::id());
+        assert!(decided.contains(" owner=") && decided.ends_with(&owner), "{line}");
+    }
     d.stop();
 }
 
@@ -413,7 +422,7 @@ fn a_reused_tuple_survives() {
     );
 
     for chosen in [chosen_from_map, chosen_from_dump] {
-        let outcome = destroy::execute(&mut diag, &loaded.conns, key, &chosen, true);
+        let outcome = destroy::execute(&mut diag, Some(&loaded.conns), key, &chosen, true);
         assert!(
             matches!(outcome, Outcome::Skipped(_)),
             "{:?} decision about the old connection hit the new one: {outcome:?}",
@@ -429,7 +438,7 @@ fn a_reused_tuple_survives() {
     drain_into(&mut loaded, &mut tracker);
     let key2 = tracker.key_of(&tuple).unwrap();
     let chosen = *tracker.get(key2).unwrap();
-    let outcome = destroy::execute(&mut diag, &loaded.conns, key2, &chosen, true);
+    let outcome = destroy::execute(&mut diag, Some(&loaded.conns), key2, &chosen, true);
     assert!(matches!(outcome, Outcome::Destroyed), "{outcome:?}");
     let err = s2.read(&mut buf).unwrap_err();
     assert_eq!(
@@ -626,12 +635,21 @@ fn bad_input_is_one_line_naming_the_value_and_nothing_runs() {
         assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
     }
+    // A bad config file: one line naming the file, line and field; nothing loads.
+    let dir = std::env::temp_dir().join(format!("connwatch-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "port = [8080]\nidle = \"forever\"\n").unwrap();
     let out = Command::new(BIN)
-        .args(["run", "--enforce"])
+        .args(["run", "--enforce", "--config"])
+        .arg(&bad)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--enforce needs an explicit limit"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("bad.toml:2: idle:") && err.contains("forever"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

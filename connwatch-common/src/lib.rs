@@ -56,6 +56,25 @@ pub mod set_state_offsets {
     pub const DADDR_V6: usize = 56;
 }
 
+/// Field offsets of `tcp:tcp_probe` (every segment reaching an established socket;
+/// `skaddr` since about 6.9), checked against the format file like the ones above.
+pub mod probe_offsets {
+    pub const DATA_LEN: usize = 76;
+    pub const SKADDR: usize = 128;
+}
+
+/// Field offsets of `sock:sock_send_length` and `sock:sock_recv_length` (6.3+); they
+/// fire in the calling process, which is how the owner of a socket is learned.
+pub mod length_offsets {
+    pub const SK: usize = 8;
+    pub const PROTOCOL: usize = 18;
+    pub const RET: usize = 20;
+}
+
+/// Activity is stamped at most once per granule: the data path pays a map lookup and,
+/// once a second, a store.
+pub const ACTIVITY_GRANULE_NS: u64 = 1_000_000_000;
+
 /// `ConnInfo::flags`: the socket existed before connwatch saw it, so its birth is unknown.
 pub const FLAG_BIRTH_UNKNOWN: u32 = 1;
 

@@ -1,18 +1,20 @@
-//! connwatch's kernel side: one tracepoint that records each TCP socket's birth and
-//! state in a map and reports lifecycle changes through a ring buffer. It decides
-//! nothing; the daemon does.
+//! connwatch's kernel side: a tracepoint that records each TCP socket's birth and
+//! state in a map and reports lifecycle changes through a ring buffer, and three that
+//! stamp activity and the owning process on the entry. It decides nothing; the daemon
+//! does.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{map, tracepoint},
     maps::{HashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use connwatch_common::{
-    event_kind, set_state_offsets as off, stat, tcp_state, ConnEvent, ConnInfo, AF_INET, AF_INET6,
-    DEFAULT_MAX_CONNS, DEFAULT_RING_BYTES, FLAG_BIRTH_UNKNOWN, IPPROTO_TCP,
+    event_kind, length_offsets, probe_offsets, set_state_offsets as off, stat, tcp_state,
+    ConnEvent, ConnInfo, ACTIVITY_GRANULE_NS, AF_INET, AF_INET6, DEFAULT_MAX_CONNS,
+    DEFAULT_RING_BYTES, FLAG_BIRTH_UNKNOWN, IPPROTO_TCP,
 };
 
 // Pinned by name: a restarted daemon finds the same maps, and the ages in them.
@@ -32,6 +34,86 @@ const BPF_NOEXIST: u64 = 1;
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let _ = record(&ctx);
     0
+}
+
+/// Data arrived on an established socket: stamp `last_rx`, once per granule.
+#[tracepoint]
+pub fn tcp_probe(ctx: TracePointContext) -> u32 {
+    // SAFETY: offsets checked against the format file before load.
+    let Ok(len) = (unsafe { ctx.read_at::<u16>(probe_offsets::DATA_LEN) }) else {
+        return 0;
+    };
+    // Pure ACKs and keepalives carry no data: they are not activity.
+    if len == 0 {
+        return 0;
+    }
+    let Ok(key) = (unsafe { ctx.read_at::<u64>(probe_offsets::SKADDR) }) else {
+        return 0;
+    };
+    if let Some(entry) = CONNS.get_ptr_mut(&key) {
+        let now = unsafe { bpf_ktime_get_ns() };
+        // SAFETY: a map value pointer; a lost race between CPUs only loses a stamp
+        // that the next segment writes again.
+        let info = unsafe { &mut *entry };
+        if now.wrapping_sub(info.last_rx_ns) >= ACTIVITY_GRANULE_NS {
+            info.last_rx_ns = now;
+        }
+    }
+    0
+}
+
+/// A process sent on a socket: stamp `last_tx` and learn the owner.
+#[tracepoint]
+pub fn sock_send_length(ctx: TracePointContext) -> u32 {
+    on_length(&ctx, true);
+    0
+}
+
+/// A process received from a socket: learn the owner.
+#[tracepoint]
+pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
+    on_length(&ctx, false);
+    0
+}
+
+#[inline(always)]
+fn on_length(ctx: &TracePointContext, sent: bool) {
+    // SAFETY: offsets checked against the format file before load.
+    let Ok(protocol) = (unsafe { ctx.read_at::<u16>(length_offsets::PROTOCOL) }) else {
+        return;
+    };
+    if protocol != IPPROTO_TCP {
+        return;
+    }
+    let Ok(ret) = (unsafe { ctx.read_at::<i32>(length_offsets::RET) }) else {
+        return;
+    };
+    let Ok(key) = (unsafe { ctx.read_at::<u64>(length_offsets::SK) }) else {
+        return;
+    };
+    let Some(entry) = CONNS.get_ptr_mut(&key) else {
+        return;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: a map value pointer; see tcp_probe.
+    let info = unsafe { &mut *entry };
+    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if info.pid != pid {
+        set_owner(info);
+    }
+    if sent && ret > 0 && now.wrapping_sub(info.last_tx_ns) >= ACTIVITY_GRANULE_NS {
+        info.last_tx_ns = now;
+    }
+}
+
+/// Records the current process as the socket's owner; only called where the current
+/// process is certainly the one using the socket.
+#[inline(always)]
+fn set_owner(info: &mut ConnInfo) {
+    info.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if let Ok(comm) = bpf_get_current_comm() {
+        info.comm = comm;
+    }
 }
 
 #[inline(always)]
@@ -132,6 +214,11 @@ fn record(ctx: &TracePointContext) -> Result<(), i32> {
     info.dport = dport;
     info.family = family;
     info.state = newstate;
+    // connect() and listen() run in the owner's process; everything else here may run
+    // in softirq, where the current task is unrelated.
+    if oldstate == tcp_state::CLOSE {
+        set_owner(&mut info);
+    }
     let flags = if born { BPF_ANY } else { BPF_NOEXIST };
     if CONNS.insert(&key, &info, flags).is_err() {
         count(stat::MAP_FULL);

@@ -2,12 +2,10 @@
 
 use anyhow::{bail, Result};
 
-use crate::cli::{Cli, Command, LogFormat, RunArgs};
-use crate::policy::{Policy, DEFAULT_EXCLUDED_PORT};
-use crate::{audit, check, daemon, list};
-
-/// The embedded default when no limit is given: a dry run that logs what it would do.
-pub const DEFAULT_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(300);
+use crate::cli::{Cli, Command, LogFormat, PolicyArgs};
+use crate::policy::{Policy, Selector};
+use crate::spec::PolicySpec;
+use crate::{audit, check, config, daemon, list, oneshot};
 
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CONNWATCH_LOG")
@@ -15,6 +13,8 @@ pub fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal, never into files or the journal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
     match format {
         LogFormat::Text => builder.init(),
@@ -23,23 +23,62 @@ pub fn init_logging(format: LogFormat) {
     audit::set_json(format == LogFormat::Json);
 }
 
-/// Turns the run flags into a policy, refusing combinations that would surprise.
-pub fn policy_from(args: &RunArgs) -> Result<Policy> {
-    let mut exclude_ports = vec![DEFAULT_EXCLUDED_PORT];
-    exclude_ports.extend(args.exclude_ports.iter().copied());
-    let mut policy = Policy {
-        max_age: args.max_age,
-        ports: args.ports.clone(),
-        exclude_ports,
-    };
-    if !policy.has_limit() {
-        if args.enforce {
-            bail!("--enforce needs an explicit limit (e.g. --max-age 10m): connwatch does not destroy on its default policy");
+impl PolicyArgs {
+    /// The flags as a spec, to lay over the config file's.
+    pub fn flags_spec(&self, enforce: bool) -> PolicySpec {
+        PolicySpec {
+            max_age: self.max_age,
+            idle: self.idle,
+            state_timeouts: self.state_timeout.clone(),
+            selector: Selector {
+                ports: self.ports.clone(),
+                local_ports: self.local_ports.clone(),
+                remote_ports: self.remote_ports.clone(),
+                local_addrs: self.local_addrs.clone(),
+                remote_addrs: self.remote_addrs.clone(),
+            },
+            exclude_ports: self.exclude_ports.clone(),
+            exclude_addrs: self.exclude_addrs.clone(),
+            exclude_processes: self.exclude_processes.clone(),
+            block: self.block.clone(),
+            max_conns_per_ip: self.max_conns_per_ip,
+            max_kills_per_second: self.max_kills_per_second,
+            max_kill_fraction: self.max_kill_fraction,
+            enforce,
+            rules: Vec::new(),
         }
-        policy.max_age = Some(DEFAULT_MAX_AGE);
-        tracing::info!("no limit given: using the default policy, --max-age 5m, as a dry run");
     }
-    Ok(policy)
+
+    /// The config file (if any) with the flags over it. Called again on SIGHUP.
+    pub fn spec(&self, enforce: bool) -> Result<PolicySpec> {
+        let file = match &self.config {
+            Some(path) => config::load(path)?,
+            None => PolicySpec::default(),
+        };
+        Ok(file.overlay(self.flags_spec(enforce)))
+    }
+}
+
+/// Describes a policy in one line, for the start-up and reload logs.
+pub fn describe(policy: &Policy) -> String {
+    let rules: Vec<String> = policy
+        .rules
+        .iter()
+        .map(|r| {
+            if r.name == r.limit.kind() {
+                r.limit.to_string()
+            } else {
+                format!("{} ({})", r.name, r.limit)
+            }
+        })
+        .collect();
+    let ports: Vec<String> = policy.protect.ports.iter().map(|p| p.to_string()).collect();
+    format!(
+        "rules: {}; protected ports: {}; protected processes: {}",
+        rules.join(", "),
+        ports.join(","),
+        policy.protect.processes.join(",")
+    )
 }
 
 fn require_root(what: &str) -> Result<()> {
@@ -55,16 +94,30 @@ pub fn main(cli: Cli) -> Result<i32> {
     init_logging(cli.log_format);
     match cli.command {
         Command::Run(args) => {
-            let policy = policy_from(&args)?;
+            let spec = args.policy.spec(args.enforce)?;
             require_root("connwatch run")?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             rt.block_on(daemon::run(daemon::Options {
-                policy,
-                enforce: args.enforce,
+                policy: spec.build(),
+                enforce: spec.enforce,
                 max_conns: args.max_conns,
+                source: args.policy,
             }))?;
+            Ok(0)
+        }
+        Command::Sweep(args) => {
+            let spec = args.policy.spec(args.enforce)?;
+            require_root("connwatch sweep")?;
+            let summary = oneshot::sweep(spec.build(), spec.enforce)?;
+            println!("{summary}");
+            Ok(if summary.failed > 0 { 1 } else { 0 })
+        }
+        Command::Explain(args) => {
+            let spec = args.spec(false)?;
+            require_root("connwatch explain")?;
+            oneshot::explain(spec.build())?;
             Ok(0)
         }
         Command::List(args) => {

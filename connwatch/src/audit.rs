@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::conn::{TcpState, Tuple};
-use crate::policy::{Birth, Reason};
+use crate::policy::{Birth, Owner};
 
 static JSON: AtomicBool = AtomicBool::new(false);
 
@@ -21,6 +21,10 @@ pub enum Action {
     WouldDestroy,
     Skipped,
     Failed,
+    /// A protection (a process, found only at the last moment) saved the socket.
+    Protected,
+    /// The safety budget put the destroy off.
+    Deferred,
 }
 
 impl Action {
@@ -30,6 +34,8 @@ impl Action {
             Action::WouldDestroy => "would destroy",
             Action::Skipped => "skipped",
             Action::Failed => "failed to destroy",
+            Action::Protected => "protected",
+            Action::Deferred => "deferred",
         }
     }
 }
@@ -63,7 +69,11 @@ pub struct Record<'a> {
     pub tuple: Tuple,
     pub state: TcpState,
     pub age: Age,
-    pub reason: Reason,
+    /// The kind of limit (`max-age`, `idle`, ...).
+    pub reason: &'a str,
+    /// The rule's name, shown where it differs from the reason.
+    pub rule: &'a str,
+    pub owner: Option<Owner>,
     pub dry_run: bool,
     /// Why a destroy was skipped or failed.
     pub detail: Option<&'a str>,
@@ -80,6 +90,12 @@ impl Record<'_> {
             self.age,
             self.reason
         );
+        if self.rule != self.reason {
+            line.push_str(&format!(" rule={}", self.rule));
+        }
+        if let Some(o) = self.owner {
+            line.push_str(&format!(" owner={o}"));
+        }
         if let Some(d) = self.detail {
             line.push_str(&format!(" detail=\"{d}\""));
         }
@@ -104,7 +120,9 @@ impl Record<'_> {
                         state = %self.state,
                         age_secs = self.age.secs,
                         age_exact = self.age.exact,
-                        reason = %self.reason,
+                        reason = self.reason,
+                        rule = self.rule,
+                        owner = self.owner.map(|o| o.to_string()),
                         dry_run = self.dry_run,
                         detail = self.detail,
                         "{}",
@@ -118,7 +136,8 @@ impl Record<'_> {
         match self.action {
             Action::Failed => emit_at!(tracing::Level::WARN),
             Action::Skipped => emit_at!(tracing::Level::DEBUG),
-            Action::Destroyed | Action::WouldDestroy => emit_at!(tracing::Level::INFO),
+            Action::Deferred => emit_at!(tracing::Level::DEBUG),
+            _ => emit_at!(tracing::Level::INFO),
         }
     }
 }
@@ -137,7 +156,9 @@ mod tests {
             ),
             state: TcpState::ESTABLISHED,
             age: Age::of(Birth::Known(0), 301_500_000_000),
-            reason: Reason::MaxAge,
+            reason: "max-age",
+            rule: "max-age",
+            owner: None,
             dry_run: false,
             detail: None,
         };
@@ -155,5 +176,13 @@ mod tests {
             dry.line(),
             "would destroy 10.0.15.73:18443 -> 174.201.120.36:64119 state=ESTABLISHED age=>61s reason=max-age (dry run)"
         );
+        let named = Record {
+            rule: "old-db",
+            owner: Some(Owner::new(812, "postgres")),
+            ..r
+        };
+        assert!(named
+            .line()
+            .ends_with("reason=max-age rule=old-db owner=postgres(812)"));
     }
 }

@@ -85,12 +85,11 @@ fn filesystems() -> Result<String> {
     ))
 }
 
-fn tracepoint() -> Result<String> {
-    loader::check_tracepoint_layout(&loader::read_tracepoint_format()?)?;
+fn tracepoint(hook: &loader::Hook) -> Result<String> {
+    loader::check_hook(hook)?;
     Ok(format!(
         "{}:{} present, layout as expected",
-        loader::TRACEPOINT.0,
-        loader::TRACEPOINT.1
+        hook.category, hook.name
     ))
 }
 
@@ -124,7 +123,18 @@ pub fn run() -> bool {
     if is_root {
         lines.push(line("BPF", bpf_syscall()));
         lines.push(line("tracefs/bpffs", filesystems()));
-        lines.push(line("tracepoint", tracepoint()));
+        for hook in &loader::HOOKS {
+            let mut l = line("tracepoint", tracepoint(hook));
+            if !l.ok && !hook.required {
+                // Optional: connwatch works without it, learning less.
+                l.ok = true;
+                l.detail = format!(
+                    "{} (optional: activity and owners come from sock_diag instead)",
+                    l.detail
+                );
+            }
+            lines.push(l);
+        }
         lines.push(line("SOCK_DESTROY", sock_destroy()));
     } else {
         for what in ["BPF", "tracefs/bpffs", "tracepoint", "SOCK_DESTROY"] {

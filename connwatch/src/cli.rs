@@ -4,7 +4,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::policy::{parse_duration, PortRange};
+use ipnet::IpNet;
+
+use crate::conn::TcpState;
+use crate::policy::{parse_cidr, parse_duration, parse_state_timeout, PortRange};
 
 /// Watch every TCP socket through eBPF and destroy the ones a policy chooses.
 ///
@@ -34,13 +37,25 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the daemon: track every TCP socket and destroy those the policy chooses.
     ///
-    /// Without a limit, runs the safe default: a dry run with --max-age 5m, which logs
-    /// the connections it would destroy and destroys nothing.
+    /// Without a limit, the hung-state defaults apply: CLOSE_WAIT 60s, FIN_WAIT1 120s,
+    /// FIN_WAIT2 120s, CLOSING 60s, LAST_ACK 60s. Without --enforce nothing is
+    /// destroyed: each decision is logged as "would destroy". SIGHUP reloads --config.
     ///
     /// Examples:
-    ///   connwatch run --max-age 10m --port 8080                 # dry run: log only
-    ///   connwatch run --max-age 1h --port 5432 --enforce        # destroy
+    ///   connwatch run                                           # dry run of the defaults
+    ///   connwatch run --idle 10m --port 8080 --enforce          # idle connections of a service
+    ///   connwatch run --max-age 1h --local-port 5432 --enforce  # old database connections
+    ///   connwatch run --block 203.0.113.0/24 --enforce          # an abusive network
+    ///   connwatch run --config /etc/connwatch.toml --enforce
     Run(RunArgs),
+    /// Apply the policy once to the connections that exist now, print a summary, exit.
+    ///
+    /// For cron and systemd timers. Ages and times in state come from the pinned map of
+    /// a running (or earlier) daemon; idle time from the kernel's tcp_info. Exit status
+    /// 0, or 1 if any destroy failed.
+    Sweep(SweepArgs),
+    /// Show, for every current connection, which rule would apply and when.
+    Explain(PolicyArgs),
     /// List live TCP connections with their ages, oldest first.
     ///
     /// Ages come from the pinned kernel map (/sys/fs/bpf/connwatch), so they are known
@@ -50,20 +65,89 @@ pub enum Command {
     Check,
 }
 
-#[derive(Args, Debug)]
-pub struct RunArgs {
+/// The policy, as flags; the same flags may sit in the --config file.
+#[derive(Args, Debug, Default, Clone)]
+pub struct PolicyArgs {
+    /// TOML file holding any of these settings and named rules; flags override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+
     /// Destroy connections older than this (e.g. 90s, 5m, 1h30m).
-    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, help_heading = "Limits")]
     pub max_age: Option<Duration>,
 
-    /// Only act on connections with this local or remote port (P or LO-HI; repeatable).
-    #[arg(long = "port", value_name = "P|LO-HI", value_parser = parse_port_range)]
+    /// Destroy ESTABLISHED connections with no data in either direction for this long.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, help_heading = "Limits")]
+    pub idle: Option<Duration>,
+
+    /// How long a connection may stay in a closing state (repeatable), e.g.
+    /// close-wait=60s. States: close-wait, fin-wait1, fin-wait2, closing, last-ack,
+    /// time-wait.
+    #[arg(long, value_name = "STATE=DUR", value_parser = parse_state_timeout, help_heading = "Limits")]
+    pub state_timeout: Vec<(TcpState, Duration)>,
+
+    /// Destroy every connection from these addresses as soon as it is established
+    /// (CIDR; repeatable). Not narrowed by the selectors.
+    #[arg(long, value_name = "CIDR", value_parser = parse_cidr, help_heading = "Limits")]
+    pub block: Vec<IpNet>,
+
+    /// Destroy the newest connections of a remote address beyond N (within the
+    /// selectors: scope it with --local-port to count a service's clients).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), help_heading = "Limits")]
+    pub max_conns_per_ip: Option<u32>,
+
+    /// Only connections with this local or remote port (P or LO-HI; repeatable).
+    #[arg(long = "port", value_name = "P|LO-HI", value_parser = parse_port_range, help_heading = "Selectors")]
     pub ports: Vec<PortRange>,
 
-    /// Never touch connections with this local or remote port (P or LO-HI; repeatable).
-    /// Port 22 is always excluded, in addition to these.
-    #[arg(long = "exclude-port", value_name = "P|LO-HI", value_parser = parse_port_range)]
+    /// Only connections with this local port (repeatable).
+    #[arg(long = "local-port", value_name = "P|LO-HI", value_parser = parse_port_range, help_heading = "Selectors")]
+    pub local_ports: Vec<PortRange>,
+
+    /// Only connections with this remote port (repeatable).
+    #[arg(long = "remote-port", value_name = "P|LO-HI", value_parser = parse_port_range, help_heading = "Selectors")]
+    pub remote_ports: Vec<PortRange>,
+
+    /// Only connections with a local address in this block (CIDR; repeatable).
+    #[arg(long = "local-addr", value_name = "CIDR", value_parser = parse_cidr, help_heading = "Selectors")]
+    pub local_addrs: Vec<IpNet>,
+
+    /// Only connections with a remote address in this block (CIDR; repeatable).
+    #[arg(long = "remote-addr", value_name = "CIDR", value_parser = parse_cidr, help_heading = "Selectors")]
+    pub remote_addrs: Vec<IpNet>,
+
+    /// Never touch connections with this local or remote port (repeatable). Port 22
+    /// is always protected, in addition to these.
+    #[arg(long = "exclude-port", value_name = "P|LO-HI", value_parser = parse_port_range, help_heading = "Protections")]
     pub exclude_ports: Vec<PortRange>,
+
+    /// Never touch connections with a local or remote address in this block.
+    #[arg(long = "exclude-addr", value_name = "CIDR", value_parser = parse_cidr, help_heading = "Protections")]
+    pub exclude_addrs: Vec<IpNet>,
+
+    /// Never touch connections owned by a process of this name (repeatable). Always
+    /// protected, in addition: sshd, systemd, init, containerd, dockerd, kubelet, k3s.
+    #[arg(
+        long = "exclude-process",
+        value_name = "NAME",
+        help_heading = "Protections"
+    )]
+    pub exclude_processes: Vec<String>,
+
+    /// Destroy at most N connections a second; the rest wait their turn (off by default).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), help_heading = "Safety budget")]
+    pub max_kills_per_second: Option<u32>,
+
+    /// Destroy at most this share (0-1) of the tracked connections a second (off by
+    /// default).
+    #[arg(long, value_name = "F", value_parser = parse_fraction, help_heading = "Safety budget")]
+    pub max_kill_fraction: Option<f64>,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub policy: PolicyArgs,
 
     /// Destroy the chosen connections. Without it connwatch only logs what it would do.
     #[arg(long)]
@@ -72,6 +156,25 @@ pub struct RunArgs {
     /// Capacity of the kernel's connection map (sockets tracked at once).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     pub max_conns: Option<u32>,
+}
+
+#[derive(Args, Debug)]
+pub struct SweepArgs {
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+
+    /// Destroy the chosen connections. Without it the summary says what would be done.
+    #[arg(long)]
+    pub enforce: bool,
+}
+
+fn parse_fraction(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
+        _ => Err(format!(
+            "'{text}' is not a fraction between 0 and 1 (e.g. 0.1)"
+        )),
+    }
 }
 
 #[derive(Args, Debug)]
@@ -121,6 +224,15 @@ mod tests {
         assert!(e.contains("--max-age") && e.contains("soon"), "{e}");
         let e = err(&["connwatch", "run", "--bogus"]);
         assert!(e.contains("--bogus"), "{e}");
+        let e = err(&["connwatch", "run", "--state-timeout", "listen=5s"]);
+        assert!(e.contains("--state-timeout") && e.contains("LISTEN"), "{e}");
+        let e = err(&["connwatch", "run", "--block", "10.0.0.0/40"]);
+        assert!(e.contains("--block") && e.contains("10.0.0.0/40"), "{e}");
+        let e = err(&["connwatch", "sweep", "--max-kill-fraction", "2"]);
+        assert!(
+            e.contains("--max-kill-fraction") && e.contains("'2'"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -142,8 +254,8 @@ mod tests {
         let Command::Run(run) = cli.command else {
             panic!("not run")
         };
-        assert_eq!(run.max_age, Some(Duration::from_secs(90)));
-        assert_eq!(run.ports.len(), 2);
+        assert_eq!(run.policy.max_age, Some(Duration::from_secs(90)));
+        assert_eq!(run.policy.ports.len(), 2);
         assert!(run.enforce);
     }
 

@@ -52,35 +52,49 @@ pub fn verify(
     Ok(())
 }
 
+/// Finds the chosen socket again: the exact sock_diag lookup (with its `tcp_info`),
+/// then the map entry, read after the lookup: if the chosen socket closed and a new one
+/// took its tuple before the lookup, its map entry is already gone or renewed.
+pub fn lookup(
+    diag: &mut SockDiag,
+    conns: Option<&ConnMap>,
+    key: u64,
+    chosen: &Tracked,
+) -> Result<(DiagSocket, Option<ConnInfo>), Outcome> {
+    let live = diag
+        .get(&chosen.tuple)
+        .map_err(|e| Outcome::Failed(DestroyError::Other(std::io::Error::other(e))))?;
+    let entry = match (chosen.source, conns) {
+        (Source::Map, Some(conns)) => conns.get(&key, 0).ok(),
+        _ => None,
+    };
+    verify(chosen, entry.as_ref(), live.as_ref()).map_err(Outcome::Skipped)?;
+    Ok((live.expect("verified above"), entry))
+}
+
+/// Destroys a socket [`lookup`] found (or, in a dry run, says it would).
+pub fn kill(diag: &mut SockDiag, live: &DiagSocket, enforce: bool) -> Outcome {
+    if !enforce {
+        return Outcome::WouldDestroy;
+    }
+    match diag.destroy(live) {
+        Ok(()) => Outcome::Destroyed,
+        Err(DestroyError::Gone) => Outcome::Skipped("gone before the destroy".into()),
+        Err(e) => Outcome::Failed(e),
+    }
+}
+
 /// Re-checks the chosen socket and destroys it (or, in a dry run, says it would).
 pub fn execute(
     diag: &mut SockDiag,
-    conns: &ConnMap,
+    conns: Option<&ConnMap>,
     key: u64,
     chosen: &Tracked,
     enforce: bool,
 ) -> Outcome {
-    let live = match diag.get(&chosen.tuple) {
-        Ok(live) => live,
-        Err(e) => return Outcome::Failed(DestroyError::Other(std::io::Error::other(e))),
-    };
-    // Read after the lookup: if the chosen socket closed and a new one took its tuple
-    // before the lookup, its map entry is already gone or renewed.
-    let entry = match chosen.source {
-        Source::Map => conns.get(&key, 0).ok(),
-        Source::Seeded => None,
-    };
-    if let Err(why) = verify(chosen, entry.as_ref(), live.as_ref()) {
-        return Outcome::Skipped(why);
-    }
-    if !enforce {
-        return Outcome::WouldDestroy;
-    }
-    let live = live.expect("verified above");
-    match diag.destroy(&live) {
-        Ok(()) => Outcome::Destroyed,
-        Err(DestroyError::Gone) => Outcome::Skipped("gone before the destroy".into()),
-        Err(e) => Outcome::Failed(e),
+    match lookup(diag, conns, key, chosen) {
+        Ok((live, _)) => kill(diag, &live, enforce),
+        Err(outcome) => outcome,
     }
 }
 
@@ -107,6 +121,8 @@ mod tests {
             generation: 1,
             source,
             cookie: (source == Source::Seeded).then_some([1; 8]),
+            last_activity_ns: 0,
+            owner: None,
         }
     }
 
@@ -126,6 +142,7 @@ mod tests {
             inode: 1,
             uid: 0,
             ifindex: 0,
+            activity: None,
         }
     }
 

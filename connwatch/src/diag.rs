@@ -19,7 +19,7 @@ use netlink_packet_sock_diag::constants::{
     AF_INET, AF_INET6, IPPROTO_TCP, SOCK_DESTROY, SOCK_DIAG_BY_FAMILY,
 };
 use netlink_packet_sock_diag::inet::{
-    ExtensionFlags, InetRequest, InetRequestBuffer, InetResponse, SocketId, StateFlags,
+    nlas::Nla, ExtensionFlags, InetRequest, InetRequestBuffer, InetResponse, SocketId, StateFlags,
 };
 use netlink_packet_sock_diag::SockDiagMessage;
 use netlink_sys::protocols::NETLINK_SOCK_DIAG;
@@ -53,6 +53,40 @@ pub struct DiagSocket {
     /// The device the socket is bound to (`sk_bound_dev_if`), 0 if none. Exact lookups match
     /// on it, so it is handed back unchanged when destroying.
     pub ifindex: u32,
+    /// The data timers of `tcp_info`, where it was asked for and sent.
+    pub activity: Option<TcpActivity>,
+}
+
+/// How long ago the socket last sent and received data, from the kernel's `tcp_info`
+/// (`tcpi_last_data_sent`, `tcpi_last_data_recv`, in milliseconds). Both start at the
+/// connection's establishment, and neither moves for keepalives or pure ACKs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpActivity {
+    pub last_data_sent_ms: u32,
+    pub last_data_recv_ms: u32,
+}
+
+impl TcpActivity {
+    /// Offsets in `struct tcp_info` (include/uapi/linux/tcp.h), stable ABI.
+    const LAST_DATA_SENT: usize = 44;
+    const LAST_DATA_RECV: usize = 52;
+
+    pub fn parse(tcp_info: &[u8]) -> Option<TcpActivity> {
+        let at = |off: usize| -> Option<u32> {
+            Some(u32::from_ne_bytes(
+                tcp_info.get(off..off + 4)?.try_into().ok()?,
+            ))
+        };
+        Some(TcpActivity {
+            last_data_sent_ms: at(Self::LAST_DATA_SENT)?,
+            last_data_recv_ms: at(Self::LAST_DATA_RECV)?,
+        })
+    }
+
+    /// Milliseconds since data last moved in either direction.
+    pub fn quiet_ms(&self) -> u32 {
+        self.last_data_sent_ms.min(self.last_data_recv_ms)
+    }
 }
 
 impl DiagSocket {
@@ -71,6 +105,10 @@ impl DiagSocket {
             inode: response.header.inode,
             uid: response.header.uid,
             ifindex: id.interface_id,
+            activity: response.nlas.iter().find_map(|nla| match nla {
+                Nla::TcpInfo(raw) => TcpActivity::parse(raw),
+                _ => None,
+            }),
         }
     }
 }
@@ -153,9 +191,22 @@ impl SockDiag {
     /// Every TCP socket of both families (IPv4 then IPv6) in the given states (bitmask
     /// `1 << state`; pass [`SockDiag::ALL_STATES`]).
     pub fn dump(&mut self, states: u32) -> anyhow::Result<Vec<DiagSocket>> {
+        self.dump_ext(states, ExtensionFlags::empty())
+    }
+
+    /// Like [`SockDiag::dump`], with each socket's [`TcpActivity`].
+    pub fn dump_with_activity(&mut self, states: u32) -> anyhow::Result<Vec<DiagSocket>> {
+        self.dump_ext(states, ExtensionFlags::INFO)
+    }
+
+    fn dump_ext(
+        &mut self,
+        states: u32,
+        extensions: ExtensionFlags,
+    ) -> anyhow::Result<Vec<DiagSocket>> {
         let mut sockets = Vec::new();
         for (family, name) in [(AF_INET, "IPv4"), (AF_INET6, "IPv6")] {
-            self.dump_family(family, states, &mut sockets)
+            self.dump_family(family, states, extensions, &mut sockets)
                 .with_context(|| format!("sock_diag dump of {name} TCP sockets"))?;
         }
         Ok(sockets)
@@ -165,6 +216,7 @@ impl SockDiag {
         &mut self,
         family: u8,
         states: u32,
+        extensions: ExtensionFlags,
         sockets: &mut Vec<DiagSocket>,
     ) -> io::Result<()> {
         let id = if family == AF_INET6 {
@@ -177,6 +229,7 @@ impl SockDiag {
             NLM_F_REQUEST | NLM_F_DUMP,
             family,
             states,
+            extensions,
             id,
         )?;
         self.replies(seq, |payload| match payload {
@@ -216,6 +269,7 @@ impl SockDiag {
             NLM_F_REQUEST,
             family,
             Self::ALL_STATES,
+            ExtensionFlags::INFO,
             id,
         )?;
         // Without NLM_F_ACK the kernel sends exactly one message: the socket or an error.
@@ -252,6 +306,7 @@ impl SockDiag {
                 NLM_F_REQUEST | NLM_F_ACK,
                 family,
                 Self::ALL_STATES,
+                ExtensionFlags::empty(),
                 id,
             )
             .map_err(DestroyError::Other)?;
@@ -274,6 +329,7 @@ impl SockDiag {
         flags: u16,
         family: u8,
         states: u32,
+        extensions: ExtensionFlags,
         socket_id: SocketId,
     ) -> io::Result<u32> {
         self.seq = self.seq.wrapping_add(1);
@@ -283,7 +339,7 @@ impl SockDiag {
         let request = SockDiagMessage::InetRequest(InetRequest {
             family,
             protocol: IPPROTO_TCP,
-            extensions: ExtensionFlags::empty(),
+            extensions,
             states: StateFlags::empty(),
             socket_id,
         });
@@ -554,9 +610,15 @@ mod tests {
         assert_eq!(got.state, TcpState::ESTABLISHED);
         assert_ne!(got.cookie, [0; 8]);
         assert_ne!(got.cookie, NO_COOKIE);
-        // The same socket the dump reports, cookie and all.
+        // The same socket the dump reports, cookie and all; only the exact lookup asks
+        // for tcp_info.
+        assert!(got.activity.is_some(), "the lookup carries tcp_info");
         let all = diag.dump(SockDiag::ALL_STATES).unwrap();
-        assert_eq!(find(&all, &conn.client_tuple()), Some(&got));
+        let plain = DiagSocket {
+            activity: None,
+            ..got.clone()
+        };
+        assert_eq!(find(&all, &conn.client_tuple()), Some(&plain));
 
         let mut absent = conn.client_tuple();
         absent.remote.set_port(1);
@@ -797,6 +859,38 @@ mod tests {
     /// A reply to an earlier request that was never read is skipped, not taken for the
     /// answer to the current one.
     #[test]
+    fn tcp_info_tells_when_data_last_moved() {
+        require_root();
+        let mut conn = Conn::open(V4);
+        let mut diag = SockDiag::open().unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+        let quiet = diag.get(&conn.client_tuple()).unwrap().unwrap();
+        let a = quiet.activity.expect("tcp_info");
+        // No data yet: both timers count from the establishment.
+        assert!(a.quiet_ms() >= 350, "{a:?}");
+        conn.client.write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        conn.server.read_exact(&mut buf).unwrap();
+        let client = diag.get(&conn.client_tuple()).unwrap().unwrap();
+        let server = diag.get(&conn.server_tuple()).unwrap().unwrap();
+        assert!(
+            client.activity.unwrap().last_data_sent_ms < 100,
+            "{client:?}"
+        );
+        assert!(
+            client.activity.unwrap().last_data_recv_ms >= 350,
+            "{client:?}"
+        );
+        assert!(
+            server.activity.unwrap().last_data_recv_ms < 100,
+            "{server:?}"
+        );
+        let dumped = diag.dump_with_activity(SockDiag::ALL_STATES).unwrap();
+        let d = find(&dumped, &conn.server_tuple()).unwrap();
+        assert!(d.activity.unwrap().quiet_ms() < 200, "{d:?}");
+    }
+
+    #[test]
     fn stale_replies_are_skipped() {
         require_root();
         let conn = Conn::open(V4);
@@ -807,6 +901,7 @@ mod tests {
             NLM_F_REQUEST,
             family,
             SockDiag::ALL_STATES,
+            ExtensionFlags::empty(),
             id,
         )
         .unwrap();

@@ -131,6 +131,7 @@ mod tests {
             inode: 0,
             uid: 0,
             ifindex: 0,
+            activity: None,
         }
     }
 

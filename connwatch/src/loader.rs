@@ -9,14 +9,78 @@ use aya::maps::{HashMap, Map, MapData, PerCpuArray, RingBuf};
 use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
 use connwatch_common::{
-    set_state_offsets as off, stat, ConnInfo, MAP_CONNS, MAP_EVENTS, MAP_STATS,
+    length_offsets, probe_offsets, set_state_offsets as off, stat, ConnInfo, MAP_CONNS, MAP_EVENTS,
+    MAP_STATS,
 };
 
 /// Where the maps are pinned, so `list` reads them and a restarted daemon keeps its ages.
 pub const PIN_DIR: &str = "/sys/fs/bpf/connwatch";
 pub const TRACEFS: &str = "/sys/kernel/tracing";
 pub const BPFFS: &str = "/sys/fs/bpf";
-pub const TRACEPOINT: (&str, &str) = ("sock", "inet_sock_set_state");
+/// A tracepoint the eBPF object attaches to, and the record fields its program reads.
+pub struct Hook {
+    pub program: &'static str,
+    pub category: &'static str,
+    pub name: &'static str,
+    pub fields: &'static [(&'static str, usize)],
+    /// Without it connwatch cannot work; without the others it learns activity and
+    /// owners only from sock_diag, at deadlines.
+    pub required: bool,
+}
+
+pub const HOOKS: [Hook; 4] = [
+    Hook {
+        program: "inet_sock_set_state",
+        category: "sock",
+        name: "inet_sock_set_state",
+        fields: &[
+            ("skaddr", off::SKADDR),
+            ("oldstate", off::OLDSTATE),
+            ("newstate", off::NEWSTATE),
+            ("sport", off::SPORT),
+            ("dport", off::DPORT),
+            ("family", off::FAMILY),
+            ("protocol", off::PROTOCOL),
+            ("saddr", off::SADDR),
+            ("daddr", off::DADDR),
+            ("saddr_v6", off::SADDR_V6),
+            ("daddr_v6", off::DADDR_V6),
+        ],
+        required: true,
+    },
+    Hook {
+        program: "tcp_probe",
+        category: "tcp",
+        name: "tcp_probe",
+        fields: &[
+            ("data_len", probe_offsets::DATA_LEN),
+            ("skaddr", probe_offsets::SKADDR),
+        ],
+        required: false,
+    },
+    Hook {
+        program: "sock_send_length",
+        category: "sock",
+        name: "sock_send_length",
+        fields: &[
+            ("sk", length_offsets::SK),
+            ("protocol", length_offsets::PROTOCOL),
+            ("ret", length_offsets::RET),
+        ],
+        required: false,
+    },
+    Hook {
+        program: "sock_recv_length",
+        category: "sock",
+        name: "sock_recv_length",
+        fields: &[
+            ("sk", length_offsets::SK),
+            ("protocol", length_offsets::PROTOCOL),
+            ("ret", length_offsets::RET),
+        ],
+        required: false,
+    },
+];
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/connwatch.bpf.o"));
@@ -105,42 +169,30 @@ pub fn tracepoint_fields(format: &str) -> Vec<(String, usize)> {
         .collect()
 }
 
-/// Refuses a kernel whose tracepoint record differs from what the program reads.
-pub fn check_tracepoint_layout(format: &str) -> Result<()> {
+/// Refuses a tracepoint whose record differs from what its program reads.
+pub fn check_layout(hook: &Hook, format: &str) -> Result<()> {
     let fields = tracepoint_fields(format);
-    let expected = [
-        ("skaddr", off::SKADDR),
-        ("oldstate", off::OLDSTATE),
-        ("newstate", off::NEWSTATE),
-        ("sport", off::SPORT),
-        ("dport", off::DPORT),
-        ("family", off::FAMILY),
-        ("protocol", off::PROTOCOL),
-        ("saddr", off::SADDR),
-        ("daddr", off::DADDR),
-        ("saddr_v6", off::SADDR_V6),
-        ("daddr_v6", off::DADDR_V6),
-    ];
-    for (name, want) in expected {
+    let tp = format!("{}:{}", hook.category, hook.name);
+    for (name, want) in hook.fields {
         match fields.iter().find(|(n, _)| n == name) {
-            Some((_, got)) if *got == want => {}
+            Some((_, got)) if got == want => {}
             Some((_, got)) => bail!(
-                "tracepoint {}:{} field {name} is at offset {got}, connwatch reads it at {want}: this kernel's layout is not supported",
-                TRACEPOINT.0, TRACEPOINT.1
+                "tracepoint {tp} field {name} is at offset {got}, connwatch reads it at {want}: this kernel's layout is not supported"
             ),
-            None => bail!(
-                "tracepoint {}:{} has no field {name}: this kernel's layout is not supported",
-                TRACEPOINT.0,
-                TRACEPOINT.1
-            ),
+            None => bail!("tracepoint {tp} has no field {name}: this kernel's layout is not supported"),
         }
     }
     Ok(())
 }
 
-pub fn read_tracepoint_format() -> Result<String> {
-    let path = format!("{TRACEFS}/events/{}/{}/format", TRACEPOINT.0, TRACEPOINT.1);
+pub fn read_format(hook: &Hook) -> Result<String> {
+    let path = format!("{TRACEFS}/events/{}/{}/format", hook.category, hook.name);
     fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))
+}
+
+/// Checks one hook against the running kernel.
+pub fn check_hook(hook: &Hook) -> Result<()> {
+    check_layout(hook, &read_format(hook)?)
 }
 
 /// The embedded object, or an error if this binary was built without it.
@@ -155,7 +207,16 @@ pub fn object() -> Result<&'static [u8]> {
 /// there) and attaches it to the tracepoint.
 pub fn load_and_attach(max_conns: Option<u32>) -> Result<Loaded> {
     ensure_filesystems()?;
-    check_tracepoint_layout(&read_tracepoint_format()?)?;
+    let mut usable = Vec::new();
+    for hook in &HOOKS {
+        match check_hook(hook) {
+            Ok(()) => usable.push(hook),
+            Err(e) if hook.required => return Err(e),
+            Err(e) => tracing::warn!(
+                "{e:#}: activity and owners will be learned from sock_diag at deadlines only"
+            ),
+        }
+    }
     fs::create_dir_all(PIN_DIR).with_context(|| format!("cannot create {PIN_DIR}"))?;
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(PIN_DIR);
@@ -165,21 +226,21 @@ pub fn load_and_attach(max_conns: Option<u32>) -> Result<Loaded> {
     let mut ebpf = loader
         .load(object()?)
         .context("cannot load the eBPF object (is this root, with CAP_BPF and CAP_PERFMON?)")?;
-    let program: &mut TracePoint = ebpf
-        .program_mut("inet_sock_set_state")
-        .context("the eBPF object has no inet_sock_set_state program")?
-        .try_into()?;
-    program
-        .load()
-        .context("the kernel refused the tracepoint program")?;
-    program
-        .attach(TRACEPOINT.0, TRACEPOINT.1)
-        .with_context(|| {
+    for hook in usable {
+        let program: &mut TracePoint = ebpf
+            .program_mut(hook.program)
+            .with_context(|| format!("the eBPF object has no {} program", hook.program))?
+            .try_into()?;
+        program
+            .load()
+            .with_context(|| format!("the kernel refused the {} program", hook.program))?;
+        program.attach(hook.category, hook.name).with_context(|| {
             format!(
                 "cannot attach to tracepoint {}:{}",
-                TRACEPOINT.0, TRACEPOINT.1
+                hook.category, hook.name
             )
         })?;
+    }
     let conns = ConnMap::try_from(ebpf.take_map(MAP_CONNS).context("no connection map")?)?;
     let events = RingBuf::try_from(ebpf.take_map(MAP_EVENTS).context("no event ring")?)?;
     let stats = PerCpuArray::try_from(ebpf.take_map(MAP_STATS).context("no stats map")?)?;
@@ -239,14 +300,14 @@ format:
 
     #[test]
     fn accepts_the_known_layout() {
-        check_tracepoint_layout(FORMAT_6_18).unwrap();
+        check_layout(&HOOKS[0], FORMAT_6_18).unwrap();
     }
 
     #[test]
     fn refuses_a_shifted_layout() {
         // Before 5.6 `protocol` was a u8, which moved the addresses.
         let old = FORMAT_6_18.replace("offset:32;", "offset:31;");
-        let err = check_tracepoint_layout(&old).unwrap_err().to_string();
+        let err = check_layout(&HOOKS[0], &old).unwrap_err().to_string();
         assert!(err.contains("saddr") && err.contains("31"), "{err}");
     }
 
@@ -254,6 +315,8 @@ format:
     fn running_kernel_matches_the_program() {
         crate::testing::require_root("reads the tracepoint format file under tracefs");
         ensure_filesystems().unwrap();
-        check_tracepoint_layout(&read_tracepoint_format().unwrap()).unwrap();
+        for hook in &HOOKS {
+            check_hook(hook).unwrap();
+        }
     }
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use connwatch_common::{event_kind, ConnEvent, ConnInfo, FLAG_BIRTH_UNKNOWN};
 
 use crate::conn::{TcpState, Tuple};
-use crate::policy::{Birth, Subject};
+use crate::policy::{Birth, Owner, Subject};
 
 /// Where a tracked socket came from, and so how it is re-checked before a destroy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,6 +28,9 @@ pub struct Tracked {
     pub source: Source,
     /// The sock_diag cookie of a seeded socket, which a destroy must find again.
     pub cookie: Option<[u8; 8]>,
+    /// Last data in either direction as the kernel program stamped it (coarse); 0 if none.
+    pub last_activity_ns: u64,
+    pub owner: Option<Owner>,
 }
 
 impl Tracked {
@@ -46,6 +49,11 @@ impl Tracked {
             generation: info.seen_ns,
             source: Source::Map,
             cookie: None,
+            last_activity_ns: info.last_rx_ns.max(info.last_tx_ns),
+            owner: (info.pid != 0).then_some(Owner {
+                pid: info.pid,
+                comm: info.comm,
+            }),
         })
     }
 
@@ -55,6 +63,8 @@ impl Tracked {
             state: self.state,
             birth: self.birth,
             state_since_ns: self.state_since_ns,
+            last_activity_ns: self.last_activity_ns,
+            owner: self.owner,
         }
     }
 }
@@ -133,6 +143,43 @@ impl Tracker {
         touched
     }
 
+    /// Takes in what the map entry says now (state, tuple, activity, owner), keeping what
+    /// is known of the birth. Returns false when the entry is another socket's.
+    pub fn refresh(&mut self, key: u64, info: &ConnInfo) -> bool {
+        let Some(fresh) = Tracked::from_info(info) else {
+            return false;
+        };
+        match self.conns.get(&key) {
+            Some(t) if t.generation == info.seen_ns => {
+                let merged = Tracked {
+                    birth: t.birth,
+                    owner: fresh.owner.or(t.owner),
+                    last_activity_ns: fresh.last_activity_ns.max(t.last_activity_ns),
+                    ..fresh
+                };
+                if merged != *t {
+                    self.upsert(key, merged);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Records activity learned elsewhere (`tcp_info`).
+    pub fn note_activity(&mut self, key: u64, at_ns: u64) {
+        if let Some(t) = self.conns.get_mut(&key) {
+            t.last_activity_ns = t.last_activity_ns.max(at_ns);
+        }
+    }
+
+    /// Records an owner learned elsewhere (`/proc`).
+    pub fn note_owner(&mut self, key: u64, owner: Owner) {
+        if let Some(t) = self.conns.get_mut(&key) {
+            t.owner = Some(owner);
+        }
+    }
+
     pub fn remove(&mut self, key: u64) -> Option<Tracked> {
         let t = self.conns.remove(&key)?;
         if self.by_tuple.get(&t.tuple) == Some(&key) {
@@ -161,13 +208,15 @@ impl Tracker {
     }
 
     /// Records a socket found by a sock_diag dump that nothing else knows; its birth is
-    /// unknown, so it counts as born no later than `seen_ns`.
+    /// unknown, so it counts as born no later than `seen_ns`, and as active last at
+    /// `last_activity_ns` (0 if unknown).
     pub fn seed(
         &mut self,
         tuple: Tuple,
         state: TcpState,
         cookie: [u8; 8],
         seen_ns: u64,
+        last_activity_ns: u64,
     ) -> Option<u64> {
         if !indexable(&tuple) || self.by_tuple.contains_key(&tuple) {
             return None;
@@ -184,6 +233,8 @@ impl Tracker {
                 generation: seen_ns,
                 source: Source::Seeded,
                 cookie: Some(cookie),
+                last_activity_ns,
+                owner: None,
             },
         );
         Some(key)
@@ -252,9 +303,11 @@ mod tests {
         let mut t = Tracker::new();
         let est = info(tcp_state::ESTABLISHED, 40000, 0, 0);
         let tuple = Tuple::from_info(&est).unwrap();
-        let seed = t.seed(tuple, TcpState::ESTABLISHED, [7; 8], 100).unwrap();
+        let seed = t
+            .seed(tuple, TcpState::ESTABLISHED, [7; 8], 100, 0)
+            .unwrap();
         assert_eq!(
-            t.seed(tuple, TcpState::ESTABLISHED, [7; 8], 100),
+            t.seed(tuple, TcpState::ESTABLISHED, [7; 8], 100, 0),
             None,
             "seeded twice"
         );

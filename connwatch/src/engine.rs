@@ -1,0 +1,433 @@
+//! The decision-making core of the daemon: what is known of each socket, its next
+//! deadline, per-address counts, the safety budget, and what happens when a deadline
+//! comes. The event loop (`daemon`) feeds it; the kernel is reached only through the
+//! map and sock_diag handles passed in.
+
+use std::collections::{HashMap, HashSet};
+
+use connwatch_common::ConnEvent;
+
+use crate::audit::{Action, Age, Record};
+use crate::conn::{TcpState, Tuple};
+use crate::deadlines::Deadlines;
+use crate::destroy::{self, Outcome};
+use crate::diag::{DestroyError, DiagSocket, SockDiag};
+use crate::limits::PerIp;
+use crate::loader::ConnMap;
+use crate::owner;
+use crate::policy::{canonical, Limit, Owner, Policy, RuleId, Verdict};
+use crate::tracker::{Source, Tracked, Tracker};
+
+const SEC: u64 = 1_000_000_000;
+
+fn ms(n: u32) -> u64 {
+    u64::from(n) * 1_000_000
+}
+
+/// An unmatchable map entry (a connect still without a local port) older than this
+/// is stale: connect gives up long before.
+const UNMATCHABLE_STALE_NS: u64 = 600 * SEC;
+
+/// Counts of what the daemon did.
+#[derive(Default, Debug, Clone)]
+pub struct Counters {
+    pub events: u64,
+    pub destroyed: u64,
+    pub would_destroy: u64,
+    pub skipped: u64,
+    pub failed: u64,
+    pub protected: u64,
+    /// Destroys put off by the safety budget.
+    pub deferred: u64,
+    /// Destroys and would-destroys by reason (limit kind).
+    pub by_reason: HashMap<&'static str, u64>,
+    /// Destroys the kernel refused as unsupported, by state.
+    pub unsupported: HashMap<TcpState, u64>,
+}
+
+#[derive(Default, Debug)]
+pub struct Reconciled {
+    pub from_map: usize,
+    pub seeded: usize,
+    pub stale: usize,
+}
+
+pub struct Engine {
+    pub policy: Policy,
+    pub enforce: bool,
+    pub tracker: Tracker,
+    pub deadlines: Deadlines<u64>,
+    pub per_ip: PerIp,
+    pub counters: Counters,
+    /// The safety budget's current one-second window and what it has used.
+    window_start_ns: u64,
+    window_used: usize,
+}
+
+impl Engine {
+    pub fn new(policy: Policy, enforce: bool) -> Self {
+        Engine {
+            policy,
+            enforce,
+            tracker: Tracker::new(),
+            deadlines: Deadlines::new(),
+            per_ip: PerIp::default(),
+            counters: Counters::default(),
+            window_start_ns: 0,
+            window_used: 0,
+        }
+    }
+
+    fn per_ip_limit(policy: &Policy) -> impl Fn(RuleId) -> u32 + '_ {
+        |id| match policy.rule(id).limit {
+            Limit::MaxConnsPerIp(n) => n,
+            _ => u32::MAX,
+        }
+    }
+
+    /// Sets or clears the deadline of one socket from what is known of it now, and
+    /// files it under its per-address limits.
+    pub fn plan(&mut self, key: u64) {
+        let Some(t) = self.tracker.get(key) else {
+            self.deadlines.cancel(key);
+            self.per_ip.remove(key);
+            return;
+        };
+        let s = t.subject();
+        let mut verdict = self.policy.verdict(&s);
+        if self.policy.has_per_ip_limits() {
+            let ip = canonical(s.tuple.remote.ip());
+            let groups = self
+                .policy
+                .per_ip_limits(&s)
+                .map(|(id, _)| (id, ip))
+                .collect();
+            self.per_ip.set(key, s.birth.no_later_than(), groups);
+            for (k, rule) in self
+                .per_ip
+                .over_limit(key, Self::per_ip_limit(&self.policy))
+            {
+                if k == key {
+                    verdict = Verdict::At { at_ns: 0, rule };
+                } else {
+                    self.deadlines.set(k, 0);
+                }
+            }
+        }
+        match verdict {
+            Verdict::At { at_ns, .. } => self.deadlines.set(key, at_ns),
+            Verdict::Never => self.deadlines.cancel(key),
+        }
+    }
+
+    /// Plans every socket again: after a policy change.
+    pub fn replan_all(&mut self) {
+        let keys: Vec<u64> = self.tracker.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.plan(key);
+        }
+    }
+
+    /// Replaces the policy, keeping everything known of the sockets.
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.policy = policy;
+        self.per_ip = PerIp::default();
+        self.replan_all();
+    }
+
+    pub fn on_event(&mut self, ev: &ConnEvent) {
+        self.counters.events += 1;
+        tracing::trace!(
+            key = format_args!("{:#x}", ev.key),
+            kind = ev.kind,
+            from = %TcpState(ev.oldstate),
+            to = %TcpState(ev.info.state),
+            tuple = ?Tuple::from_info(&ev.info),
+            "kernel event"
+        );
+        for key in self.tracker.apply(ev) {
+            self.plan(key);
+        }
+    }
+
+    /// The rule under which a socket is due now, if it still is.
+    pub fn due_rule(&self, key: u64, now: u64) -> Option<RuleId> {
+        let t = self.tracker.get(key)?;
+        self.policy.due(&t.subject(), now).or_else(|| {
+            self.per_ip
+                .breaks(key, Self::per_ip_limit(&self.policy))
+                .filter(|_| self.policy.protected(&t.subject()).is_none())
+        })
+    }
+
+    /// Brings the tracker and the map in line with the kernel's socket table: drops
+    /// entries of sockets that are gone, and seeds sockets nothing recorded.
+    ///
+    /// Returns the keys of stale map entries: the caller that owns the map removes them.
+    pub fn reconcile(
+        &mut self,
+        conns: Option<&ConnMap>,
+        live: &[DiagSocket],
+        now: u64,
+    ) -> (Reconciled, Vec<u64>) {
+        let mut done = Reconciled::default();
+        let live_tuples: HashMap<Tuple, TcpState> =
+            live.iter().map(|s| (s.tuple, s.state)).collect();
+        let mut in_map = HashSet::new();
+        let mut stale_keys = Vec::new();
+        for item in conns.into_iter().flat_map(|c| c.iter()) {
+            let Ok((key, info)) = item else { continue };
+            let Some(t) = Tracked::from_info(&info) else {
+                continue;
+            };
+            // An entry whose socket is not in the dump died while no program watched,
+            // unless it was made after the dump began; so did one whose tuple is now in
+            // TIME_WAIT, a state the map never holds. An entry without a local port
+            // (SYN_SENT) cannot be matched: only its age tells it is stale.
+            let stale = if t.tuple.local.port() != 0 {
+                info.seen_ns < now
+                    && live_tuples
+                        .get(&t.tuple)
+                        .is_none_or(|s| *s == TcpState::TIME_WAIT)
+            } else {
+                now.saturating_sub(info.seen_ns) > UNMATCHABLE_STALE_NS
+            };
+            if stale {
+                stale_keys.push(key);
+                continue;
+            }
+            in_map.insert(key);
+            if !self.tracker.refresh(key, &info) {
+                self.tracker.upsert(key, t);
+            }
+            done.from_map += 1;
+        }
+        done.stale = stale_keys.len();
+        let lost: Vec<u64> = self
+            .tracker
+            .iter()
+            .filter(|(k, t)| match t.source {
+                Source::Map => !in_map.contains(k),
+                Source::Seeded => !live_tuples.contains_key(&t.tuple),
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for key in lost {
+            self.tracker.remove(key);
+        }
+        for s in live {
+            if !Policy::actionable(s.state) || s.state == TcpState::TIME_WAIT {
+                continue;
+            }
+            // tcp_info's data timers start at the connection's establishment, so the
+            // larger is a lower bound on its age, the smaller on its quiet time.
+            let (born_by, active_at) = match s.activity {
+                Some(a) => (
+                    now.saturating_sub(ms(a.last_data_sent_ms.max(a.last_data_recv_ms))),
+                    now.saturating_sub(ms(a.quiet_ms())),
+                ),
+                None => (now, 0),
+            };
+            if self
+                .tracker
+                .seed(s.tuple, s.state, s.cookie, born_by, active_at)
+                .is_some()
+            {
+                done.seeded += 1;
+            }
+        }
+        self.per_ip = PerIp::default();
+        self.replan_all();
+        (done, stale_keys)
+    }
+
+    /// How many destroys the safety budget allows now.
+    fn budget_left(&mut self, now: u64) -> Option<usize> {
+        let limit = self.policy.budget.per_second(self.tracker.len())?;
+        if now.saturating_sub(self.window_start_ns) >= SEC {
+            self.window_start_ns = now;
+            self.window_used = 0;
+        }
+        Some(limit.saturating_sub(self.window_used))
+    }
+
+    /// Acts on every socket whose deadline has come.
+    pub fn fire_due(&mut self, now: u64, diag: &mut SockDiag, conns: Option<&ConnMap>) {
+        let mut due = self.deadlines.pop_due(now);
+        if due.is_empty() {
+            return;
+        }
+        if let Some(left) = self.budget_left(now) {
+            if due.len() > left {
+                let put_off = due.split_off(left);
+                let next_window = self.window_start_ns + SEC;
+                tracing::warn!(
+                    "safety budget: {} sockets due at once, destroying {} now and putting off {} (--max-kills-per-second {:?}, --max-kill-fraction {:?})",
+                    put_off.len() + due.len(),
+                    due.len(),
+                    put_off.len(),
+                    self.policy.budget.max_kills_per_second,
+                    self.policy.budget.max_kill_fraction,
+                );
+                self.counters.deferred += put_off.len() as u64;
+                for (key, _) in put_off {
+                    self.deadlines.set(key, next_window);
+                }
+            }
+        }
+        // Sockets of protected processes, found once for the batch when needed.
+        let mut protected_inodes: Option<HashMap<u32, Owner>> = None;
+        for (key, _) in due {
+            self.fire_one(key, now, diag, conns, &mut protected_inodes);
+        }
+    }
+
+    fn fire_one(
+        &mut self,
+        key: u64,
+        now: u64,
+        diag: &mut SockDiag,
+        conns: Option<&ConnMap>,
+        protected_inodes: &mut Option<HashMap<u32, Owner>>,
+    ) {
+        let Some(before) = self.tracker.get(key).copied() else {
+            return;
+        };
+        // Activity and state may have moved since the deadline was set.
+        if let (Source::Map, Some(conns)) = (before.source, conns) {
+            match conns.get(&key, 0) {
+                Ok(info) if self.tracker.refresh(key, &info) => {}
+                _ => {
+                    // Closed, or the address now holds another socket: its events follow.
+                    self.tracker.remove(key);
+                    self.plan(key);
+                    return;
+                }
+            }
+        }
+        let Some(rule) = self.due_rule(key, now) else {
+            self.plan(key);
+            return;
+        };
+        let chosen = *self.tracker.get(key).expect("present above");
+        let (live, _) = match destroy::lookup(diag, conns, key, &chosen) {
+            Ok(found) => found,
+            Err(outcome) => {
+                self.record(&chosen, rule, now, &outcome, None);
+                // Only the dump knew a seeded socket; no close event will come for it.
+                if chosen.source == Source::Seeded {
+                    self.tracker.remove(key);
+                    self.plan(key);
+                }
+                return;
+            }
+        };
+        let limit = self.policy.rule(rule).limit;
+        // tcp_info is exact where the kernel program's stamps are coarse.
+        if let (Limit::Idle(d), Some(act)) = (limit, live.activity) {
+            let quiet_since = now.saturating_sub(ms(act.quiet_ms()));
+            if quiet_since.saturating_add(d.as_nanos() as u64) > now {
+                self.tracker.note_activity(key, quiet_since);
+                self.plan(key);
+                return;
+            }
+        }
+        let owner = self.owner_of(&chosen, &live, protected_inodes);
+        if let Some(o) = owner {
+            self.tracker.note_owner(key, o);
+            if let Some(p) = self.policy.protected_owner(Some(&o)) {
+                self.counters.protected += 1;
+                let chosen = *self.tracker.get(key).expect("present above");
+                let why = format!("{p}");
+                self.record(
+                    &chosen,
+                    rule,
+                    now,
+                    &Outcome::Skipped(why),
+                    Some(Action::Protected),
+                );
+                return;
+            }
+        }
+        let outcome = destroy::kill(diag, &live, self.enforce);
+        if matches!(outcome, Outcome::Destroyed | Outcome::WouldDestroy) {
+            self.window_used += 1;
+        }
+        let chosen = *self.tracker.get(key).expect("present above");
+        self.record(&chosen, rule, now, &outcome, None);
+    }
+
+    /// The owner to judge protection by: the process's own name where its pid is known
+    /// (the kernel program sees thread names), else whoever of the protected processes
+    /// holds the socket's inode.
+    fn owner_of(
+        &self,
+        chosen: &Tracked,
+        live: &DiagSocket,
+        protected_inodes: &mut Option<HashMap<u32, Owner>>,
+    ) -> Option<Owner> {
+        if let Some(o) = chosen.owner {
+            let name = owner::process_name(o.pid);
+            return Some(name.map_or(o, |n| Owner::new(o.pid, &n)));
+        }
+        if live.inode == 0 || self.policy.protect.processes.is_empty() {
+            return None;
+        }
+        protected_inodes
+            .get_or_insert_with(|| owner::sockets_of(&self.policy.protect.processes))
+            .get(&live.inode)
+            .copied()
+    }
+
+    fn record(
+        &mut self,
+        chosen: &Tracked,
+        rule: RuleId,
+        now: u64,
+        outcome: &Outcome,
+        action: Option<Action>,
+    ) {
+        let r = self.policy.rule(rule);
+        let reason = r.limit.kind();
+        let (action, detail) = match (action, outcome) {
+            (Some(a), Outcome::Skipped(why)) => (a, Some(why.clone())),
+            (_, Outcome::Destroyed) => (Action::Destroyed, None),
+            (_, Outcome::WouldDestroy) => (Action::WouldDestroy, None),
+            (_, Outcome::Skipped(why)) => (Action::Skipped, Some(why.clone())),
+            (_, Outcome::Failed(e)) => (Action::Failed, Some(e.to_string())),
+        };
+        let c = &mut self.counters;
+        match action {
+            Action::Destroyed => c.destroyed += 1,
+            Action::WouldDestroy => c.would_destroy += 1,
+            Action::Skipped => c.skipped += 1,
+            Action::Failed => c.failed += 1,
+            Action::Protected | Action::Deferred => {}
+        }
+        if matches!(action, Action::Destroyed | Action::WouldDestroy) {
+            *c.by_reason.entry(reason).or_default() += 1;
+        }
+        if let Outcome::Failed(DestroyError::NotSupported) = outcome {
+            let n = c.unsupported.entry(chosen.state).or_default();
+            *n += 1;
+            if *n == 1 {
+                tracing::warn!(
+                    "this kernel cannot destroy sockets in {}: counted, not retried (reported once)",
+                    chosen.state
+                );
+            }
+        }
+        Record {
+            action,
+            tuple: chosen.tuple,
+            state: chosen.state,
+            age: Age::of(chosen.birth, now),
+            reason,
+            rule: &r.name,
+            owner: chosen.owner,
+            dry_run: !self.enforce,
+            detail: detail.as_deref(),
+        }
+        .emit();
+    }
+}

@@ -1,0 +1,167 @@
+//! `sweep` and `explain`: the daemon's engine applied once to the connections that
+//! exist now, for cron, systemd timers and curious operators.
+
+use std::fmt;
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::clock::{human, monotonic_ns};
+use crate::diag::SockDiag;
+use crate::engine::Engine;
+use crate::loader;
+use crate::policy::{Policy, Verdict};
+
+/// What one sweep did, printed as its last line.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub scanned: usize,
+    pub matched: usize,
+    pub destroyed: u64,
+    pub skipped: u64,
+    pub failed: u64,
+    pub deferred: u64,
+    pub dry_run: bool,
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "scanned={} matched={} {}={} skipped={} failed={}",
+            self.scanned,
+            self.matched,
+            if self.dry_run {
+                "would_destroy"
+            } else {
+                "destroyed"
+            },
+            self.destroyed,
+            self.skipped,
+            self.failed
+        )?;
+        if self.deferred > 0 {
+            write!(f, " deferred={}", self.deferred)?;
+        }
+        if self.dry_run {
+            f.write_str(" (dry run: add --enforce to destroy)")?;
+        }
+        Ok(())
+    }
+}
+
+/// The engine, loaded with every connection that exists now: ages from the pinned map
+/// where a daemon recorded them, the rest bounded by sock_diag's tcp_info.
+fn load(
+    policy: Policy,
+    enforce: bool,
+) -> Result<(Engine, SockDiag, Option<loader::ConnMap>, usize)> {
+    let conns = match loader::open_pinned_conns() {
+        Ok(map) => Some(map),
+        Err(e) => {
+            tracing::info!(
+                "{e:#}: ages and times in state are unknown, idle time comes from tcp_info"
+            );
+            None
+        }
+    };
+    let mut diag = SockDiag::open().context("cannot open a sock_diag netlink socket")?;
+    let now = monotonic_ns();
+    let live = diag.dump_with_activity(SockDiag::ALL_STATES)?;
+    let mut engine = Engine::new(policy, enforce);
+    // Stale entries are the daemon's to remove: a one-shot run only reads the map.
+    let _ = engine.reconcile(conns.as_ref(), &live, now);
+    Ok((engine, diag, conns, live.len()))
+}
+
+pub fn sweep(policy: Policy, enforce: bool) -> Result<Summary> {
+    let (mut engine, mut diag, conns, scanned) = load(policy, enforce)?;
+    let now = monotonic_ns();
+    let matched = engine
+        .tracker
+        .iter()
+        .filter(|(k, _)| engine.deadlines.get(*k).is_some_and(|at| at <= now))
+        .count();
+    engine.fire_due(now, &mut diag, conns.as_ref());
+    let c = &engine.counters;
+    Ok(Summary {
+        scanned,
+        matched,
+        destroyed: c.destroyed + c.would_destroy,
+        skipped: c.skipped + c.protected,
+        failed: c.failed,
+        deferred: c.deferred,
+        dry_run: !enforce,
+    })
+}
+
+pub fn explain(policy: Policy) -> Result<()> {
+    let (engine, _, _, _) = load(policy, false)?;
+    let now = monotonic_ns();
+    let mut rows: Vec<(Option<u64>, [String; 5])> = engine
+        .tracker
+        .iter()
+        .map(|(key, t)| {
+            let s = t.subject();
+            let age = Duration::from_nanos(now.saturating_sub(s.birth.no_later_than()));
+            let age = format!(
+                "{}{}",
+                if s.birth.is_known() { "" } else { ">" },
+                human(age)
+            );
+            let at = engine.deadlines.get(key);
+            let verdict = engine.policy.verdict(&s);
+            let what = match (engine.policy.protected(&s), at, verdict) {
+                (Some(p), _, _) => format!("never: protected ({p})"),
+                (None, Some(at), v) => {
+                    let rule = match v {
+                        Verdict::At { rule, at_ns } if at_ns == at => {
+                            engine.policy.rule(rule).name.clone()
+                        }
+                        _ => "max-conns-per-ip".to_string(),
+                    };
+                    if at <= now {
+                        format!("{rule}: due now")
+                    } else {
+                        format!("{rule}: due in {}", human(Duration::from_nanos(at - now)))
+                    }
+                }
+                (None, None, _) => "never: no rule applies".to_string(),
+            };
+            (
+                at,
+                [
+                    t.tuple.local.to_string(),
+                    t.tuple.remote.to_string(),
+                    t.state.to_string(),
+                    age,
+                    what,
+                ],
+            )
+        })
+        .collect();
+    rows.sort_by_key(|(at, _)| at.unwrap_or(u64::MAX));
+    let mut out = std::io::stdout().lock();
+    let w = |i: usize| {
+        rows.iter()
+            .map(|(_, r)| r[i].len())
+            .max()
+            .unwrap_or(0)
+            .max(6)
+    };
+    let (lw, rw) = (w(0), w(1));
+    writeln!(
+        out,
+        "{:<lw$} {:<rw$} {:<12} {:>8}  DECISION",
+        "LOCAL", "REMOTE", "STATE", "AGE"
+    )?;
+    for (_, r) in &rows {
+        writeln!(
+            out,
+            "{:<lw$} {:<rw$} {:<12} {:>8}  {}",
+            r[0], r[1], r[2], r[3], r[4]
+        )?;
+    }
+    Ok(())
+}

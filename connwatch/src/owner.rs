@@ -1,0 +1,88 @@
+//! Who owns a socket, from `/proc`, for the sockets the kernel program could not
+//! attribute (never used by a process since connwatch watched). Asked only when a
+//! socket is about to be destroyed, and then only of the protected processes: their
+//! descriptors are few, where a walk of every process's descriptors is not.
+
+use std::collections::HashMap;
+use std::fs;
+
+use crate::policy::Owner;
+
+/// The command name of a process, as the kernel keeps it for its main thread.
+pub fn process_name(pid: u32) -> Option<String> {
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    Some(comm.trim_end_matches('\n').to_string())
+}
+
+/// The socket inodes held by processes with one of these names, with their owner.
+pub fn sockets_of(names: &[String]) -> HashMap<u32, Owner> {
+    let mut found = HashMap::new();
+    if names.is_empty() {
+        return found;
+    }
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Some(name) = process_name(pid) else {
+            continue;
+        };
+        if !names.contains(&name) {
+            continue;
+        }
+        let owner = Owner::new(pid, &name);
+        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Some(inode) = fs::read_link(fd.path())
+                .ok()
+                .and_then(|l| socket_inode(&l.to_string_lossy()))
+            {
+                found.insert(inode, owner);
+            }
+        }
+    }
+    found
+}
+
+/// `socket:[12345]` -> 12345.
+fn socket_inode(link: &str) -> Option<u32> {
+    link.strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn parses_socket_links() {
+        assert_eq!(socket_inode("socket:[4242]"), Some(4242));
+        assert_eq!(socket_inode("pipe:[4242]"), None);
+        assert_eq!(socket_inode("/dev/null"), None);
+    }
+
+    #[test]
+    fn finds_the_sockets_of_this_process_by_name() {
+        let me = process_name(std::process::id()).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let link = fs::read_link(format!("/proc/self/fd/{}", listener.as_raw_fd())).unwrap();
+        let inode = socket_inode(&link.to_string_lossy()).unwrap();
+        let found = sockets_of(std::slice::from_ref(&me));
+        let owner = found.get(&inode).expect("our own socket is found");
+        assert_eq!(owner.pid, std::process::id());
+        assert_eq!(owner.name(), &me[..me.len().min(15)]);
+        assert!(sockets_of(&["no-such-process".into()]).is_empty());
+    }
+}
