@@ -5,12 +5,11 @@
 //! them they fail and say why: they never pass by skipping.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::process::Command;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use connwatch::conn::Tuple;
 use connwatch::destroy::{self, Outcome};
@@ -19,163 +18,8 @@ use connwatch::loader;
 use connwatch::testing::require_root;
 use connwatch::tracker::{Source, Tracked, Tracker};
 
-const BIN: &str = env!("CARGO_BIN_EXE_connwatch");
-
-/// One daemon at a time: they share the tracepoint and the pinned maps.
-fn exclusive() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    require_root("loads the eBPF program and destroys sockets");
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A running `connwatch run`, its log captured line by line.
-struct Daemon {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Daemon {
-    fn start(args: &[&str]) -> Daemon {
-        let mut child = Command::new(BIN)
-            .arg("run")
-            .args(args)
-            .env("CONNWATCH_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn connwatch");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = log.clone();
-        let stderr = child.stderr.take().unwrap();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("daemon: {line}");
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let d = Daemon { child, log };
-        d.wait_for("watching TCP sockets", Duration::from_secs(20));
-        d
-    }
-
-    fn lines(&self) -> Vec<String> {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn wait_for(&self, needle: &str, within: Duration) -> String {
-        let end = Instant::now() + within;
-        while Instant::now() < end {
-            if let Some(l) = self.lines().into_iter().find(|l| l.contains(needle)) {
-                return l;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        panic!(
-            "no log line with {needle:?} within {within:?}; log:\n{}",
-            self.lines().join("\n")
-        );
-    }
-
-    /// Tuples named in log lines that start with `action` (e.g. "destroyed").
-    fn decided(&self, actions: &[&str]) -> BTreeSet<String> {
-        self.lines()
-            .iter()
-            .filter_map(|l| {
-                actions.iter().find_map(|a| {
-                    let at = l.find(&format!(" {a} "))?;
-                    let rest = &l[at + a.len() + 2..];
-                    rest.split(" state=").next().map(str::to_string)
-                })
-            })
-            .collect()
-    }
-
-    fn stop(mut self) -> Vec<String> {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "daemon exited with {status}");
-        thread::sleep(Duration::from_millis(50));
-        self.lines()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A loopback connection: our client end and the accepted server end.
-struct Conn {
-    client: TcpStream,
-    _server: TcpStream,
-    opened: Instant,
-    /// The client's local and remote address, kept: a destroyed socket forgets its peer.
-    local: SocketAddr,
-    remote: SocketAddr,
-}
-
-impl Conn {
-    fn open(listener: &TcpListener) -> Conn {
-        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (server, _) = listener.accept().unwrap();
-        Conn::new(client, server)
-    }
-
-    fn new(client: TcpStream, server: TcpStream) -> Conn {
-        Conn {
-            local: client.local_addr().unwrap(),
-            remote: client.peer_addr().unwrap(),
-            client,
-            _server: server,
-            opened: Instant::now(),
-        }
-    }
-
-    fn tuple(&self) -> String {
-        format!("{} -> {}", self.local, self.remote)
-    }
-
-    /// Whether the connection was torn down, as the client end sees it: a reset or
-    /// abort (or EOF) instead of a read that times out.
-    fn is_dead(&self) -> bool {
-        self.client
-            .set_read_timeout(Some(Duration::from_millis(10)))
-            .unwrap();
-        let mut buf = [0u8; 1];
-        match (&self.client).read(&mut buf) {
-            Ok(0) => true,
-            Ok(_) => false,
-            Err(e) => match e.kind() {
-                ErrorKind::WouldBlock | ErrorKind::TimedOut => false,
-                ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted => true,
-                other => panic!("unexpected read error {other:?}: {e}"),
-            },
-        }
-    }
-
-    /// Waits until the connection dies; returns when, measured from its opening.
-    fn died_within(&self, limit: Duration) -> Option<Duration> {
-        while self.opened.elapsed() < limit {
-            if self.is_dead() {
-                return Some(self.opened.elapsed());
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-        None
-    }
-}
-
-fn listen(ip: &str) -> TcpListener {
-    TcpListener::bind(format!("{ip}:0")).unwrap()
-}
-
-fn port(l: &TcpListener) -> String {
-    l.local_addr().unwrap().port().to_string()
-}
+mod common;
+use common::*;
 
 /// A connection to port 22, which connwatch must never touch: to sshd if it runs,
 /// else to a listener of our own on 22.
@@ -345,7 +189,10 @@ fn log_lines_have_the_documented_form() {
     // The client end was learned at connect(), in this process: the owner is named.
     if decided.starts_with(&client_side) {
         let owner = format!("({})", std::process::id());
-        assert!(decided.contains(" owner=") && decided.ends_with(&owner), "{line}");
+        assert!(
+            decided.contains(" owner=") && decided.ends_with(&owner),
+            "{line}"
+        );
     }
     d.stop();
 }
@@ -386,14 +233,14 @@ fn a_reused_tuple_survives() {
     let mut diag = SockDiag::open().unwrap();
     let listener = listen("127.0.0.1");
     let addr = listener.local_addr().unwrap();
-    let connect_from = |local_port: u16| -> (TcpStream, TcpStream) {
-        let sock = socket2_bind(local_port);
-        let c = connect_socket(sock, addr);
+    let connect_from_port = |local_port: u16| -> (TcpStream, TcpStream) {
+        let local = SocketAddr::from(([127, 0, 0, 1], local_port));
+        let c = connect_from(local, addr);
         (c, listener.accept().unwrap().0)
     };
 
     // The first connection, known to the map and to a start-up dump.
-    let (c1, s1) = connect_from(0);
+    let (c1, s1) = connect_from_port(0);
     let tuple = Tuple::new(c1.local_addr().unwrap(), addr);
     let mut tracker = Tracker::new();
     drain_into(&mut loaded, &mut tracker);
@@ -414,7 +261,7 @@ fn a_reused_tuple_survives() {
     drop(c1);
     drop(s1);
     thread::sleep(Duration::from_millis(50));
-    let (c2, mut s2) = connect_from(tuple.local.port());
+    let (c2, mut s2) = connect_from_port(tuple.local.port());
     assert_eq!(
         c2.local_addr().unwrap(),
         tuple.local,
@@ -456,62 +303,6 @@ fn drain_into(loaded: &mut loader::Loaded, tracker: &mut Tracker) {
             std::ptr::read_unaligned(item.as_ptr() as *const connwatch_common::ConnEvent)
         };
         tracker.apply(&ev);
-    }
-}
-
-fn socket2_bind(local_port: u16) -> i32 {
-    // SAFETY: plain socket calls on a descriptor we own.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-        assert!(fd >= 0);
-        let one: libc::c_int = 1;
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            &one as *const _ as *const libc::c_void,
-            4,
-        );
-        let sa = libc::sockaddr_in {
-            sin_family: libc::AF_INET as u16,
-            sin_port: local_port.to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        let rc = libc::bind(
-            fd,
-            &sa as *const _ as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_in>() as u32,
-        );
-        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
-        fd
-    }
-}
-
-fn connect_socket(fd: i32, to: SocketAddr) -> TcpStream {
-    use std::os::fd::FromRawFd;
-    let SocketAddr::V4(v4) = to else {
-        unreachable!()
-    };
-    let sa = libc::sockaddr_in {
-        sin_family: libc::AF_INET as u16,
-        sin_port: v4.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_be_bytes(v4.ip().octets()).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: connecting a socket we own, then handing it to TcpStream.
-    unsafe {
-        let rc = libc::connect(
-            fd,
-            &sa as *const _ as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_in>() as u32,
-        );
-        assert_eq!(rc, 0, "connect: {}", std::io::Error::last_os_error());
-        TcpStream::from_raw_fd(fd)
     }
 }
 
@@ -648,7 +439,10 @@ fn bad_input_is_one_line_naming_the_value_and_nothing_runs() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
-    assert!(err.contains("bad.toml:2: idle:") && err.contains("forever"), "{err}");
+    assert!(
+        err.contains("bad.toml:2: idle:") && err.contains("forever"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -107,6 +107,7 @@ pub async fn run(opts: Options) -> Result<()> {
         stats,
     } = loader::load_and_attach(opts.max_conns)?;
     let mut diag = SockDiag::open().context("cannot open a sock_diag netlink socket")?;
+    tracing::info!("policy: {}", describe(&opts.policy));
     let mut engine = Engine::new(opts.policy, opts.enforce);
     let done = full_reconcile(&mut engine, &mut diag, &mut conns)?;
     tracing::info!(

@@ -15,7 +15,7 @@ use crate::diag::{DestroyError, DiagSocket, SockDiag};
 use crate::limits::PerIp;
 use crate::loader::ConnMap;
 use crate::owner;
-use crate::policy::{canonical, Limit, Owner, Policy, RuleId, Verdict};
+use crate::policy::{canonical, Decision, Limit, Owner, Policy, RuleId, Verdict};
 use crate::tracker::{Source, Tracked, Tracker};
 
 const SEC: u64 = 1_000_000_000;
@@ -150,13 +150,14 @@ impl Engine {
         }
     }
 
-    /// The rule under which a socket is due now, if it still is.
+    /// The rule under which a socket is due now, if it still is (protection by
+    /// process is judged after, with the owner's current name).
     pub fn due_rule(&self, key: u64, now: u64) -> Option<RuleId> {
         let t = self.tracker.get(key)?;
         self.policy.due(&t.subject(), now).or_else(|| {
             self.per_ip
                 .breaks(key, Self::per_ip_limit(&self.policy))
-                .filter(|_| self.policy.protected(&t.subject()).is_none())
+                .filter(|_| self.policy.protected_endpoint(&t.tuple).is_none())
         })
     }
 
@@ -332,20 +333,21 @@ impl Engine {
                 return;
             }
         }
-        let owner = self.owner_of(&chosen, &live, protected_inodes);
-        if let Some(o) = owner {
+        if let Some(o) = self.owner_of(&chosen, &live, protected_inodes) {
             self.tracker.note_owner(key, o);
-            if let Some(p) = self.policy.protected_owner(Some(&o)) {
+        }
+        let chosen = *self.tracker.get(key).expect("present above");
+        match self.policy.judge(&chosen.subject(), rule) {
+            Decision::Destroy(_) => {}
+            Decision::Protected(_, p) => {
                 self.counters.protected += 1;
-                let chosen = *self.tracker.get(key).expect("present above");
-                let why = format!("{p}");
-                self.record(
-                    &chosen,
-                    rule,
-                    now,
-                    &Outcome::Skipped(why),
-                    Some(Action::Protected),
-                );
+                let why = format!("protected by {p}");
+                let outcome = Outcome::Skipped(why);
+                self.record(&chosen, rule, now, &outcome, Some(Action::Protected));
+                return;
+            }
+            Decision::NotDue => {
+                self.plan(key);
                 return;
             }
         }
@@ -353,7 +355,6 @@ impl Engine {
         if matches!(outcome, Outcome::Destroyed | Outcome::WouldDestroy) {
             self.window_used += 1;
         }
-        let chosen = *self.tracker.get(key).expect("present above");
         self.record(&chosen, rule, now, &outcome, None);
     }
 

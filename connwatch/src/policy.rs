@@ -404,6 +404,15 @@ impl Verdict {
     }
 }
 
+/// What to do with a socket whose deadline came.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    NotDue,
+    Destroy(RuleId),
+    /// A rule chose it, a protection saves it.
+    Protected(RuleId, Protected),
+}
+
 /// The whole policy. Its decisions depend only on the socket and the clock.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Policy {
@@ -435,7 +444,13 @@ impl Policy {
     /// Why this socket may never be destroyed, if it may not. The owner is checked
     /// only where known: the destroyer asks `/proc` for the rest before a kill.
     pub fn protected(&self, s: &Subject) -> Option<Protected> {
-        let (l, r) = (s.tuple.local, s.tuple.remote);
+        self.protected_endpoint(&s.tuple)
+            .or_else(|| self.protected_owner(s.owner.as_ref()))
+    }
+
+    /// Protection by port or address: known from the tuple alone.
+    pub fn protected_endpoint(&self, t: &Tuple) -> Option<Protected> {
+        let (l, r) = (t.local, t.remote);
         for p in [l.port(), r.port()] {
             if port_in(&self.protect.ports, p) {
                 return Some(Protected::Port(p));
@@ -446,7 +461,7 @@ impl Policy {
                 return Some(Protected::Addr(canonical(a)));
             }
         }
-        self.protected_owner(s.owner.as_ref())
+        None
     }
 
     pub fn protected_owner(&self, owner: Option<&Owner>) -> Option<Protected> {
@@ -464,9 +479,11 @@ impl Policy {
     }
 
     /// When, if ever, this socket is due under its own rules (per-address limits,
-    /// which depend on other sockets, are the engine's to count).
+    /// which depend on other sockets, are the engine's to count). Protection by process
+    /// is judged by [`Policy::decide`] when the deadline comes, from the owner's name
+    /// then, so that the log can say protection saved the socket.
     pub fn verdict(&self, s: &Subject) -> Verdict {
-        if !Self::actionable(s.state) || self.protected(s).is_some() {
+        if !Self::actionable(s.state) || self.protected_endpoint(&s.tuple).is_some() {
             return Verdict::Never;
         }
         let mut best = Verdict::Never;
@@ -497,9 +514,28 @@ impl Policy {
         }
     }
 
+    /// The final word when a deadline comes: destroy under a rule, protected, or not
+    /// due (any more).
+    pub fn decide(&self, s: &Subject, now_ns: u64) -> Decision {
+        match self.due(s, now_ns) {
+            None => Decision::NotDue,
+            Some(rule) => self.judge(s, rule),
+        }
+    }
+
+    /// Whether a socket a rule chose may be destroyed.
+    pub fn judge(&self, s: &Subject, rule: RuleId) -> Decision {
+        match self.protected(s) {
+            Some(p) => Decision::Protected(rule, p),
+            None if Self::actionable(s.state) => Decision::Destroy(rule),
+            None => Decision::NotDue,
+        }
+    }
+
     /// The per-address limits that apply to this socket, with their rules.
     pub fn per_ip_limits<'a>(&'a self, s: &'a Subject) -> impl Iterator<Item = (RuleId, u32)> + 'a {
-        let eligible = s.state == TcpState::ESTABLISHED && self.protected(s).is_none();
+        let eligible =
+            s.state == TcpState::ESTABLISHED && self.protected_endpoint(&s.tuple).is_none();
         self.rules
             .iter()
             .enumerate()
@@ -765,11 +801,15 @@ mod tests {
         assert_eq!(p.verdict(&est("10.0.0.1:80", "10.9.1.1:5")), Verdict::Never);
         let mut s = est("10.0.0.1:80", "10.0.0.2:5");
         assert!(matches!(p.verdict(&s), Verdict::At { .. }));
+        assert_eq!(p.decide(&s, 10 * SEC), Decision::Destroy(0));
         s.owner = Some(Owner::new(1, "sshd"));
         assert_eq!(p.protected(&s), Some(Protected::Process("sshd".into())));
-        assert_eq!(p.verdict(&s), Verdict::Never);
+        assert_eq!(
+            p.decide(&s, 10 * SEC),
+            Decision::Protected(0, Protected::Process("sshd".into()))
+        );
         s.owner = Some(Owner::new(1, "nginx"));
-        assert!(matches!(p.verdict(&s), Verdict::At { .. }));
+        assert_eq!(p.decide(&s, 10 * SEC), Decision::Destroy(0));
     }
 
     #[test]
@@ -922,14 +962,24 @@ mod tests {
                 p.protect.ports.extend(protect_ports);
                 p.protect.addrs = protect_addrs;
                 let (l, r) = (s.tuple.local.port(), s.tuple.remote.port());
-                let guarded = p.protect.ports.iter().any(|x| x.contains(l) || x.contains(r))
+                let by_endpoint = p.protect.ports.iter().any(|x| x.contains(l) || x.contains(r))
                     || p.protect.addrs.iter().any(|n| n.contains(&s.tuple.remote.ip()) || n.contains(&s.tuple.local.ip()))
-                    || s.owner.is_some_and(|o| p.protect.processes.iter().any(|n| n == o.name()))
                     || s.state.is_opening_or_listening();
-                if guarded {
+                let by_owner = s.owner.is_some_and(|o| p.protect.processes.iter().any(|n| n == o.name()));
+                if by_endpoint {
                     prop_assert_eq!(p.verdict(&s), Verdict::Never);
                     prop_assert_eq!(p.due(&s, now * SEC), None);
                     prop_assert_eq!(p.per_ip_limits(&s).count(), 0);
+                }
+                let decision = p.decide(&s, now * SEC);
+                if by_endpoint || by_owner {
+                    prop_assert!(!matches!(decision, Decision::Destroy(_)), "{:?}", decision);
+                }
+                // Every rule the engine might name, per-address ones included.
+                for id in 0..p.rules.len() {
+                    if by_endpoint || by_owner {
+                        prop_assert!(!matches!(p.judge(&s, id), Decision::Destroy(_)));
+                    }
                 }
             }
 

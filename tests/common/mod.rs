@@ -1,0 +1,236 @@
+//! Shared by the end-to-end tests: a daemon under test, loopback connections, and
+//! what their peers see.
+#![allow(dead_code)] // each test binary uses its own part of this
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, ErrorKind, Read};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use connwatch::testing::require_root;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_connwatch");
+
+/// One daemon at a time: they share the tracepoint and the pinned maps.
+pub fn exclusive() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    require_root("loads the eBPF program and destroys sockets");
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A running `connwatch run`, its log captured line by line.
+pub struct Daemon {
+    pub child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    pub fn start(args: &[&str]) -> Daemon {
+        let mut child = Command::new(BIN)
+            .arg("run")
+            .args(args)
+            .env("CONNWATCH_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn connwatch");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        let stderr = child.stderr.take().unwrap();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("daemon: {line}");
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let d = Daemon { child, log };
+        d.wait_for("watching TCP sockets", Duration::from_secs(20));
+        d
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn wait_for(&self, needle: &str, within: Duration) -> String {
+        let end = Instant::now() + within;
+        while Instant::now() < end {
+            if let Some(l) = self.lines().into_iter().find(|l| l.contains(needle)) {
+                return l;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "no log line with {needle:?} within {within:?}; log:\n{}",
+            self.lines().join("\n")
+        );
+    }
+
+    /// Tuples named in log lines that start with `action` (e.g. "destroyed").
+    pub fn decided(&self, actions: &[&str]) -> BTreeSet<String> {
+        self.lines()
+            .iter()
+            .filter_map(|l| {
+                actions.iter().find_map(|a| {
+                    let at = l.find(&format!(" {a} "))?;
+                    let rest = &l[at + a.len() + 2..];
+                    rest.split(" state=").next().map(str::to_string)
+                })
+            })
+            .collect()
+    }
+
+    pub fn stop(mut self) -> Vec<String> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "daemon exited with {status}");
+        thread::sleep(Duration::from_millis(50));
+        self.lines()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A loopback connection: our client end and the accepted server end.
+pub struct Conn {
+    pub client: TcpStream,
+    pub server: TcpStream,
+    pub opened: Instant,
+    /// The client's local and remote address, kept: a destroyed socket forgets its peer.
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+impl Conn {
+    pub fn open(listener: &TcpListener) -> Conn {
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        Conn::new(client, server)
+    }
+
+    pub fn new(client: TcpStream, server: TcpStream) -> Conn {
+        Conn {
+            local: client.local_addr().unwrap(),
+            remote: client.peer_addr().unwrap(),
+            client,
+            server,
+            opened: Instant::now(),
+        }
+    }
+
+    pub fn tuple(&self) -> String {
+        format!("{} -> {}", self.local, self.remote)
+    }
+
+    /// Whether the connection was torn down, as the client end sees it: a reset or
+    /// abort (or EOF) instead of a read that times out.
+    pub fn is_dead(&self) -> bool {
+        self.client
+            .set_read_timeout(Some(Duration::from_millis(10)))
+            .unwrap();
+        let mut buf = [0u8; 1];
+        match (&self.client).read(&mut buf) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => match e.kind() {
+                ErrorKind::WouldBlock | ErrorKind::TimedOut => false,
+                ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted => true,
+                other => panic!("unexpected read error {other:?}: {e}"),
+            },
+        }
+    }
+
+    /// Waits until the connection dies; returns when, measured from its opening.
+    pub fn died_within(&self, limit: Duration) -> Option<Duration> {
+        while self.opened.elapsed() < limit {
+            if self.is_dead() {
+                return Some(self.opened.elapsed());
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+pub fn listen(ip: &str) -> TcpListener {
+    TcpListener::bind(format!("{ip}:0")).unwrap()
+}
+
+pub fn port(l: &TcpListener) -> String {
+    l.local_addr().unwrap().port().to_string()
+}
+
+/// A client socket bound to `local` (address and port; port 0 picks one), connected
+/// to `to`: for connections from a chosen source address or reusing a tuple.
+pub fn connect_from(local: SocketAddr, to: SocketAddr) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    fn raw(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+        // SAFETY: sockaddr_storage is plain data; zero is a valid pattern.
+        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let len = match a {
+            SocketAddr::V4(v4) => {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as u16,
+                    sin_port: v4.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_be_bytes(v4.ip().octets()).to_be(),
+                    },
+                    sin_zero: [0; 8],
+                };
+                // SAFETY: sockaddr_in fits in sockaddr_storage.
+                unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in, sin) };
+                std::mem::size_of::<libc::sockaddr_in>()
+            }
+            SocketAddr::V6(v6) => {
+                let sin6 = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as u16,
+                    sin6_port: v6.port().to_be(),
+                    sin6_flowinfo: 0,
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: v6.ip().octets(),
+                    },
+                    sin6_scope_id: 0,
+                };
+                // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+                unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in6, sin6) };
+                std::mem::size_of::<libc::sockaddr_in6>()
+            }
+        };
+        (ss, len as libc::socklen_t)
+    }
+    let family = if local.is_ipv6() {
+        libc::AF_INET6
+    } else {
+        libc::AF_INET
+    };
+    // SAFETY: plain socket calls on a descriptor we own, handed to TcpStream at the end.
+    unsafe {
+        let fd = libc::socket(family, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            &one as *const _ as *const libc::c_void,
+            4,
+        );
+        let (addr, len) = raw(local);
+        let rc = libc::bind(fd, &addr as *const _ as *const libc::sockaddr, len);
+        assert_eq!(rc, 0, "bind {local}: {}", std::io::Error::last_os_error());
+        let (addr, len) = raw(to);
+        let rc = libc::connect(fd, &addr as *const _ as *const libc::sockaddr, len);
+        assert_eq!(rc, 0, "connect {to}: {}", std::io::Error::last_os_error());
+        TcpStream::from_raw_fd(fd)
+    }
+}
