@@ -229,7 +229,8 @@ fn json_log_format_carries_the_fields() {
 #[test]
 fn a_reused_tuple_survives() {
     let _x = exclusive();
-    let mut loaded = loader::load_and_attach(None).expect("load the eBPF program");
+    let mut loaded =
+        loader::load_and_attach(loader::Sizes::default()).expect("load the eBPF program");
     let mut diag = SockDiag::open().unwrap();
     let listener = listen("127.0.0.1");
     let addr = listener.local_addr().unwrap();

@@ -467,3 +467,35 @@ fn explain_says_which_rule_applies_and_when() {
         .unwrap_or_else(|| panic!("no row for the client end: {text}"));
     assert!(other.contains("never: no rule applies"), "{other}");
 }
+
+/// TIME_WAIT is off by default; asked for, the connection that closed first is cut
+/// short of the kernel's 60 s.
+#[test]
+fn time_wait_is_shortened_when_asked() {
+    let _x = exclusive();
+    let l = listen("127.0.0.1");
+    let d = Daemon::start(&[
+        "--state-timeout",
+        "time-wait=1s",
+        "--port",
+        &port(&l),
+        "--enforce",
+    ]);
+    let c = Conn::open(&l);
+    let (local, remote) = (c.local, c.remote);
+    // The client closes first, the server follows: the client end goes to TIME_WAIT.
+    let Conn { client, server, .. } = c;
+    drop(client);
+    thread::sleep(Duration::from_millis(100));
+    drop(server);
+    thread::sleep(Duration::from_millis(100));
+    assert_eq!(state_of(local, remote), Some(TcpState::TIME_WAIT));
+    gone_within(local, remote, Duration::from_secs(3))
+        .expect("the TIME_WAIT socket outlived its 1 s timeout");
+    let line = d.wait_for("state=TIME_WAIT", Duration::from_secs(1));
+    assert!(
+        line.contains("destroyed") && line.contains("rule=time-wait"),
+        "{line}"
+    );
+    d.stop();
+}

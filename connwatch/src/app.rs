@@ -102,7 +102,10 @@ pub fn main(cli: Cli) -> Result<i32> {
             rt.block_on(daemon::run(daemon::Options {
                 policy: spec.build(),
                 enforce: spec.enforce,
-                max_conns: args.max_conns,
+                sizes: crate::loader::Sizes {
+                    max_conns: args.max_conns,
+                    ring_bytes: args.ring_bytes,
+                },
                 source: args.policy,
             }))?;
             Ok(0)
@@ -126,5 +129,18 @@ pub fn main(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Check => Ok(if check::run() { 0 } else { 1 }),
+        Command::Cleanup => {
+            require_root("connwatch cleanup")?;
+            // Holding the daemon's lock proves no daemon is using the maps.
+            let _lock = daemon::lock_instance()?;
+            let removed = crate::loader::cleanup()?;
+            if removed.is_empty() {
+                println!("nothing pinned in {}", crate::loader::PIN_DIR);
+            }
+            for path in removed {
+                println!("removed {path}");
+            }
+            Ok(0)
+        }
     }
 }

@@ -63,6 +63,10 @@ pub enum Command {
     List(ListArgs),
     /// Check that this kernel and this user have what connwatch needs.
     Check,
+    /// Remove everything connwatch pinned in /sys/fs/bpf/connwatch (the ages with it).
+    ///
+    /// Refused while `connwatch run` is active. Needed to resize the maps.
+    Cleanup,
 }
 
 /// The policy, as flags; the same flags may sit in the --config file.
@@ -153,9 +157,22 @@ pub struct RunArgs {
     #[arg(long)]
     pub enforce: bool,
 
-    /// Capacity of the kernel's connection map (sockets tracked at once).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    /// Capacity of the kernel's connection map (sockets tracked at once; default
+    /// 262144). A map already pinned keeps its size until `connwatch cleanup`.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(16..=16_777_216))]
     pub max_conns: Option<u32>,
+
+    /// Size of the kernel's event ring in bytes (a power of two, at least 4096; default
+    /// 4 MiB).
+    #[arg(long, value_name = "BYTES", value_parser = parse_ring_bytes)]
+    pub ring_bytes: Option<u32>,
+}
+
+fn parse_ring_bytes(text: &str) -> Result<u32, String> {
+    match text.trim().parse::<u32>() {
+        Ok(n) if n >= 4096 && n.is_power_of_two() => Ok(n),
+        _ => Err(format!("'{text}' is not a power of two of at least 4096")),
+    }
 }
 
 #[derive(Args, Debug)]

@@ -25,7 +25,7 @@ const STATS_EVERY: Duration = Duration::from_secs(2);
 pub struct Options {
     pub policy: Policy,
     pub enforce: bool,
-    pub max_conns: Option<u32>,
+    pub sizes: loader::Sizes,
     /// Where the policy came from: read again on SIGHUP.
     pub source: PolicyArgs,
 }
@@ -73,7 +73,7 @@ fn full_reconcile(
 pub const LOCK_PATH: &str = "/run/connwatch.lock";
 
 /// Takes the single-instance lock; it is released when the returned file closes.
-fn lock_instance() -> Result<std::fs::File> {
+pub fn lock_instance() -> Result<std::fs::File> {
     use std::io::{Read, Seek, Write};
     use std::os::fd::AsRawFd;
     let mut file = std::fs::OpenOptions::new()
@@ -105,7 +105,7 @@ pub async fn run(opts: Options) -> Result<()> {
         mut conns,
         events,
         stats,
-    } = loader::load_and_attach(opts.max_conns)?;
+    } = loader::load_and_attach(opts.sizes)?;
     let mut diag = SockDiag::open().context("cannot open a sock_diag netlink socket")?;
     tracing::info!("policy: {}", describe(&opts.policy));
     let mut engine = Engine::new(opts.policy, opts.enforce);

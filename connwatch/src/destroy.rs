@@ -48,6 +48,9 @@ pub fn verify(
                 return Err("tuple reused by a newer connection".into());
             }
         }
+        // The state check above is the proof: a tuple in TIME_WAIT cannot be reused
+        // while that TIME_WAIT socket lives.
+        Source::TimeWait => {}
     }
     Ok(())
 }

@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use connwatch_common::ConnEvent;
+use connwatch_common::{event_kind, ConnEvent};
 
 use crate::audit::{Action, Age, Record};
 use crate::conn::{TcpState, Tuple};
@@ -145,8 +145,24 @@ impl Engine {
             tuple = ?Tuple::from_info(&ev.info),
             "kernel event"
         );
+        // A connection closing from these states usually lives on in TIME_WAIT, which
+        // the map does not hold: follow it only when a limit asks for it.
+        let to_time_wait = ev.kind == event_kind::CLOSED
+            && matches!(
+                TcpState(ev.oldstate),
+                TcpState::FIN_WAIT1 | TcpState::FIN_WAIT2 | TcpState::CLOSING
+            )
+            && self.policy.limits_state(TcpState::TIME_WAIT);
+        let was = self.tracker.get(ev.key).copied();
         for key in self.tracker.apply(ev) {
             self.plan(key);
+        }
+        if let (true, Some(was)) = (to_time_wait, was) {
+            if was.generation == ev.info.seen_ns {
+                if let Some(key) = self.tracker.time_wait(&was, ev.info.state_since_ns) {
+                    self.plan(key);
+                }
+            }
         }
     }
 
@@ -210,14 +226,18 @@ impl Engine {
             .filter(|(k, t)| match t.source {
                 Source::Map => !in_map.contains(k),
                 Source::Seeded => !live_tuples.contains_key(&t.tuple),
+                Source::TimeWait => live_tuples.get(&t.tuple) != Some(&TcpState::TIME_WAIT),
             })
             .map(|(k, _)| k)
             .collect();
         for key in lost {
             self.tracker.remove(key);
         }
+        let time_wait_limited = self.policy.limits_state(TcpState::TIME_WAIT);
         for s in live {
-            if !Policy::actionable(s.state) || s.state == TcpState::TIME_WAIT {
+            if !Policy::actionable(s.state)
+                || (s.state == TcpState::TIME_WAIT && !time_wait_limited)
+            {
                 continue;
             }
             // tcp_info's data timers start at the connection's establishment, so the
@@ -315,8 +335,8 @@ impl Engine {
             Ok(found) => found,
             Err(outcome) => {
                 self.record(&chosen, rule, now, &outcome, None);
-                // Only the dump knew a seeded socket; no close event will come for it.
-                if chosen.source == Source::Seeded {
+                // Only sock_diag knew this socket; no close event will come for it.
+                if chosen.source != Source::Map {
                     self.tracker.remove(key);
                     self.plan(key);
                 }
@@ -354,6 +374,11 @@ impl Engine {
         let outcome = destroy::kill(diag, &live, self.enforce);
         if matches!(outcome, Outcome::Destroyed | Outcome::WouldDestroy) {
             self.window_used += 1;
+        }
+        // No kernel event will say a socket outside the map is gone.
+        if chosen.source != Source::Map && matches!(outcome, Outcome::Destroyed) {
+            self.tracker.remove(key);
+            self.plan(key);
         }
         self.record(&chosen, rule, now, &outcome, None);
     }

@@ -205,7 +205,14 @@ pub fn object() -> Result<&'static [u8]> {
 
 /// Loads the program with its maps pinned under [`PIN_DIR`] (reusing maps already
 /// there) and attaches it to the tracepoint.
-pub fn load_and_attach(max_conns: Option<u32>) -> Result<Loaded> {
+/// Sizes of the kernel-side maps; None keeps the built-in (or pinned) size.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sizes {
+    pub max_conns: Option<u32>,
+    pub ring_bytes: Option<u32>,
+}
+
+pub fn load_and_attach(sizes: Sizes) -> Result<Loaded> {
     ensure_filesystems()?;
     let mut usable = Vec::new();
     for hook in &HOOKS {
@@ -220,8 +227,11 @@ pub fn load_and_attach(max_conns: Option<u32>) -> Result<Loaded> {
     fs::create_dir_all(PIN_DIR).with_context(|| format!("cannot create {PIN_DIR}"))?;
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(PIN_DIR);
-    if let Some(n) = max_conns {
+    if let Some(n) = sizes.max_conns {
         loader.map_max_entries(MAP_CONNS, n);
+    }
+    if let Some(n) = sizes.ring_bytes {
+        loader.map_max_entries(MAP_EVENTS, n);
     }
     let mut ebpf = loader
         .load(object()?)
@@ -241,7 +251,18 @@ pub fn load_and_attach(max_conns: Option<u32>) -> Result<Loaded> {
             )
         })?;
     }
-    let conns = ConnMap::try_from(ebpf.take_map(MAP_CONNS).context("no connection map")?)?;
+    let conns_map = ebpf.take_map(MAP_CONNS).context("no connection map")?;
+    if let (Map::HashMap(data), Some(want)) = (&conns_map, sizes.max_conns) {
+        // A pinned map outlives restarts, and its size with it.
+        if let Ok(have) = data.info().map(|i| i.max_entries()) {
+            if have != want {
+                tracing::warn!(
+                    "the pinned connection map holds {have} entries, not the {want} asked for: `connwatch cleanup` (which forgets the ages) resizes it"
+                );
+            }
+        }
+    }
+    let conns = ConnMap::try_from(conns_map)?;
     let events = RingBuf::try_from(ebpf.take_map(MAP_EVENTS).context("no event ring")?)?;
     let stats = PerCpuArray::try_from(ebpf.take_map(MAP_STATS).context("no stats map")?)?;
     Ok(Loaded {
@@ -250,6 +271,23 @@ pub fn load_and_attach(max_conns: Option<u32>) -> Result<Loaded> {
         events,
         stats,
     })
+}
+
+/// Removes every pinned object: the maps (and the ages in them). The program itself
+/// goes with the last process holding it.
+pub fn cleanup() -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    let dir = Path::new(PIN_DIR);
+    if !dir.exists() {
+        return Ok(removed);
+    }
+    for entry in fs::read_dir(dir).with_context(|| format!("cannot read {PIN_DIR}"))? {
+        let path = entry?.path();
+        fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+        removed.push(path.display().to_string());
+    }
+    fs::remove_dir(dir).with_context(|| format!("cannot remove {PIN_DIR}"))?;
+    Ok(removed)
 }
 
 /// Opens the pinned connection map, as `list` does while a daemon runs or after it.

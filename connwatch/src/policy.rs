@@ -546,6 +546,13 @@ impl Policy {
             })
     }
 
+    /// True when a rule has a timeout for this state.
+    pub fn limits_state(&self, state: TcpState) -> bool {
+        self.rules
+            .iter()
+            .any(|r| matches!(r.limit, Limit::StateTimeout(s, _) if s == state))
+    }
+
     /// True when a rule limits connections per address.
     pub fn has_per_ip_limits(&self) -> bool {
         self.rules

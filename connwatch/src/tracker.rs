@@ -15,6 +15,9 @@ pub enum Source {
     Map,
     /// Found by the start-up dump, never seen changing state: only sock_diag knows it.
     Seeded,
+    /// A connection that left the map for TIME_WAIT (a state the kernel keeps in a
+    /// separate, smaller socket): only sock_diag knows it now.
+    TimeWait,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -178,6 +181,27 @@ impl Tracker {
         if let Some(t) = self.conns.get_mut(&key) {
             t.owner = Some(owner);
         }
+    }
+
+    /// Records a connection that entered TIME_WAIT at `since_ns`, keeping what was known
+    /// of it; only done when a policy has a TIME_WAIT limit.
+    pub fn time_wait(&mut self, was: &Tracked, since_ns: u64) -> Option<u64> {
+        if !indexable(&was.tuple) || self.by_tuple.contains_key(&was.tuple) {
+            return None;
+        }
+        let key = self.next_seed_key;
+        self.next_seed_key += 1;
+        self.upsert(
+            key,
+            Tracked {
+                state: TcpState::TIME_WAIT,
+                state_since_ns: since_ns,
+                source: Source::TimeWait,
+                cookie: None,
+                ..*was
+            },
+        );
+        Some(key)
     }
 
     pub fn remove(&mut self, key: u64) -> Option<Tracked> {

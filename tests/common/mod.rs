@@ -15,10 +15,16 @@ use connwatch::testing::require_root;
 pub const BIN: &str = env!("CARGO_BIN_EXE_connwatch");
 
 /// One daemon at a time: they share the tracepoint and the pinned maps.
-pub fn exclusive() -> MutexGuard<'static, ()> {
+pub fn exclusive() -> (MutexGuard<'static, ()>, std::fs::File) {
     static LOCK: Mutex<()> = Mutex::new(());
     require_root("loads the eBPF program and destroys sockets");
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+    let guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    // And one test process at a time on the host: test binaries may run side by side.
+    let file = std::fs::File::create("/tmp/connwatch-tests.lock").unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor we own; it is released when the file closes.
+    assert_eq!(unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) }, 0);
+    (guard, file)
 }
 
 /// A running `connwatch run`, its log captured line by line.
