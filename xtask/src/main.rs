@@ -5,6 +5,7 @@
 //! bpf-linker, installing them on first use (see toolchain.rs). The userspace
 //! crate embeds the object it produces through connwatch/build.rs.
 
+mod bench;
 mod env;
 mod toolchain;
 
@@ -67,6 +68,8 @@ enum Cmd {
     },
     /// Report each piece of the eBPF toolchain; exit non-zero if one is missing. Installs nothing.
     CheckToolchain,
+    /// Measure connwatch beside its peers (root; loopback load): `cargo xtask bench [--figure N] [--quick]`.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -93,6 +96,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Run { release, args } => run_daemon(release, &args),
         Cmd::Test { no_lint, args } => test(no_lint, &args),
         Cmd::CheckToolchain => Ok(check_toolchain()),
+        Cmd::Bench(args) => bench::run(args),
     }
 }
 

@@ -1,0 +1,160 @@
+//! Reading connwatch's pinned maps from outside the daemon with the raw bpf(2) calls:
+//! their size in kernel memory (fdinfo's `memlock`), their entries, the drop counters.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::io;
+use std::mem::size_of;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+
+use connwatch_common::ConnInfo;
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: attr is a #[repr(C)] bpf_attr prefix of the size passed; the kernel
+    // treats the rest of the union as zero.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// Opens a pinned map.
+pub fn open(path: &Path) -> io::Result<OwnedFd> {
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    let c = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
+    let mut attr = ObjGet {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    let fd = bpf(BPF_OBJ_GET, &mut attr)
+        .map_err(|e| io::Error::new(e.kind(), format!("open {}: {e}", path.display())))?;
+    // SAFETY: a fresh descriptor from the kernel.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The kernel's description of a map descriptor: `map_type`, `max_entries`,
+/// `memlock` (bytes the map holds in kernel memory), ...
+pub fn fdinfo(fd: &OwnedFd) -> io::Result<HashMap<String, String>> {
+    let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect())
+}
+
+pub fn info_u64(info: &HashMap<String, String>, key: &str) -> u64 {
+    info.get(key).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// Every entry of the connection map (u64 key, ConnInfo value), read in batches.
+pub fn conns(fd: &OwnedFd) -> io::Result<Vec<(u64, ConnInfo)>> {
+    let info = fdinfo(fd)?;
+    let value_size = info_u64(&info, "value_size") as usize;
+    if value_size != size_of::<ConnInfo>() {
+        return Err(io::Error::other(format!(
+            "the pinned map's values are {value_size} bytes, this build's ConnInfo {}: rebuild loadgen",
+            size_of::<ConnInfo>()
+        )));
+    }
+    #[repr(C)]
+    struct Batch {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const CHUNK: usize = 4096;
+    let mut keys = vec![0u64; CHUNK];
+    let mut values = vec![ConnInfo::zeroed(); CHUNK];
+    let mut token = 0u64;
+    let mut next = 0u64;
+    let mut first = true;
+    let mut out = Vec::new();
+    loop {
+        let mut attr = Batch {
+            in_batch: if first {
+                0
+            } else {
+                std::ptr::addr_of!(token) as u64
+            },
+            out_batch: std::ptr::addr_of_mut!(next) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: CHUNK as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        let rc = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let n = attr.count as usize;
+        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        match rc {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Err(e) => return Err(e),
+        }
+        token = next;
+        first = false;
+    }
+}
+
+/// The sum over CPUs of slot `index` of a per-CPU u64 array.
+pub fn percpu_sum(fd: &OwnedFd, index: u32) -> io::Result<u64> {
+    let ncpu = possible_cpus()?;
+    let mut values = vec![0u64; ncpu];
+    #[repr(C)]
+    struct Lookup {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let mut attr = Lookup {
+        map_fd: fd.as_raw_fd() as u32,
+        _pad: 0,
+        key: std::ptr::addr_of!(index) as u64,
+        value: values.as_mut_ptr() as u64,
+        flags: 0,
+    };
+    bpf(BPF_MAP_LOOKUP_ELEM, &mut attr)?;
+    Ok(values.iter().sum())
+}
+
+fn possible_cpus() -> io::Result<usize> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")?;
+    let mut n = 0;
+    for part in text.trim().split(',') {
+        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+        let (lo, hi): (usize, usize) = (
+            lo.parse().map_err(io::Error::other)?,
+            hi.parse().map_err(io::Error::other)?,
+        );
+        n = n.max(hi + 1);
+        let _ = lo;
+    }
+    Ok(n)
+}

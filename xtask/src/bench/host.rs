@@ -1,0 +1,262 @@
+//! The host side of a bench run: /proc readings, sysctls set for the run and restored
+//! after it, and the one-shot loadgen tools (rusage, maps, agree, unpin).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+/// CPU time a process has used, in ns, summed over its threads (schedstat's first
+/// field: nanosecond precision, where /proc/<pid>/stat counts 10 ms ticks).
+pub fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Resident set size of a process in bytes.
+pub fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// One line describing the machine: cores, kernel, memory.
+pub fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mem_kb: u64 = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    format!(
+        "{cores} cores ({cpu}), Linux {}, {:.1} GiB RAM",
+        kernel.trim(),
+        mem_kb as f64 / 1024.0 / 1024.0
+    )
+}
+
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Sysctls set for the run; the old values come back when this is dropped.
+#[derive(Default)]
+pub struct Sysctls {
+    saved: Vec<(PathBuf, String)>,
+}
+
+impl Sysctls {
+    pub fn set(&mut self, name: &str, value: &str) -> Result<()> {
+        let path = Path::new("/proc/sys").join(name.replace('.', "/"));
+        let old =
+            std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+        if old.split_whitespace().collect::<Vec<_>>()
+            == value.split_whitespace().collect::<Vec<_>>()
+        {
+            return Ok(());
+        }
+        std::fs::write(&path, value).with_context(|| format!("sysctl -w {name}={value}"))?;
+        eprintln!("bench: sysctl {name}={value} (was {})", old.trim());
+        self.saved.push((path, old));
+        Ok(())
+    }
+}
+
+impl Drop for Sysctls {
+    fn drop(&mut self) {
+        for (path, old) in self.saved.drain(..).rev() {
+            if let Err(e) = std::fs::write(&path, &old) {
+                eprintln!("bench: cannot restore {}: {e}", path.display());
+            }
+        }
+    }
+}
+
+/// A command's cost, as `loadgen rusage` measures it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Usage {
+    pub wall: f64,
+    pub cpu: f64,
+    pub maxrss_kb: u64,
+    pub exit: i32,
+    pub timed_out: bool,
+}
+
+pub struct Tools {
+    pub loadgen: PathBuf,
+}
+
+impl Tools {
+    fn output(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(&self.loadgen)
+            .args(args)
+            .output()
+            .with_context(|| format!("run {}", self.loadgen.display()))?;
+        if !out.status.success() {
+            bail!(
+                "loadgen {} failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs `cmd` with its stdout to `out` (or /dev/null) and measures it.
+    pub fn rusage(&self, cmd: &[&str], out: Option<&Path>, timeout: Duration) -> Result<Usage> {
+        let timeout = timeout.as_secs_f64().to_string();
+        let mut args = vec!["rusage", "--timeout-secs", &timeout];
+        let out_s;
+        if let Some(p) = out {
+            out_s = p.display().to_string();
+            args.extend(["--out", &out_s]);
+        }
+        args.push("--");
+        args.extend_from_slice(cmd);
+        let text = self.output(&args)?;
+        let f: Vec<&str> = text
+            .lines()
+            .find_map(|l| l.strip_prefix("rusage "))
+            .context("no rusage line")?
+            .split_whitespace()
+            .collect();
+        let n = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        Ok(Usage {
+            wall: n(0) / 1e9,
+            cpu: (n(1) + n(2)) / 1e6,
+            maxrss_kb: n(3) as u64,
+            exit: n(4) as i32,
+            timed_out: n(5) != 0.0,
+        })
+    }
+
+    /// The pinned maps: sizes, connection-map entries, drop counters.
+    pub fn maps(&self) -> Result<Maps> {
+        let text = self.output(&["maps"])?;
+        let mut m = Maps::default();
+        for line in text.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            match f.first() {
+                Some(&"map") => {
+                    m.memlock += n(3);
+                    if f.get(1) == Some(&"CW_CONNS") {
+                        m.conns_max = n(2);
+                        m.conns_memlock = n(3);
+                    }
+                }
+                Some(&"entries") => m.entries = n(1),
+                Some(&"stats") => {
+                    m.events = n(1);
+                    m.map_full = n(2);
+                    m.ring_full = n(3);
+                }
+                _ => {}
+            }
+        }
+        Ok(m)
+    }
+
+    /// Removes the pinned maps once no daemon holds the lock (waits up to `wait`).
+    pub fn unpin(&self, wait: Duration) -> Result<()> {
+        let end = std::time::Instant::now() + wait;
+        loop {
+            let st = Command::new(&self.loadgen).arg("unpin").status()?;
+            if st.success() {
+                return Ok(());
+            }
+            if st.code() != Some(3) || std::time::Instant::now() > end {
+                bail!("cannot remove the pinned maps ({st})");
+            }
+            std::thread::sleep(Duration::from_secs(5));
+        }
+    }
+
+    /// `agree` for a port range: the kernel's table against the map (and against
+    /// `connwatch list --json` when the binary is given).
+    pub fn agree(&self, lo: u16, hi: u16, connwatch: Option<&Path>) -> Result<Agree> {
+        let (lo, hi) = (lo.to_string(), hi.to_string());
+        let mut args = vec!["agree", "--lo", &lo, "--hi", &hi];
+        let cw;
+        if let Some(p) = connwatch {
+            cw = p.display().to_string();
+            args.extend(["--connwatch", &cw]);
+        }
+        let text = self.output(&args)?;
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("agree "))
+            .context("no agree line")?
+            .to_string();
+        let get = |k: &str| -> u64 {
+            line.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        Ok(Agree {
+            kernel: get("kernel"),
+            missing: get("missing"),
+            stale: get("stale"),
+            state_diff: get("state_diff"),
+            list_unknown_age: get("list_unknown_age"),
+            list_missing: get("list_missing"),
+            list_extra: get("list_extra"),
+            line,
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Maps {
+    /// Bytes all three pinned maps hold in kernel memory.
+    pub memlock: u64,
+    pub conns_memlock: u64,
+    pub conns_max: u64,
+    pub entries: u64,
+    pub events: u64,
+    pub map_full: u64,
+    pub ring_full: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Agree {
+    pub kernel: u64,
+    pub missing: u64,
+    pub stale: u64,
+    pub state_diff: u64,
+    pub list_unknown_age: u64,
+    pub list_missing: u64,
+    pub list_extra: u64,
+    pub line: String,
+}
