@@ -499,3 +499,39 @@ fn time_wait_is_shortened_when_asked() {
     );
     d.stop();
 }
+
+/// A rule that would destroy many at once is held to the safety budget: two a second
+/// here, the rest put off, loudly, and destroyed in the following seconds.
+#[test]
+fn the_safety_budget_spreads_a_mass_destroy() {
+    let _x = exclusive();
+    let l = listen("127.0.0.1");
+    let d = Daemon::start(&[
+        "--max-age",
+        "1s",
+        "--local-port",
+        &port(&l),
+        "--max-kills-per-second",
+        "2",
+        "--enforce",
+    ]);
+    let conns: Vec<Conn> = (0..6).map(|_| Conn::open(&l)).collect();
+    let start = Instant::now();
+    thread::sleep(Duration::from_millis(1300));
+    let dead_early = conns.iter().filter(|c| c.is_dead()).count();
+    assert_eq!(
+        dead_early, 2,
+        "the first second destroys exactly the budget"
+    );
+    let line = d.wait_for("safety budget", Duration::from_secs(1));
+    assert!(
+        line.contains("6 sockets due at once, destroying 2 now and putting off 4"),
+        "{line}"
+    );
+    for c in &conns {
+        c.died_within(Duration::from_secs(6))
+            .expect("a put-off connection was never destroyed");
+    }
+    assert!(start.elapsed() >= Duration::from_secs(2), "the budget held");
+    d.stop();
+}
