@@ -97,13 +97,6 @@ enum Cmd {
         #[arg(long)]
         connwatch: Option<PathBuf>,
     },
-    /// Remove connwatch's pinned maps while no daemon runs (exit 3 if one does).
-    Unpin {
-        #[arg(long, default_value = "/sys/fs/bpf/connwatch")]
-        pin_dir: PathBuf,
-        #[arg(long, default_value = "/run/connwatch.lock")]
-        lock: PathBuf,
-    },
     /// The polling peer: destroy sockets in a port range once a dump has shown them
     /// for --max-age-ms, polling every --period-ms.
     Pollkill {
@@ -149,14 +142,6 @@ fn main() -> ExitCode {
             hi,
             connwatch,
         } => tools::agree(&pin_dir, lo, hi, connwatch.as_deref()),
-        Cmd::Unpin { pin_dir, lock } => match tools::unpin(&pin_dir, &lock) {
-            Ok(true) => Ok(()),
-            Ok(false) => {
-                eprintln!("loadgen: a connwatch daemon holds {}", lock.display());
-                return ExitCode::from(3);
-            }
-            Err(e) => Err(e),
-        },
         Cmd::Pollkill {
             lo,
             hi,

@@ -4,8 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::net::SocketAddrV4;
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -192,30 +191,6 @@ pub fn agree(pin_dir: &Path, lo: u16, hi: u16, connwatch: Option<&Path>) -> Resu
     }
     println!("{line}");
     Ok(())
-}
-
-/// Removes connwatch's pinned maps, holding the daemon's single-instance lock so no
-/// daemon is using them. Exit status 3 if a daemon holds the lock.
-pub fn unpin(pin_dir: &Path, lock: &Path) -> Result<bool> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(lock)
-        .with_context(|| format!("open {}", lock.display()))?;
-    // SAFETY: flock on a descriptor we own; released when it closes.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Ok(false);
-    }
-    if let Ok(dir) = std::fs::read_dir(pin_dir) {
-        for entry in dir.flatten() {
-            let path: PathBuf = entry.path();
-            std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
-        }
-    }
-    drop(file);
-    Ok(true)
 }
 
 /// The polling peer: every `period`, one sock_diag dump of established IPv4 sockets

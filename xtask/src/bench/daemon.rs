@@ -41,7 +41,7 @@ impl Daemon {
                     eprintln!(
                         "bench: the pinned map holds {pinned} entries, {size} wanted: removing it"
                     );
-                    tools.unpin(WAIT_FOR_OTHER)?;
+                    tools.cleanup(bin, WAIT_FOR_OTHER)?;
                 }
             }
             let mut cmd = Command::new(bin);

@@ -50,7 +50,7 @@ pub fn data_path(b: &mut Bench) -> Result<()> {
             let daemon = if on {
                 Some(start(
                     b,
-                    &args(&["--max-age", "1h", "--port", &net.port_arg()]),
+                    &args(&["--idle", "10m", "--port", &net.port_arg()]),
                     "fig1-daemon.log",
                 )?)
             } else {
@@ -183,7 +183,13 @@ pub fn deadline(b: &mut Bench) -> Result<()> {
     };
     let mut d = start(
         b,
-        &args(&["--max-age", "3s", "--port", &net.port_arg(), "--enforce"]),
+        &args(&[
+            "--max-age",
+            "3s",
+            "--local-port",
+            &net.port_arg(),
+            "--enforce",
+        ]),
         "fig3-daemon.log",
     )?;
     let (cw, cw_never) = deadline_run(b, net, n, spread, max_age)?;
@@ -262,7 +268,13 @@ pub fn mass_destroy(b: &mut Bench) -> Result<()> {
     let (mut fleet, opened) = hold(b, net, n)?;
     let mut d = start(
         b,
-        &args(&["--max-age", "5s", "--port", &net.port_arg(), "--enforce"]),
+        &args(&[
+            "--max-age",
+            "5s",
+            "--local-port",
+            &net.port_arg(),
+            "--enforce",
+        ]),
         "fig4-daemon.log",
     )?;
     let cpu0 = d.cpu_ns();
@@ -347,7 +359,7 @@ pub fn churn(b: &mut Bench) -> Result<()> {
         &args(&[
             "--max-age",
             &format!("{max_age}s"),
-            "--port",
+            "--local-port",
             &net.port_arg(),
             "--enforce",
         ]),

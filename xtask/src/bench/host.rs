@@ -187,16 +187,18 @@ impl Tools {
         Ok(m)
     }
 
-    /// Removes the pinned maps once no daemon holds the lock (waits up to `wait`).
-    pub fn unpin(&self, wait: Duration) -> Result<()> {
+    /// `connwatch cleanup`: removes the pinned maps (the only way to resize them),
+    /// retrying while a daemon (someone else's) holds the lock, for up to `wait`.
+    pub fn cleanup(&self, connwatch: &Path, wait: Duration) -> Result<()> {
         let end = std::time::Instant::now() + wait;
         loop {
-            let st = Command::new(&self.loadgen).arg("unpin").status()?;
-            if st.success() {
+            let out = Command::new(connwatch).arg("cleanup").output()?;
+            if out.status.success() {
                 return Ok(());
             }
-            if st.code() != Some(3) || std::time::Instant::now() > end {
-                bail!("cannot remove the pinned maps ({st})");
+            let why = String::from_utf8_lossy(&out.stderr);
+            if !why.contains("another") || std::time::Instant::now() > end {
+                bail!("connwatch cleanup failed ({}): {}", out.status, why.trim());
             }
             std::thread::sleep(Duration::from_secs(5));
         }

@@ -178,7 +178,9 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     // A map sized for one figure would stay pinned for whoever runs next.
     if let Ok(m) = bench.tools.maps() {
         if m.conns_max != u64::from(population::DEFAULT_MAP) {
-            let _ = bench.tools.unpin(std::time::Duration::from_secs(600));
+            let _ = bench
+                .tools
+                .cleanup(&bench.connwatch, std::time::Duration::from_secs(600));
         }
     }
 
