@@ -57,6 +57,7 @@ pub fn data_path(b: &mut Bench) -> Result<()> {
                 None
             };
             for (t, (test, _)) in TESTS.iter().enumerate() {
+                b.quiet(1);
                 let cpu0 = daemon.as_ref().map_or(0, Daemon::cpu_ns);
                 let rate = load_rate(b, net, test, window)?;
                 if let Some(d) = &daemon {
@@ -181,6 +182,7 @@ pub fn deadline(b: &mut Bench) -> Result<()> {
         figure: 3,
         group: 0,
     };
+    b.quiet(3);
     let mut d = start(
         b,
         &args(&[
@@ -201,6 +203,7 @@ pub fn deadline(b: &mut Bench) -> Result<()> {
         group: 1,
     };
     let (lo, hi) = peer_net.ports();
+    b.quiet(3);
     let poller = std::process::Command::new(b.loadgen())
         .args(["pollkill", "--lo", &lo.to_string(), "--hi", &hi.to_string()])
         .args(["--max-age-ms", "3000", "--period-ms", "1000"])
@@ -265,6 +268,7 @@ pub fn mass_destroy(b: &mut Bench) -> Result<()> {
         figure: 4,
         group: 0,
     };
+    b.quiet(4);
     let (mut fleet, opened) = hold(b, net, n)?;
     let mut d = start(
         b,
@@ -291,6 +295,7 @@ pub fn mass_destroy(b: &mut Bench) -> Result<()> {
         figure: 4,
         group: 1,
     };
+    b.quiet(4);
     let (mut fleet, peer_opened) = hold(b, peer_net, n)?;
     let (lo, hi) = peer_net.ports();
     let filter = format!("dport >= :{lo} and dport <= :{hi}");
@@ -353,6 +358,7 @@ pub fn churn(b: &mut Bench) -> Result<()> {
         figure: 5,
         group: 0,
     };
+    b.quiet(5);
     let (lo, hi) = net.ports();
     let mut d = start(
         b,

@@ -59,6 +59,59 @@ pub fn machine() -> String {
     )
 }
 
+/// Busy and total jiffies of the whole machine, from /proc/stat.
+fn cpu_jiffies() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = text
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = f.iter().take(8).sum();
+    let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// The share of the machine's CPU busy over `window`.
+pub fn busy(window: Duration) -> f64 {
+    let (b0, t0) = cpu_jiffies();
+    std::thread::sleep(window);
+    let (b1, t1) = cpu_jiffies();
+    if t1 == t0 {
+        0.0
+    } else {
+        (b1 - b0) as f64 / (t1 - t0) as f64
+    }
+}
+
+/// Waits, for up to `limit`, until something else using the machine (a build, another
+/// test run) is done: measurements on two cores are only worth anything on a quiet
+/// host. Returns the busy share last seen.
+pub fn wait_quiet(limit: Duration) -> f64 {
+    let end = std::time::Instant::now() + limit;
+    let mut said = false;
+    loop {
+        let b = busy(Duration::from_secs(1));
+        if b < 0.10 || std::time::Instant::now() > end {
+            if said {
+                eprintln!("bench: the machine is {:.0}% busy; going on", b * 100.0);
+            }
+            return b;
+        }
+        if !said {
+            eprintln!(
+                "bench: the machine is {:.0}% busy with something else; waiting for it to calm down",
+                b * 100.0
+            );
+            said = true;
+        }
+        std::thread::sleep(Duration::from_secs(4));
+    }
+}
+
 pub fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()

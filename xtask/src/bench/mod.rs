@@ -95,6 +95,21 @@ impl Bench {
     pub fn log_path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
+
+    /// Waits for other work on the machine to end before a measurement; notes it if
+    /// it never did.
+    pub fn quiet(&mut self, figure: u8) {
+        let busy = host::wait_quiet(std::time::Duration::from_secs(15 * 60));
+        if busy >= 0.10 {
+            self.note(
+                figure,
+                format!(
+                    "the machine was {:.0}% busy with other work when this was measured",
+                    busy * 100.0
+                ),
+            );
+        }
+    }
 }
 
 pub fn run(args: BenchArgs) -> Result<ExitCode> {
@@ -149,6 +164,8 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
 
     let mut failed = Vec::new();
     let want = |f: u8| figures.contains(&f);
+    // No daemon of ours runs between figures: the daemons of a previous run's figures
+    // are stopped, and the next one starts after the machine is quiet.
     if want(1) {
         if let Err(e) = figures::data_path(&mut bench) {
             failed.push((1, e));

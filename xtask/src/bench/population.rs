@@ -95,6 +95,7 @@ pub fn run(b: &mut Bench, fig2: bool, fig6: bool, fig7: bool) -> Result<()> {
 
 fn scenario(b: &mut Bench, s: &Scenario, group: u8) -> Result<Option<Quiet>> {
     let net = Net { figure: 2, group };
+    b.quiet(2);
     let mut d = Daemon::start(
         &b.connwatch,
         &b.tools,
@@ -188,6 +189,7 @@ fn scenario(b: &mut Bench, s: &Scenario, group: u8) -> Result<Option<Quiet>> {
 /// Figure 2: daemon CPU over the window while `ss -tan` and `ss -tanp` poll twice.
 fn quiet(b: &mut Bench, d: &Daemon, sockets: u64) -> Result<Quiet> {
     let window = b.size(10.0, 60.0);
+    b.quiet(2);
     let tanp_limit = Duration::from_secs(b.size(60, 300));
     let cpu0 = d.cpu_ns();
     let t0 = Instant::now();
@@ -254,6 +256,7 @@ fn quiet(b: &mut Bench, d: &Daemon, sockets: u64) -> Result<Quiet> {
 fn query(b: &mut Bench, sockets: u64) -> Result<()> {
     let cw = b.connwatch.display().to_string();
     let limit = Duration::from_secs(300);
+    b.quiet(7);
     let runs = |cmd: &[&str]| -> Result<(f64, f64, u64)> {
         let mut wall = Vec::new();
         let mut cpu = Vec::new();
