@@ -56,17 +56,27 @@ pub fn verify(
 }
 
 /// Finds the chosen socket again: the exact sock_diag lookup (with its `tcp_info`),
-/// then the map entry, read after the lookup: if the chosen socket closed and a new one
-/// took its tuple before the lookup, its map entry is already gone or renewed.
+/// then [`confirm`].
 pub fn lookup(
     diag: &mut SockDiag,
     conns: Option<&ConnMap>,
     key: u64,
     chosen: &Tracked,
 ) -> Result<(DiagSocket, Option<ConnInfo>), Outcome> {
-    let live = diag
-        .get(&chosen.tuple)
-        .map_err(|e| Outcome::Failed(DestroyError::Other(std::io::Error::other(e))))?;
+    confirm(conns, key, chosen, diag.get(&chosen.tuple))
+}
+
+/// Checks a lookup's answer against the choice, reading the map entry after the lookup:
+/// if the chosen socket closed and a new one took its tuple before the lookup, its map
+/// entry is already gone or renewed.
+pub fn confirm(
+    conns: Option<&ConnMap>,
+    key: u64,
+    chosen: &Tracked,
+    looked_up: anyhow::Result<Option<DiagSocket>>,
+) -> Result<(DiagSocket, Option<ConnInfo>), Outcome> {
+    let live =
+        looked_up.map_err(|e| Outcome::Failed(DestroyError::Other(std::io::Error::other(e))))?;
     let entry = match (chosen.source, conns) {
         (Source::Map, Some(conns)) => conns.get(&key, 0).ok(),
         _ => None,
@@ -75,16 +85,21 @@ pub fn lookup(
     Ok((live.expect("verified above"), entry))
 }
 
+/// What a destroy's answer means for the record.
+pub fn outcome_of(result: Result<(), DestroyError>) -> Outcome {
+    match result {
+        Ok(()) => Outcome::Destroyed,
+        Err(DestroyError::Gone) => Outcome::Skipped("gone before the destroy".into()),
+        Err(e) => Outcome::Failed(e),
+    }
+}
+
 /// Destroys a socket [`lookup`] found (or, in a dry run, says it would).
 pub fn kill(diag: &mut SockDiag, live: &DiagSocket, enforce: bool) -> Outcome {
     if !enforce {
         return Outcome::WouldDestroy;
     }
-    match diag.destroy(live) {
-        Ok(()) => Outcome::Destroyed,
-        Err(DestroyError::Gone) => Outcome::Skipped("gone before the destroy".into()),
-        Err(e) => Outcome::Failed(e),
-    }
+    outcome_of(diag.destroy(live))
 }
 
 /// Re-checks the chosen socket and destroys it (or, in a dry run, says it would).

@@ -34,6 +34,14 @@ const NO_COOKIE: [u8; 8] = [0xff; 8];
 /// after the largest read it has seen, capped there), so 64 KiB always holds a whole one.
 const RECV_BUF_LEN: usize = 64 * 1024;
 
+/// Requests sent in one message by the batched calls. Their replies must fit the
+/// socket's receive buffer (the kernel drops what does not), which `open` enlarges.
+const BATCH: usize = 256;
+
+/// The receive buffer asked for: room for a batch of replies, each of which costs the
+/// buffer far more than its bytes.
+const SOCKET_RCVBUF: libc::c_int = 8 << 20;
+
 /// How long to wait for any one reply datagram. The kernel answers at once; the limit only
 /// turns a lost reply or a bookkeeping bug into an error instead of a daemon hung forever.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -181,6 +189,7 @@ impl SockDiag {
         sock.bind_auto()?;
         sock.connect(&NetlinkAddr::new(0, 0))?;
         set_recv_timeout(&sock, REPLY_TIMEOUT)?;
+        set_rcvbuf(&sock, SOCKET_RCVBUF);
         Ok(SockDiag {
             sock,
             seq: 0,
@@ -332,6 +341,32 @@ impl SockDiag {
         extensions: ExtensionFlags,
         socket_id: SocketId,
     ) -> io::Result<u32> {
+        let mut bytes = Vec::new();
+        let seq = self.encode(
+            &mut bytes,
+            message_type,
+            flags,
+            family,
+            states,
+            extensions,
+            socket_id,
+        );
+        self.send_bytes(&bytes)?;
+        Ok(seq)
+    }
+
+    /// Appends one inet_diag request for TCP to `out`; returns its sequence number.
+    #[allow(clippy::too_many_arguments)]
+    fn encode(
+        &mut self,
+        out: &mut Vec<u8>,
+        message_type: u16,
+        flags: u16,
+        family: u8,
+        states: u32,
+        extensions: ExtensionFlags,
+        socket_id: SocketId,
+    ) -> u32 {
         self.seq = self.seq.wrapping_add(1);
         let mut header = NetlinkHeader::default();
         header.flags = flags;
@@ -347,20 +382,191 @@ impl SockDiag {
         packet.finalize();
         // finalize() always stamps SOCK_DIAG_BY_FAMILY; SOCK_DESTROY carries the same body.
         packet.header.message_type = message_type;
-        let mut bytes = vec![0; packet.buffer_len()];
-        packet.serialize(&mut bytes);
+        let start = out.len();
+        out.resize(start + packet.buffer_len(), 0);
+        packet.serialize(&mut out[start..]);
         // `StateFlags` has no NEW_SYN_RECV bit and `from_bits_truncate` would drop it, so the
         // mask goes into the encoded request through the crate's own field setter instead.
-        InetRequestBuffer::new(&mut bytes[NETLINK_HEADER_LEN..]).set_states(states);
+        InetRequestBuffer::new(&mut out[start + NETLINK_HEADER_LEN..]).set_states(states);
+        // The next message starts on a 4-byte boundary (NLMSG_ALIGN).
+        out.resize((out.len() + 3) & !3, 0);
+        self.seq
+    }
 
-        let sent = self.sock.send(&bytes, 0)?;
+    fn send_bytes(&self, bytes: &[u8]) -> io::Result<()> {
+        let sent = self.sock.send(bytes, 0)?;
         if sent != bytes.len() {
             return Err(io::Error::new(
                 io::ErrorKind::WriteZero,
                 format!("sent {sent} of {} request bytes", bytes.len()),
             ));
         }
-        Ok(self.seq)
+        Ok(())
+    }
+
+    /// Exact lookups of many sockets: the requests of a batch go to the kernel in one
+    /// message and their replies come back together, so a mass destroy pays a few
+    /// system calls per batch rather than two per socket. Answers are in `tuples` order.
+    pub fn get_many(&mut self, tuples: &[Tuple]) -> Vec<anyhow::Result<Option<DiagSocket>>> {
+        let mut answers = Vec::with_capacity(tuples.len());
+        for chunk in tuples.chunks(BATCH) {
+            let mut bytes = Vec::with_capacity(chunk.len() * 80);
+            let mut results: Vec<Option<anyhow::Result<Option<DiagSocket>>>> =
+                (0..chunk.len()).map(|_| None).collect();
+            let mut sent = Vec::with_capacity(chunk.len());
+            for (i, tuple) in chunk.iter().enumerate() {
+                let interface = match tuple.local {
+                    SocketAddr::V6(local) => local.scope_id(),
+                    SocketAddr::V4(_) => 0,
+                };
+                match socket_id(tuple, interface, NO_COOKIE) {
+                    Ok((family, id)) => {
+                        let seq = self.encode(
+                            &mut bytes,
+                            SOCK_DIAG_BY_FAMILY,
+                            NLM_F_REQUEST,
+                            family,
+                            Self::ALL_STATES,
+                            ExtensionFlags::INFO,
+                            id,
+                        );
+                        sent.push((seq, i));
+                    }
+                    Err(e) => results[i] = Some(Err(anyhow::Error::new(e))),
+                }
+            }
+            let by_seq: std::collections::HashMap<u32, usize> = sent.iter().copied().collect();
+            let exchanged = self.send_bytes(&bytes).and_then(|()| {
+                self.collect(sent.len(), |seq, payload| {
+                    let Some(&i) = by_seq.get(&seq) else {
+                        return false;
+                    };
+                    let tuple = &chunk[i];
+                    let answer = match payload {
+                        NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
+                            let found = DiagSocket::from_response(&r);
+                            Ok(same_endpoints(&found.tuple, tuple).then_some(found))
+                        }
+                        NetlinkPayload::Error(e) if e.raw_code() == -libc::ENOENT => Ok(None),
+                        NetlinkPayload::Error(e) if e.code.is_some() => {
+                            Err(anyhow::Error::new(e.to_io()))
+                        }
+                        _ => return false,
+                    };
+                    results[i] = Some(answer.with_context(|| format!("sock_diag get {tuple}")));
+                    true
+                })
+            });
+            for (i, r) in results.into_iter().enumerate() {
+                answers.push(match (r, &exchanged) {
+                    (Some(r), _) => r,
+                    (None, Err(e)) => Err(anyhow::anyhow!("sock_diag get {}: {e}", chunk[i])),
+                    (None, Ok(())) => Err(anyhow::anyhow!("sock_diag get {}: no reply", chunk[i])),
+                });
+            }
+        }
+        answers
+    }
+
+    /// `SOCK_DESTROY` of many sockets, batched like [`SockDiag::get_many`]; each by
+    /// tuple plus cookie, as [`SockDiag::destroy`]. Answers are in `socks` order.
+    pub fn destroy_many(&mut self, socks: &[&DiagSocket]) -> Vec<Result<(), DestroyError>> {
+        let mut answers = Vec::with_capacity(socks.len());
+        for chunk in socks.chunks(BATCH) {
+            let mut bytes = Vec::with_capacity(chunk.len() * 80);
+            let mut results: Vec<Option<Result<(), DestroyError>>> =
+                (0..chunk.len()).map(|_| None).collect();
+            let mut sent = Vec::with_capacity(chunk.len());
+            for (i, sock) in chunk.iter().enumerate() {
+                match socket_id(&sock.tuple, sock.ifindex, sock.cookie) {
+                    Ok((family, id)) => {
+                        let seq = self.encode(
+                            &mut bytes,
+                            SOCK_DESTROY,
+                            NLM_F_REQUEST | NLM_F_ACK,
+                            family,
+                            Self::ALL_STATES,
+                            ExtensionFlags::empty(),
+                            id,
+                        );
+                        sent.push((seq, i));
+                    }
+                    Err(e) => results[i] = Some(Err(DestroyError::Other(e))),
+                }
+            }
+            let by_seq: std::collections::HashMap<u32, usize> = sent.iter().copied().collect();
+            let exchanged = self.send_bytes(&bytes).and_then(|()| {
+                self.collect(sent.len(), |seq, payload| {
+                    let (Some(&i), NetlinkPayload::Error(e)) = (by_seq.get(&seq), payload) else {
+                        return false;
+                    };
+                    results[i] = Some(match e.raw_code() {
+                        0 => Ok(()),
+                        code => Err(DestroyError::from_errno(code.saturating_neg())),
+                    });
+                    true
+                })
+            });
+            for r in results {
+                answers.push(match (r, &exchanged) {
+                    (Some(r), _) => r,
+                    (None, Err(e)) => {
+                        Err(DestroyError::Other(io::Error::new(e.kind(), e.to_string())))
+                    }
+                    (None, Ok(())) => Err(DestroyError::Other(io::Error::other("no reply"))),
+                });
+            }
+        }
+        answers
+    }
+
+    /// Reads replies until `expected` of them were taken by `take` (which gets each
+    /// message's sequence number and payload, and says whether it answered a request).
+    fn collect(
+        &mut self,
+        expected: usize,
+        mut take: impl FnMut(u32, NetlinkPayload<SockDiagMessage>) -> bool,
+    ) -> io::Result<()> {
+        let mut answered = 0;
+        while answered < expected {
+            let len = match self.sock.recv(&mut &mut self.buf[..], libc::MSG_TRUNC) {
+                Ok(len) => len,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.reopen();
+                    return Err(e);
+                }
+            };
+            if len > self.buf.len() {
+                self.reopen();
+                return Err(invalid_data(format!(
+                    "a {len}-byte sock_diag datagram did not fit the {}-byte buffer",
+                    self.buf.len()
+                )));
+            }
+            let mut offset = 0;
+            while offset < len {
+                let rest = &self.buf[offset..len];
+                let raw = NetlinkBuffer::new_checked(rest).map_err(invalid_data)?;
+                let msg_len = raw.length() as usize;
+                let msg_seq = raw.sequence_number();
+                offset += (msg_len + 3) & !3;
+                let message = NetlinkMessage::<SockDiagMessage>::deserialize(&rest[..msg_len])
+                    .map_err(invalid_data)?;
+                if take(msg_seq, message.payload) {
+                    answered += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts over on a fresh socket after a failed exchange, so that stray replies of
+    /// the abandoned one are not read as answers to the next.
+    fn reopen(&mut self) {
+        if let Ok(fresh) = SockDiag::open() {
+            self.sock = fresh.sock;
+        }
     }
 
     /// Reads the replies to request `seq`, handing each payload to `on_reply` until it
@@ -376,9 +582,7 @@ impl SockDiag {
             // A half-read dump keeps the kernel's dump state busy (the next dump would fail
             // with EBUSY) and leaves stray datagrams queued: start over on a fresh socket.
             // If even that fails, the old one stays and the next call reports its own error.
-            if let Ok(fresh) = SockDiag::open() {
-                self.sock = fresh.sock;
-            }
+            self.reopen();
         }
         result
     }
@@ -463,6 +667,25 @@ fn same_endpoints(a: &Tuple, b: &Tuple) -> bool {
 
 fn invalid_data(e: impl fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+/// Enlarges the receive buffer: past the system limit where privileged, else to it.
+fn set_rcvbuf(sock: &Socket, bytes: libc::c_int) {
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt with an int option on a descriptor the socket owns.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                &bytes as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            return;
+        }
+    }
 }
 
 fn set_recv_timeout(sock: &Socket, timeout: Duration) -> io::Result<()> {
@@ -755,6 +978,56 @@ mod tests {
                 "{t}"
             );
         }
+    }
+
+    /// More than a batch: lookups answer in order, absent tuples are None, and a
+    /// batched destroy resets every peer; destroying again finds them gone.
+    #[test]
+    fn batched_lookups_and_destroys() {
+        require_root();
+        let listener = TcpListener::bind((V4, 0)).unwrap();
+        let mut conns = Vec::new();
+        for _ in 0..(BATCH * 2 + 50) {
+            let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (server, _) = listener.accept().unwrap();
+            conns.push((client, server));
+        }
+        let server_tuples: Vec<Tuple> = conns
+            .iter()
+            .map(|(_, s)| Tuple::new(s.local_addr().unwrap(), s.peer_addr().unwrap()))
+            .collect();
+        let mut asked = server_tuples.clone();
+        let mut absent = server_tuples[0];
+        absent.remote.set_port(1);
+        asked.insert(BATCH, absent);
+        let mut diag = SockDiag::open().unwrap();
+        let found = diag.get_many(&asked);
+        assert_eq!(found.len(), asked.len());
+        for (t, f) in asked.iter().zip(&found) {
+            let f = f.as_ref().unwrap();
+            if *t == absent {
+                assert_eq!(f, &None);
+            } else {
+                let s = f.as_ref().unwrap_or_else(|| panic!("{t} not found"));
+                assert_eq!(s.tuple, *t);
+                assert!(s.activity.is_some());
+            }
+        }
+        let socks: Vec<DiagSocket> = found.into_iter().filter_map(|f| f.unwrap()).collect();
+        let refs: Vec<&DiagSocket> = socks.iter().collect();
+        let done = diag.destroy_many(&refs);
+        assert_eq!(done.len(), refs.len());
+        assert!(done.iter().all(|r| r.is_ok()), "{done:?}");
+        for (client, _) in &mut conns {
+            let mut b = [0u8; 1];
+            let err = client.read(&mut b).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        }
+        let again = diag.destroy_many(&refs);
+        assert!(
+            again.iter().all(|r| matches!(r, Err(DestroyError::Gone))),
+            "{again:?}"
+        );
     }
 
     #[test]

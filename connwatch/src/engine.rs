@@ -45,6 +45,15 @@ pub struct Counters {
     pub unsupported: HashMap<TcpState, u64>,
 }
 
+/// What one round of deadlines learns from `/proc`, asked at most once each.
+#[derive(Default)]
+struct Batch {
+    /// Process names by pid.
+    names: HashMap<u32, Option<String>>,
+    /// Sockets of protected processes, by inode.
+    protected_inodes: Option<HashMap<u32, Owner>>,
+}
+
 #[derive(Default, Debug)]
 pub struct Reconciled {
     pub from_map: usize,
@@ -296,25 +305,60 @@ impl Engine {
                 }
             }
         }
-        // Sockets of protected processes, found once for the batch when needed.
-        let mut protected_inodes: Option<HashMap<u32, Owner>> = None;
+        // Refresh each from the map: activity and state may have moved since its
+        // deadline was set. Those still due are looked up together.
+        let mut chosen = Vec::with_capacity(due.len());
         for (key, _) in due {
-            self.fire_one(key, now, diag, conns, &mut protected_inodes);
+            if let Some(c) = self.still_due(key, now, conns) {
+                chosen.push(c);
+            }
+        }
+        if chosen.is_empty() {
+            return;
+        }
+        let tuples: Vec<Tuple> = chosen.iter().map(|(_, t, _)| t.tuple).collect();
+        let found = diag.get_many(&tuples);
+        let mut batch = Batch::default();
+        let mut kills = Vec::with_capacity(chosen.len());
+        for ((key, chosen, rule), found) in chosen.into_iter().zip(found) {
+            if let Some(live) = self.confirm(key, &chosen, rule, found, now, conns, &mut batch) {
+                kills.push((key, rule, live));
+            }
+        }
+        let results: Vec<Outcome> = if self.enforce {
+            let socks: Vec<&DiagSocket> = kills.iter().map(|(_, _, live)| live).collect();
+            diag.destroy_many(&socks)
+                .into_iter()
+                .map(destroy::outcome_of)
+                .collect()
+        } else {
+            kills.iter().map(|_| Outcome::WouldDestroy).collect()
+        };
+        for ((key, rule, _), outcome) in kills.into_iter().zip(results) {
+            let Some(chosen) = self.tracker.get(key).copied() else {
+                continue;
+            };
+            if matches!(outcome, Outcome::Destroyed | Outcome::WouldDestroy) {
+                self.window_used += 1;
+            }
+            // No kernel event will say a socket outside the map is gone.
+            if chosen.source != Source::Map && matches!(outcome, Outcome::Destroyed) {
+                self.tracker.remove(key);
+                self.plan(key);
+            }
+            self.record(&chosen, rule, now, &outcome, None);
         }
     }
 
-    fn fire_one(
+    /// Refreshes a socket whose deadline came; returns it with the rule it is due under,
+    /// or plans it again if it is not due any more.
+    fn still_due(
         &mut self,
         key: u64,
         now: u64,
-        diag: &mut SockDiag,
         conns: Option<&ConnMap>,
-        protected_inodes: &mut Option<HashMap<u32, Owner>>,
-    ) {
-        let Some(before) = self.tracker.get(key).copied() else {
-            return;
-        };
-        // Activity and state may have moved since the deadline was set.
+    ) -> Option<(u64, Tracked, RuleId)> {
+        let before = self.tracker.get(key).copied()?;
         if let (Source::Map, Some(conns)) = (before.source, conns) {
             match conns.get(&key, 0) {
                 Ok(info) if self.tracker.refresh(key, &info) => {}
@@ -322,84 +366,86 @@ impl Engine {
                     // Closed, or the address now holds another socket: its events follow.
                     self.tracker.remove(key);
                     self.plan(key);
-                    return;
+                    return None;
                 }
             }
         }
         let Some(rule) = self.due_rule(key, now) else {
             self.plan(key);
-            return;
+            return None;
         };
-        let chosen = *self.tracker.get(key).expect("present above");
-        let (live, _) = match destroy::lookup(diag, conns, key, &chosen) {
-            Ok(found) => found,
+        Some((key, *self.tracker.get(key)?, rule))
+    }
+
+    /// Checks a looked-up socket against the choice, the kernel's own activity timers,
+    /// and the protections; returns it if it is to be destroyed.
+    #[allow(clippy::too_many_arguments)]
+    fn confirm(
+        &mut self,
+        key: u64,
+        chosen: &Tracked,
+        rule: RuleId,
+        found: anyhow::Result<Option<DiagSocket>>,
+        now: u64,
+        conns: Option<&ConnMap>,
+        batch: &mut Batch,
+    ) -> Option<DiagSocket> {
+        let live = match destroy::confirm(conns, key, chosen, found) {
+            Ok((live, _)) => live,
             Err(outcome) => {
-                self.record(&chosen, rule, now, &outcome, None);
+                self.record(chosen, rule, now, &outcome, None);
                 // Only sock_diag knew this socket; no close event will come for it.
                 if chosen.source != Source::Map {
                     self.tracker.remove(key);
                     self.plan(key);
                 }
-                return;
+                return None;
             }
         };
-        let limit = self.policy.rule(rule).limit;
         // tcp_info is exact where the kernel program's stamps are coarse.
-        if let (Limit::Idle(d), Some(act)) = (limit, live.activity) {
+        if let (Limit::Idle(d), Some(act)) = (self.policy.rule(rule).limit, live.activity) {
             let quiet_since = now.saturating_sub(ms(act.quiet_ms()));
             if quiet_since.saturating_add(d.as_nanos() as u64) > now {
                 self.tracker.note_activity(key, quiet_since);
                 self.plan(key);
-                return;
+                return None;
             }
         }
-        if let Some(o) = self.owner_of(&chosen, &live, protected_inodes) {
+        if let Some(o) = self.owner_of(chosen, &live, batch) {
             self.tracker.note_owner(key, o);
         }
-        let chosen = *self.tracker.get(key).expect("present above");
+        let chosen = *self.tracker.get(key)?;
         match self.policy.judge(&chosen.subject(), rule) {
-            Decision::Destroy(_) => {}
+            Decision::Destroy(_) => Some(live),
             Decision::Protected(_, p) => {
                 self.counters.protected += 1;
-                let why = format!("protected by {p}");
-                let outcome = Outcome::Skipped(why);
+                let outcome = Outcome::Skipped(format!("protected by {p}"));
                 self.record(&chosen, rule, now, &outcome, Some(Action::Protected));
-                return;
+                None
             }
             Decision::NotDue => {
                 self.plan(key);
-                return;
+                None
             }
         }
-        let outcome = destroy::kill(diag, &live, self.enforce);
-        if matches!(outcome, Outcome::Destroyed | Outcome::WouldDestroy) {
-            self.window_used += 1;
-        }
-        // No kernel event will say a socket outside the map is gone.
-        if chosen.source != Source::Map && matches!(outcome, Outcome::Destroyed) {
-            self.tracker.remove(key);
-            self.plan(key);
-        }
-        self.record(&chosen, rule, now, &outcome, None);
     }
 
     /// The owner to judge protection by: the process's own name where its pid is known
     /// (the kernel program sees thread names), else whoever of the protected processes
     /// holds the socket's inode.
-    fn owner_of(
-        &self,
-        chosen: &Tracked,
-        live: &DiagSocket,
-        protected_inodes: &mut Option<HashMap<u32, Owner>>,
-    ) -> Option<Owner> {
+    fn owner_of(&self, chosen: &Tracked, live: &DiagSocket, batch: &mut Batch) -> Option<Owner> {
         if let Some(o) = chosen.owner {
-            let name = owner::process_name(o.pid);
-            return Some(name.map_or(o, |n| Owner::new(o.pid, &n)));
+            let name = batch
+                .names
+                .entry(o.pid)
+                .or_insert_with(|| owner::process_name(o.pid));
+            return Some(name.as_deref().map_or(o, |n| Owner::new(o.pid, n)));
         }
         if live.inode == 0 || self.policy.protect.processes.is_empty() {
             return None;
         }
-        protected_inodes
+        batch
+            .protected_inodes
             .get_or_insert_with(|| owner::sockets_of(&self.policy.protect.processes))
             .get(&live.inode)
             .copied()
