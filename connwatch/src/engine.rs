@@ -316,8 +316,10 @@ impl Engine {
         if chosen.is_empty() {
             return;
         }
+        let started = std::time::Instant::now();
         let tuples: Vec<Tuple> = chosen.iter().map(|(_, t, _)| t.tuple).collect();
         let found = diag.get_many(&tuples);
+        let looked_up = started.elapsed();
         let mut batch = Batch::default();
         let mut kills = Vec::with_capacity(chosen.len());
         for ((key, chosen, rule), found) in chosen.into_iter().zip(found) {
@@ -334,6 +336,8 @@ impl Engine {
         } else {
             kills.iter().map(|_| Outcome::WouldDestroy).collect()
         };
+        let killed = started.elapsed();
+        let n = kills.len();
         for ((key, rule, _), outcome) in kills.into_iter().zip(results) {
             let Some(chosen) = self.tracker.get(key).copied() else {
                 continue;
@@ -348,6 +352,13 @@ impl Engine {
             }
             self.record(&chosen, rule, now, &outcome, None);
         }
+        tracing::debug!(
+            "round of {} deadlines: looked up in {:?}, {n} destroyed by {:?}, recorded by {:?}",
+            tuples.len(),
+            looked_up,
+            killed,
+            started.elapsed()
+        );
     }
 
     /// Refreshes a socket whose deadline came; returns it with the rule it is due under,
