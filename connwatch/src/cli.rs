@@ -47,6 +47,7 @@ pub enum Command {
     ///   connwatch run --max-age 1h --local-port 5432 --enforce  # old database connections
     ///   connwatch run --block 203.0.113.0/24 --enforce          # an abusive network
     ///   connwatch run --config /etc/connwatch.toml --enforce
+    #[command(verbatim_doc_comment)]
     Run(RunArgs),
     /// Apply the policy once to the connections that exist now, print a summary, exit.
     ///
