@@ -332,7 +332,7 @@ fn a_protected_process_keeps_its_connections() {
     let mine = Conn::open(&l);
     mine.died_within(Duration::from_secs(3))
         .expect("an unprotected connection lived on");
-    let line = d.wait_for("protected ", Duration::from_secs(2));
+    let line = d.wait_for(&format!("protected {bash_end} -> "), Duration::from_secs(2));
     assert!(
         line.contains(&format!("{bash_end} -> 127.0.0.1:{p}")) && line.contains("process bash"),
         "{line}"

@@ -116,6 +116,30 @@ fn set_owner(info: &mut ConnInfo) {
     }
 }
 
+/// What one state change says of a socket: its state since now, and its tuple.
+struct Seen {
+    state: u32,
+    at: u64,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    sport: u16,
+    dport: u16,
+    family: u16,
+}
+
+impl Seen {
+    #[inline(always)]
+    fn write_to(&self, info: &mut ConnInfo) {
+        info.state = self.state;
+        info.state_since_ns = self.at;
+        info.saddr = self.saddr;
+        info.daddr = self.daddr;
+        info.sport = self.sport;
+        info.dport = self.dport;
+        info.family = self.family;
+    }
+}
+
 #[inline(always)]
 fn count(index: u32) {
     if let Some(v) = STATS.get_ptr_mut(index) {
@@ -178,8 +202,15 @@ fn record(ctx: &TracePointContext) -> Result<(), i32> {
     } else {
         return Ok(());
     }
-    let sport: u16 = unsafe { ctx.read_at(off::SPORT)? };
-    let dport: u16 = unsafe { ctx.read_at(off::DPORT)? };
+    let seen = Seen {
+        state: newstate,
+        at: now,
+        saddr,
+        daddr,
+        sport: unsafe { ctx.read_at(off::SPORT)? },
+        dport: unsafe { ctx.read_at(off::DPORT)? },
+        family,
+    };
 
     // A socket is born when it leaves CLOSE (connect, listen) or when an accepted child
     // enters SYN_RECV. An entry already at its address belongs to a dead socket whose
@@ -190,13 +221,7 @@ fn record(ctx: &TracePointContext) -> Result<(), i32> {
             // SAFETY: a map value pointer; concurrent updates of one socket's state are
             // serialised by the socket lock the kernel holds around this tracepoint.
             let info = unsafe { &mut *entry };
-            info.state = newstate;
-            info.state_since_ns = now;
-            info.saddr = saddr;
-            info.daddr = daddr;
-            info.sport = sport;
-            info.dport = dport;
-            info.family = family;
+            seen.write_to(info);
             send(key, event_kind::STATE, oldstate, info);
             return Ok(());
         }
@@ -207,13 +232,7 @@ fn record(ctx: &TracePointContext) -> Result<(), i32> {
     info.birth_ns = if born { now } else { 0 };
     info.flags = if born { 0 } else { FLAG_BIRTH_UNKNOWN };
     info.seen_ns = now;
-    info.state_since_ns = now;
-    info.saddr = saddr;
-    info.daddr = daddr;
-    info.sport = sport;
-    info.dport = dport;
-    info.family = family;
-    info.state = newstate;
+    seen.write_to(&mut info);
     // connect() and listen() run in the owner's process; everything else here may run
     // in softirq, where the current task is unrelated.
     if oldstate == tcp_state::CLOSE {

@@ -408,113 +408,102 @@ impl SockDiag {
     /// message and their replies come back together, so a mass destroy pays a few
     /// system calls per batch rather than two per socket. Answers are in `tuples` order.
     pub fn get_many(&mut self, tuples: &[Tuple]) -> Vec<anyhow::Result<Option<DiagSocket>>> {
-        let mut answers = Vec::with_capacity(tuples.len());
-        for chunk in tuples.chunks(BATCH) {
-            let mut bytes = Vec::with_capacity(chunk.len() * 80);
-            let mut results: Vec<Option<anyhow::Result<Option<DiagSocket>>>> =
-                (0..chunk.len()).map(|_| None).collect();
-            let mut sent = Vec::with_capacity(chunk.len());
-            for (i, tuple) in chunk.iter().enumerate() {
+        self.batched(
+            tuples,
+            |tuple| {
                 let interface = match tuple.local {
                     SocketAddr::V6(local) => local.scope_id(),
                     SocketAddr::V4(_) => 0,
                 };
-                match socket_id(tuple, interface, NO_COOKIE) {
-                    Ok((family, id)) => {
-                        let seq = self.encode(
-                            &mut bytes,
-                            SOCK_DIAG_BY_FAMILY,
-                            NLM_F_REQUEST,
-                            family,
-                            Self::ALL_STATES,
-                            ExtensionFlags::INFO,
-                            id,
-                        );
-                        sent.push((seq, i));
-                    }
-                    Err(e) => results[i] = Some(Err(anyhow::Error::new(e))),
+                let (family, id) = socket_id(tuple, interface, NO_COOKIE)?;
+                Ok((
+                    SOCK_DIAG_BY_FAMILY,
+                    NLM_F_REQUEST,
+                    family,
+                    ExtensionFlags::INFO,
+                    id,
+                ))
+            },
+            |tuple, payload| match payload {
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
+                    let found = DiagSocket::from_response(&r);
+                    Some(Ok(same_endpoints(&found.tuple, tuple).then_some(found)))
                 }
-            }
-            let by_seq: std::collections::HashMap<u32, usize> = sent.iter().copied().collect();
-            let exchanged = self.send_bytes(&bytes).and_then(|()| {
-                self.collect(sent.len(), |seq, payload| {
-                    let Some(&i) = by_seq.get(&seq) else {
-                        return false;
-                    };
-                    let tuple = &chunk[i];
-                    let answer = match payload {
-                        NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
-                            let found = DiagSocket::from_response(&r);
-                            Ok(same_endpoints(&found.tuple, tuple).then_some(found))
-                        }
-                        NetlinkPayload::Error(e) if e.raw_code() == -libc::ENOENT => Ok(None),
-                        NetlinkPayload::Error(e) if e.code.is_some() => {
-                            Err(anyhow::Error::new(e.to_io()))
-                        }
-                        _ => return false,
-                    };
-                    results[i] = Some(answer.with_context(|| format!("sock_diag get {tuple}")));
-                    true
-                })
-            });
-            for (i, r) in results.into_iter().enumerate() {
-                answers.push(match (r, &exchanged) {
-                    (Some(r), _) => r,
-                    (None, Err(e)) => Err(anyhow::anyhow!("sock_diag get {}: {e}", chunk[i])),
-                    (None, Ok(())) => Err(anyhow::anyhow!("sock_diag get {}: no reply", chunk[i])),
-                });
-            }
-        }
-        answers
+                NetlinkPayload::Error(e) if e.raw_code() == -libc::ENOENT => Some(Ok(None)),
+                NetlinkPayload::Error(e) if e.code.is_some() => {
+                    Some(Err(anyhow::anyhow!("sock_diag get {tuple}: {}", e.to_io())))
+                }
+                _ => None,
+            },
+            |tuple, why| Err(anyhow::anyhow!("sock_diag get {tuple}: {why}")),
+        )
     }
 
     /// `SOCK_DESTROY` of many sockets, batched like [`SockDiag::get_many`]; each by
     /// tuple plus cookie, as [`SockDiag::destroy`]. Answers are in `socks` order.
     pub fn destroy_many(&mut self, socks: &[&DiagSocket]) -> Vec<Result<(), DestroyError>> {
-        let mut answers = Vec::with_capacity(socks.len());
-        for chunk in socks.chunks(BATCH) {
+        self.batched(
+            socks,
+            |sock| {
+                let (family, id) = socket_id(&sock.tuple, sock.ifindex, sock.cookie)?;
+                let flags = NLM_F_REQUEST | NLM_F_ACK;
+                Ok((SOCK_DESTROY, flags, family, ExtensionFlags::empty(), id))
+            },
+            |_, payload| match payload {
+                NetlinkPayload::Error(e) => Some(match e.raw_code() {
+                    0 => Ok(()),
+                    code => Err(DestroyError::from_errno(code.saturating_neg())),
+                }),
+                _ => None,
+            },
+            |_, why| Err(DestroyError::Other(io::Error::other(why))),
+        )
+    }
+
+    /// Sends one request per item, [`BATCH`] to a message, and gathers the answer to
+    /// each, in order: `answer` reads a reply (None for one that is not an answer),
+    /// `failed` stands in for an answer that never came.
+    fn batched<I, T>(
+        &mut self,
+        items: &[I],
+        request: impl Fn(&I) -> io::Result<(u16, u16, u8, ExtensionFlags, SocketId)>,
+        mut answer: impl FnMut(&I, NetlinkPayload<SockDiagMessage>) -> Option<T>,
+        failed: impl Fn(&I, String) -> T,
+    ) -> Vec<T> {
+        let mut answers = Vec::with_capacity(items.len());
+        for chunk in items.chunks(BATCH) {
             let mut bytes = Vec::with_capacity(chunk.len() * 80);
-            let mut results: Vec<Option<Result<(), DestroyError>>> =
-                (0..chunk.len()).map(|_| None).collect();
-            let mut sent = Vec::with_capacity(chunk.len());
-            for (i, sock) in chunk.iter().enumerate() {
-                match socket_id(&sock.tuple, sock.ifindex, sock.cookie) {
-                    Ok((family, id)) => {
-                        let seq = self.encode(
-                            &mut bytes,
-                            SOCK_DESTROY,
-                            NLM_F_REQUEST | NLM_F_ACK,
-                            family,
-                            Self::ALL_STATES,
-                            ExtensionFlags::empty(),
-                            id,
-                        );
-                        sent.push((seq, i));
+            let mut results: Vec<Option<T>> = (0..chunk.len()).map(|_| None).collect();
+            let mut by_seq = std::collections::HashMap::with_capacity(chunk.len());
+            for (i, item) in chunk.iter().enumerate() {
+                match request(item) {
+                    Ok((kind, flags, family, ext, id)) => {
+                        let seq =
+                            self.encode(&mut bytes, kind, flags, family, Self::ALL_STATES, ext, id);
+                        by_seq.insert(seq, i);
                     }
-                    Err(e) => results[i] = Some(Err(DestroyError::Other(e))),
+                    Err(e) => results[i] = Some(failed(item, e.to_string())),
                 }
             }
-            let by_seq: std::collections::HashMap<u32, usize> = sent.iter().copied().collect();
             let exchanged = self.send_bytes(&bytes).and_then(|()| {
-                self.collect(sent.len(), |seq, payload| {
-                    let (Some(&i), NetlinkPayload::Error(e)) = (by_seq.get(&seq), payload) else {
+                self.collect(by_seq.len(), |seq, payload| {
+                    let Some(&i) = by_seq.get(&seq) else {
                         return false;
                     };
-                    results[i] = Some(match e.raw_code() {
-                        0 => Ok(()),
-                        code => Err(DestroyError::from_errno(code.saturating_neg())),
-                    });
-                    true
+                    match answer(&chunk[i], payload) {
+                        Some(a) => {
+                            results[i] = Some(a);
+                            true
+                        }
+                        None => false,
+                    }
                 })
             });
-            for r in results {
-                answers.push(match (r, &exchanged) {
-                    (Some(r), _) => r,
-                    (None, Err(e)) => {
-                        Err(DestroyError::Other(io::Error::new(e.kind(), e.to_string())))
-                    }
-                    (None, Ok(())) => Err(DestroyError::Other(io::Error::other("no reply"))),
-                });
+            for (item, r) in chunk.iter().zip(results) {
+                answers.push(r.unwrap_or_else(|| match &exchanged {
+                    Err(e) => failed(item, e.to_string()),
+                    Ok(()) => failed(item, "no reply".into()),
+                }));
             }
         }
         answers

@@ -353,7 +353,7 @@ impl Engine {
             self.record(&chosen, rule, now, &outcome, None);
         }
         tracing::debug!(
-            "round of {} deadlines: looked up in {:?}, {n} destroyed by {:?}, recorded by {:?}",
+            "round of {} deadlines: lookups took {:?}, {n} kills ended at {:?}, records at {:?}",
             tuples.len(),
             looked_up,
             killed,

@@ -186,21 +186,24 @@ impl Tracker {
     /// Records a connection that entered TIME_WAIT at `since_ns`, keeping what was known
     /// of it; only done when a policy has a TIME_WAIT limit.
     pub fn time_wait(&mut self, was: &Tracked, since_ns: u64) -> Option<u64> {
-        if !indexable(&was.tuple) || self.by_tuple.contains_key(&was.tuple) {
+        self.insert_outside_map(Tracked {
+            state: TcpState::TIME_WAIT,
+            state_since_ns: since_ns,
+            source: Source::TimeWait,
+            cookie: None,
+            ..*was
+        })
+    }
+
+    /// Records a socket the map does not hold, under a key of its own, unless its
+    /// connection is known already.
+    fn insert_outside_map(&mut self, t: Tracked) -> Option<u64> {
+        if !indexable(&t.tuple) || self.by_tuple.contains_key(&t.tuple) {
             return None;
         }
         let key = self.next_seed_key;
         self.next_seed_key += 1;
-        self.upsert(
-            key,
-            Tracked {
-                state: TcpState::TIME_WAIT,
-                state_since_ns: since_ns,
-                source: Source::TimeWait,
-                cookie: None,
-                ..*was
-            },
-        );
+        self.upsert(key, t);
         Some(key)
     }
 
@@ -242,26 +245,17 @@ impl Tracker {
         seen_ns: u64,
         last_activity_ns: u64,
     ) -> Option<u64> {
-        if !indexable(&tuple) || self.by_tuple.contains_key(&tuple) {
-            return None;
-        }
-        let key = self.next_seed_key;
-        self.next_seed_key += 1;
-        self.upsert(
-            key,
-            Tracked {
-                tuple,
-                state,
-                birth: Birth::Unknown { seen_ns },
-                state_since_ns: seen_ns,
-                generation: seen_ns,
-                source: Source::Seeded,
-                cookie: Some(cookie),
-                last_activity_ns,
-                owner: None,
-            },
-        );
-        Some(key)
+        self.insert_outside_map(Tracked {
+            tuple,
+            state,
+            birth: Birth::Unknown { seen_ns },
+            state_since_ns: seen_ns,
+            generation: seen_ns,
+            source: Source::Seeded,
+            cookie: Some(cookie),
+            last_activity_ns,
+            owner: None,
+        })
     }
 }
 
