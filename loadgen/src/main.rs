@@ -97,6 +97,13 @@ enum Cmd {
         #[arg(long)]
         connwatch: Option<PathBuf>,
     },
+    /// Hold connwatch's single-instance lock until stdin closes (no daemon attaches meanwhile).
+    Lock {
+        #[arg(long, default_value = "/run/connwatch.lock")]
+        path: PathBuf,
+        #[arg(long, default_value_t = 3600)]
+        max_secs: u32,
+    },
     /// The polling peer: destroy sockets in a port range once a dump has shown them
     /// for --max-age-ms, polling every --period-ms.
     Pollkill {
@@ -142,6 +149,10 @@ fn main() -> ExitCode {
             hi,
             connwatch,
         } => tools::agree(&pin_dir, lo, hi, connwatch.as_deref()),
+        Cmd::Lock { path, max_secs } => {
+            sys::exit_after(max_secs);
+            tools::lock(&path)
+        }
         Cmd::Pollkill {
             lo,
             hi,

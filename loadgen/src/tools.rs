@@ -193,6 +193,33 @@ pub fn agree(pin_dir: &Path, lo: u16, hi: u16, connwatch: Option<&Path>) -> Resu
     Ok(())
 }
 
+/// Takes connwatch's single-instance lock (waiting for a running daemon to stop), says
+/// `locked`, and holds it until stdin closes: while it is held no daemon can attach, so
+/// a measurement "without connwatch" is one.
+pub fn lock(path: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))?;
+    // SAFETY: flock on a descriptor we own; released when the process ends.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        bail!(
+            "flock {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    println!("locked");
+    std::io::Write::flush(&mut std::io::stdout())?;
+    let mut sink = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink)?;
+    Ok(())
+}
+
 /// The polling peer: every `period`, one sock_diag dump of established IPv4 sockets
 /// with a port in `lo..=hi`; each socket's age counts from the first dump that showed
 /// it, and those past `max_age` are destroyed (tuple and cookie), as a cron'd

@@ -185,6 +185,40 @@ impl Drop for Daemon {
     }
 }
 
+/// connwatch's single-instance lock, held by a loadgen process: while it lives no
+/// daemon (ours or anyone's) is attached.
+pub struct NoDaemon {
+    child: Child,
+}
+
+impl NoDaemon {
+    pub fn hold(loadgen: &Path) -> Result<NoDaemon> {
+        use std::io::BufRead;
+        let mut child = Command::new(loadgen)
+            .args(["lock", "--max-secs", "1800"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("run loadgen lock")?;
+        let out = child.stdout.take().context("no stdout")?;
+        let mut line = String::new();
+        std::io::BufReader::new(out).read_line(&mut line)?;
+        if line.trim() != "locked" {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("loadgen lock said {:?}", line.trim());
+        }
+        Ok(NoDaemon { child })
+    }
+}
+
+impl Drop for NoDaemon {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
 enum Ready {
     Watching,
     Busy,

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use super::daemon::Daemon;
+use super::daemon::{Daemon, NoDaemon};
 use super::fleet::{Fleet, Net, PER_WORKER};
 use super::stats::{count, median, percent, percentile, ratio, secs};
 use super::{Bench, Row};
@@ -47,14 +47,15 @@ pub fn data_path(b: &mut Bench) -> Result<()> {
             [true, false]
         };
         for on in order {
-            let daemon = if on {
-                Some(start(
+            let (daemon, _none) = if on {
+                let d = start(
                     b,
                     &args(&["--idle", "10m", "--port", &net.port_arg()]),
                     "fig1-daemon.log",
-                )?)
+                )?;
+                (Some(d), None)
             } else {
-                None
+                (None, Some(NoDaemon::hold(b.loadgen())?))
             };
             for (t, (test, _)) in TESTS.iter().enumerate() {
                 b.quiet(1);
@@ -204,6 +205,7 @@ pub fn deadline(b: &mut Bench) -> Result<()> {
     };
     let (lo, hi) = peer_net.ports();
     b.quiet(3);
+    let _none = NoDaemon::hold(b.loadgen())?;
     let poller = std::process::Command::new(b.loadgen())
         .args(["pollkill", "--lo", &lo.to_string(), "--hi", &hi.to_string()])
         .args(["--max-age-ms", "3000", "--period-ms", "1000"])
@@ -296,6 +298,7 @@ pub fn mass_destroy(b: &mut Bench) -> Result<()> {
         group: 1,
     };
     b.quiet(4);
+    let _none = NoDaemon::hold(b.loadgen())?;
     let (mut fleet, peer_opened) = hold(b, peer_net, n)?;
     let (lo, hi) = peer_net.ports();
     let filter = format!("dport >= :{lo} and dport <= :{hi}");

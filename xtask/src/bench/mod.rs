@@ -99,7 +99,7 @@ impl Bench {
     /// Waits for other work on the machine to end before a measurement; notes it if
     /// it never did.
     pub fn quiet(&mut self, figure: u8) {
-        let busy = host::wait_quiet(std::time::Duration::from_secs(15 * 60));
+        let busy = host::wait_quiet(std::time::Duration::from_secs(3 * 60));
         if busy >= 0.10 {
             self.note(
                 figure,
