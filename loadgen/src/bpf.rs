@@ -158,3 +158,85 @@ fn possible_cpus() -> io::Result<usize> {
     }
     Ok(n)
 }
+
+const BPF_PROG_GET_NEXT_ID: libc::c_long = 11;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+/// One loaded BPF program: its name (at most 15 bytes, as the kernel keeps it) and,
+/// when `kernel.bpf_stats_enabled` is on, how often it ran and for how long.
+#[derive(Clone, Debug)]
+pub struct Prog {
+    pub id: u32,
+    pub name: String,
+    pub run_cnt: u64,
+    pub run_time_ns: u64,
+}
+
+/// Every BPF program loaded on the host.
+pub fn progs() -> io::Result<Vec<Prog>> {
+    #[repr(C)]
+    struct NextId {
+        start_id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    #[repr(C)]
+    struct FdById {
+        prog_id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut out = Vec::new();
+    let mut id = 0u32;
+    loop {
+        let mut next = NextId {
+            start_id: id,
+            next_id: 0,
+            open_flags: 0,
+        };
+        match bpf(BPF_PROG_GET_NEXT_ID, &mut next) {
+            Ok(_) => id = next.next_id,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Err(e) => return Err(e),
+        }
+        let mut by_id = FdById {
+            prog_id: id,
+            next_id: 0,
+            open_flags: 0,
+        };
+        // A program unloaded meanwhile is simply skipped.
+        let Ok(fd) = bpf(BPF_PROG_GET_FD_BY_ID, &mut by_id) else {
+            continue;
+        };
+        // SAFETY: a fresh descriptor from the kernel.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        // struct bpf_prog_info: name[16] at offset 64.
+        let mut info = [0u8; 256];
+        let mut attr = InfoByFd {
+            bpf_fd: fd.as_raw_fd() as u32,
+            info_len: info.len() as u32,
+            info: info.as_mut_ptr() as u64,
+        };
+        if bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).is_err() {
+            continue;
+        }
+        let name = &info[64..80];
+        let name =
+            String::from_utf8_lossy(&name[..name.iter().position(|&b| b == 0).unwrap_or(16)])
+                .into_owned();
+        let fi = fdinfo(&fd)?;
+        out.push(Prog {
+            id,
+            name,
+            run_cnt: info_u64(&fi, "run_cnt"),
+            run_time_ns: info_u64(&fi, "run_time_ns"),
+        });
+    }
+}

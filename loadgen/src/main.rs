@@ -97,6 +97,8 @@ enum Cmd {
         #[arg(long)]
         connwatch: Option<PathBuf>,
     },
+    /// List loaded programs with connwatch's names (anyone's), with their run statistics.
+    Progs,
     /// Hold connwatch's single-instance lock until stdin closes (no daemon attaches meanwhile).
     Lock {
         #[arg(long, default_value = "/run/connwatch.lock")]
@@ -149,6 +151,7 @@ fn main() -> ExitCode {
             hi,
             connwatch,
         } => tools::agree(&pin_dir, lo, hi, connwatch.as_deref()),
+        Cmd::Progs => tools::progs(),
         Cmd::Lock { path, max_secs } => {
             sys::exit_after(max_secs);
             tools::lock(&path)

@@ -193,6 +193,28 @@ pub fn agree(pin_dir: &Path, lo: u16, hi: u16, connwatch: Option<&Path>) -> Resu
     Ok(())
 }
 
+/// connwatch's programs, by the names the kernel keeps (15 bytes at most).
+const CONNWATCH_PROGS: [&str; 4] = [
+    "inet_sock_set_s",
+    "tcp_probe",
+    "sock_send_lengt",
+    "sock_recv_lengt",
+];
+
+/// Prints `prog <id> <name> <run_cnt> <run_time_ns>` for every loaded program with one
+/// of connwatch's names (whoever loaded it), then `progs <count>`.
+pub fn progs() -> Result<()> {
+    let mine: Vec<_> = bpf::progs()?
+        .into_iter()
+        .filter(|p| CONNWATCH_PROGS.iter().any(|n| p.name.starts_with(n)))
+        .collect();
+    for p in &mine {
+        println!("prog {} {} {} {}", p.id, p.name, p.run_cnt, p.run_time_ns);
+    }
+    println!("progs {}", mine.len());
+    Ok(())
+}
+
 /// Takes connwatch's single-instance lock (waiting for a running daemon to stop), says
 /// `locked`, and holds it until stdin closes: while it is held no daemon can attach, so
 /// a measurement "without connwatch" is one.

@@ -213,6 +213,40 @@ impl Tools {
         })
     }
 
+    /// Loaded programs with connwatch's names, anyone's: (name, runs, ns spent).
+    pub fn progs(&self) -> Result<Vec<(String, u64, u64)>> {
+        let text = self.output(&["progs"])?;
+        Ok(text
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                if f.first() != Some(&"prog") || f.len() < 5 {
+                    return None;
+                }
+                Some((f[2].to_string(), f[3].parse().ok()?, f[4].parse().ok()?))
+            })
+            .collect())
+    }
+
+    /// Waits up to `limit` until no program with connwatch's names is loaded (tests
+    /// elsewhere on the host run daemons in their own mount namespaces, out of reach
+    /// of the lock). Returns how many are still loaded.
+    pub fn wait_no_progs(&self, limit: Duration) -> Result<usize> {
+        let end = std::time::Instant::now() + limit;
+        let mut said = false;
+        loop {
+            let n = self.progs()?.len();
+            if n == 0 || std::time::Instant::now() > end {
+                return Ok(n);
+            }
+            if !said {
+                eprintln!("bench: {n} connwatch programs of another daemon are attached; waiting for them to go");
+                said = true;
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    }
+
     /// The pinned maps: sizes, connection-map entries, drop counters.
     pub fn maps(&self) -> Result<Maps> {
         let text = self.output(&["maps"])?;

@@ -33,6 +33,9 @@ pub struct BenchArgs {
     /// Measure this connwatch binary instead of building one.
     #[arg(long, value_name = "PATH")]
     connwatch: Option<PathBuf>,
+    /// Set when the bench has re-run itself inside its own network namespace.
+    #[arg(long, hide = true)]
+    in_netns: bool,
 }
 
 /// One measured figure, as printed and written to the results table.
@@ -123,11 +126,21 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             crate::target_dir().join("release").join("connwatch")
         }
     };
-    crate::ok(
-        &mut crate::cargo_cmd(["build", "--release", "-p", "loadgen"]),
-        "cargo build -p loadgen",
-    )?;
-    crate::mount_tracefs()?;
+    if !args.in_netns {
+        crate::ok(
+            &mut crate::cargo_cmd(["build", "--release", "-p", "loadgen"]),
+            "cargo build -p loadgen",
+        )?;
+        crate::mount_tracefs()?;
+        return in_own_netns(&connwatch, args.quick, &args.figures);
+    }
+    let up = std::process::Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .context("run ip link set lo up")?;
+    if !up.success() {
+        bail!("cannot bring up loopback in the bench's network namespace");
+    }
     let dir = crate::target_dir().join("bench");
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     let mut bench = Bench {
@@ -232,6 +245,29 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Runs the bench again inside a network namespace of its own. Its sockets are then
+/// out of reach of anyone else's daemon and sock_diag (tests on this host run daemons
+/// in private mount namespaces, beyond the single-instance lock), its loopback carries
+/// nothing else, and its sysctls (somaxconn and the like are per namespace) vanish with
+/// it. The maps, the lock and the eBPF programs stay the host's, as in production.
+fn in_own_netns(connwatch: &Path, quick: bool, figures: &[u8]) -> Result<ExitCode> {
+    let exe = std::env::current_exe().context("cannot find the xtask binary")?;
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.arg("--net")
+        .arg("--")
+        .arg(exe)
+        .args(["bench", "--in-netns", "--connwatch"])
+        .arg(connwatch);
+    if quick {
+        cmd.arg("--quick");
+    }
+    for f in figures {
+        cmd.args(["--figure", &f.to_string()]);
+    }
+    let st = crate::status(&mut cmd)?;
+    Ok(crate::exit_code(st))
 }
 
 fn table(rows: &[Row]) -> String {

@@ -108,6 +108,7 @@ fn scenario(b: &mut Bench, s: &Scenario, group: u8) -> Result<Option<Quiet>> {
         Some(s.map),
         b.log_path(&format!("pop{group}-daemon.log")),
     )?;
+    let m0 = b.tools.maps()?;
     let t = Instant::now();
     let workers = s.conns.div_ceil(PER_WORKER);
     let per = s.conns.div_ceil(workers);
@@ -133,8 +134,8 @@ fn scenario(b: &mut Bench, s: &Scenario, group: u8) -> Result<Option<Quiet>> {
             settled.as_secs_f64(),
             count(m.conns_max),
             count(sockets),
-            m.ring_full,
-            m.map_full,
+            m.ring_full - m0.ring_full,
+            m.map_full - m0.map_full,
             d.count("reconciled with the kernel")
         ),
     );
