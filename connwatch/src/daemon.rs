@@ -18,6 +18,7 @@ use crate::diag::SockDiag;
 use crate::engine::{Engine, Reconciled};
 use crate::loader::{self, ConnMap, Loaded, Stats};
 use crate::policy::Policy;
+use crate::privilege;
 
 /// How often the kernel's drop counters are read: a constant cost, whatever the load.
 const STATS_EVERY: Duration = Duration::from_secs(2);
@@ -106,6 +107,7 @@ pub async fn run(opts: Options) -> Result<()> {
         events,
         stats,
     } = loader::load_and_attach(opts.sizes)?;
+    privilege::drop_after_load()?;
     let mut diag = SockDiag::open().context("cannot open a sock_diag netlink socket")?;
     tracing::info!("policy: {}", describe(&opts.policy));
     let mut engine = Engine::new(opts.policy, opts.enforce);
@@ -167,8 +169,13 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     let c = &engine.counters;
     tracing::info!(
-        "stopping: {} events, {} destroyed, {} would destroy, {} skipped, {} failed; maps stay pinned in {} (`connwatch list` still reads them)",
-        c.events, c.destroyed, c.would_destroy, c.skipped, c.failed, loader::PIN_DIR
+        "stopping: {} events, {} destroyed, {} would destroy, {} skipped, {} failed; {}",
+        c.events,
+        c.destroyed,
+        c.would_destroy,
+        c.skipped,
+        c.failed,
+        loader::left_behind()
     );
     Ok(())
 }

@@ -21,6 +21,7 @@ pub mod loader;
 pub mod oneshot;
 pub mod owner;
 pub mod policy;
+pub mod privilege;
 pub mod spec;
 pub mod testing;
 pub mod tracker;
