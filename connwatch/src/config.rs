@@ -308,7 +308,11 @@ impl Reader<'_> {
 pub fn parse(path: &Path, text: &str) -> Result<PolicySpec, ConfigError> {
     let reader = Reader { path, text };
     let settings: FileSettings = toml::from_str(text).map_err(|e| {
-        let message = e.message().trim().replace('\n', " ");
+        let mut message = e.message().trim().replace('\n', " ");
+        if message.is_empty() {
+            // The TOML parser says nothing for some bytes (a lone carriage return).
+            message = "not valid TOML here (a stray control character?)".into();
+        }
         reader.error(e.span().map(|s| s.start), message)
     })?;
     reader.settings(&settings)
@@ -394,6 +398,15 @@ timeout = "30s"
             Limit::StateTimeout(TcpState::FIN_WAIT2, Duration::from_secs(30))
         );
         assert_eq!(spec.rules[0].selector.local_ports[0].lo, 5432);
+    }
+
+    #[test]
+    fn a_stray_carriage_return_gets_a_message() {
+        // Found by `cargo xtask fuzz`: the TOML parser's own message is empty here.
+        for text in ["\r", "\r.", "port = [80]\n\r"] {
+            let e = parse_err(text);
+            assert!(e.contains("not valid TOML"), "{text:?}: {e}");
+        }
     }
 
     #[test]
