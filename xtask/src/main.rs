@@ -7,6 +7,8 @@
 
 mod bench;
 mod env;
+mod fuzz;
+mod soak;
 mod toolchain;
 
 use std::ffi::{OsStr, OsString};
@@ -70,6 +72,10 @@ enum Cmd {
     CheckToolchain,
     /// Measure connwatch beside its peers (root; loopback load): `cargo xtask bench [--figure N] [--quick]`.
     Bench(bench::BenchArgs),
+    /// Fuzz the config, duration, port and CIDR parsers with cargo-fuzz: `cargo xtask fuzz [--seconds N]` (each target N s).
+    Fuzz(fuzz::FuzzArgs),
+    /// Churn and kills together on loopback (root; default 10 minutes): memory must stay flat, every decision logged.
+    Soak(soak::SoakArgs),
 }
 
 fn main() -> ExitCode {
@@ -97,6 +103,8 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Test { no_lint, args } => test(no_lint, &args),
         Cmd::CheckToolchain => Ok(check_toolchain()),
         Cmd::Bench(args) => bench::run(args),
+        Cmd::Fuzz(args) => fuzz::run(args),
+        Cmd::Soak(args) => soak::run(args),
     }
 }
 
