@@ -1,26 +1,73 @@
 //! What each subcommand does, between the parsed command line and the modules.
 
+use std::path::Path;
+
 use anyhow::{bail, Result};
 
 use crate::cli::{Cli, Command, LogFormat, PolicyArgs};
 use crate::policy::{Policy, Selector};
 use crate::spec::PolicySpec;
-use crate::{audit, check, config, daemon, list, oneshot};
+use crate::{audit, check, config, daemon, list, oneshot, top};
 
-pub fn init_logging(format: LogFormat) {
+/// Sets up logging: to stderr or `--log-file`, as text or JSON. Under systemd (stderr
+/// is the journal's stream) lines carry their syslog priority and no timestamp, which
+/// the journal adds. Returns a note to log once logging runs.
+pub fn init_logging(format: LogFormat, log_file: Option<&Path>) -> Result<Option<String>> {
+    use tracing_subscriber::fmt::format::JsonFields;
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{fmt, Layer, Registry};
+
     let filter = tracing_subscriber::EnvFilter::try_from_env("CONNWATCH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour only for a person at a terminal, never into files or the journal.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+    let mut note = None;
+    if let Some(path) = log_file {
+        audit::log_to_file(path)?;
     }
+    let journal = log_file.is_none() && audit::stderr_is_journal();
+    if journal {
+        note = Some("logging to the systemd journal (stderr is its JOURNAL_STREAM)".to_string());
+    }
+    // Colour only for a person at a terminal, never into files or the journal.
+    let ansi = log_file.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let writer = audit::LogWriter;
+    let layer: Box<dyn Layer<Registry> + Send + Sync> = match (format, journal) {
+        (LogFormat::Text, false) => fmt::layer()
+            .with_writer(writer)
+            .with_ansi(ansi)
+            .with_target(false)
+            .boxed(),
+        (LogFormat::Text, true) => fmt::layer()
+            .with_writer(writer)
+            .with_ansi(false)
+            .event_format(audit::SyslogPriority(
+                tracing_subscriber::fmt::format::format()
+                    .with_target(false)
+                    .with_ansi(false)
+                    .without_time(),
+            ))
+            .boxed(),
+        (LogFormat::Json, false) => fmt::layer()
+            .with_writer(writer)
+            .json()
+            .flatten_event(true)
+            .with_target(false)
+            .boxed(),
+        (LogFormat::Json, true) => fmt::layer()
+            .with_writer(writer)
+            .fmt_fields(JsonFields::new())
+            .event_format(audit::SyslogPriority(
+                tracing_subscriber::fmt::format::format()
+                    .json()
+                    .flatten_event(true)
+                    .with_target(false),
+            ))
+            .boxed(),
+    };
+    let _ = Registry::default()
+        .with(layer.with_filter(filter))
+        .try_init();
     audit::set_json(format == LogFormat::Json);
+    Ok(note)
 }
 
 impl PolicyArgs {
@@ -91,7 +138,9 @@ fn require_root(what: &str) -> Result<()> {
 
 /// Runs the command; the returned code is the process's exit status.
 pub fn main(cli: Cli) -> Result<i32> {
-    init_logging(cli.log_format);
+    if let Some(note) = init_logging(cli.log_format, cli.log_file.as_deref())? {
+        tracing::info!("{note}");
+    }
     match cli.command {
         Command::Run(args) => {
             let spec = args.policy.spec(args.enforce)?;
@@ -107,6 +156,8 @@ pub fn main(cli: Cli) -> Result<i32> {
                     ring_bytes: args.ring_bytes,
                 },
                 source: args.policy,
+                api_socket: args.api_socket,
+                metrics_addr: args.metrics_addr,
             }))?;
             Ok(0)
         }
@@ -125,7 +176,15 @@ pub fn main(cli: Cli) -> Result<i32> {
         }
         Command::List(args) => {
             require_root("connwatch list")?;
-            list::run(args.json)?;
+            list::run(&args.filter(), args.json, &args.api_socket)?;
+            Ok(0)
+        }
+        Command::Top(args) => {
+            require_root("connwatch top")?;
+            top::run(
+                &args.filter.filter(Default::default(), None),
+                &args.api_socket,
+            )?;
             Ok(0)
         }
         Command::Check => Ok(if check::run() { 0 } else { 1 }),

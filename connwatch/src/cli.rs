@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
 use crate::conn::TcpState;
+use crate::list::{Filter, SortKey};
 use crate::policy::{parse_cidr, parse_duration, parse_state_timeout, PortRange};
 
 /// Watch every TCP socket through eBPF and destroy the ones a policy chooses.
@@ -22,6 +23,10 @@ pub struct Cli {
     /// Log records as plain text lines or as JSON objects (one per line).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
+
+    /// Append log records to FILE instead of stderr (SIGHUP reopens it, for logrotate).
+    #[arg(long, value_name = "FILE", global = true)]
+    pub log_file: Option<std::path::PathBuf>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -57,11 +62,22 @@ pub enum Command {
     Sweep(SweepArgs),
     /// Show, for every current connection, which rule would apply and when.
     Explain(PolicyArgs),
-    /// List live TCP connections with their ages, oldest first.
+    /// List live TCP connections with their ages, idle time, owner and next rule.
     ///
-    /// Ages come from the pinned kernel map (/sys/fs/bpf/connwatch), so they are known
-    /// for connections born while `connwatch run` was watching; older ones show '-'.
+    /// While `connwatch run` runs, the list comes from it (through its control socket),
+    /// with the rule that will apply next to each connection and when. Without it, from
+    /// one sock_diag dump and the pinned kernel map (/sys/fs/bpf/connwatch): ages are
+    /// known for connections born while a daemon was watching, others show a lower
+    /// bound ('>5m') or '-'.
+    ///
+    /// Examples:
+    ///   connwatch list --state close-wait --older-than 5m
+    ///   connwatch list --port 5432 --sort idle --limit 20
+    ///   connwatch list --remote-addr 10.0.0.0/8 --process nginx --json
     List(ListArgs),
+    /// A live view of the connections: states, ages, the oldest and most idle, and
+    /// destroys per minute. Refreshes every second; q quits.
+    Top(TopArgs),
     /// Check that this kernel and this user have what connwatch needs.
     Check,
     /// Remove everything connwatch pinned in /sys/fs/bpf/connwatch (the ages with it).
@@ -167,6 +183,15 @@ pub struct RunArgs {
     /// 4 MiB).
     #[arg(long, value_name = "BYTES", value_parser = parse_ring_bytes)]
     pub ring_bytes: Option<u32>,
+
+    /// The control socket (JSON lines; mode 0600).
+    #[arg(long, value_name = "PATH", default_value = crate::api::DEFAULT_SOCKET)]
+    pub api_socket: std::path::PathBuf,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9752); off
+    /// unless given.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 fn parse_ring_bytes(text: &str) -> Result<u32, String> {
@@ -200,6 +225,88 @@ pub struct ListArgs {
     /// Print a JSON array of objects instead of a table.
     #[arg(long)]
     pub json: bool,
+
+    #[command(flatten)]
+    pub filter: FilterArgs,
+
+    /// Order: age (oldest first), idle (longest idle first), state, remote.
+    #[arg(long, value_enum, default_value_t = SortKey::Age)]
+    pub sort: SortKey,
+
+    /// Show at most N connections.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+
+    /// The daemon's control socket.
+    #[arg(long, value_name = "PATH", default_value = crate::api::DEFAULT_SOCKET)]
+    pub api_socket: std::path::PathBuf,
+}
+
+/// Which connections `list` and `top` show.
+#[derive(Args, Debug, Default, Clone)]
+pub struct FilterArgs {
+    /// Only connections in this state (repeatable), e.g. established, close-wait.
+    #[arg(long, value_name = "STATE", value_parser = parse_state)]
+    pub state: Vec<TcpState>,
+
+    /// Only connections with this local or remote port (P or LO-HI; repeatable).
+    #[arg(long = "port", value_name = "P|LO-HI", value_parser = parse_port_range)]
+    pub ports: Vec<PortRange>,
+
+    /// Only connections with a remote address in this block (CIDR; repeatable).
+    #[arg(long = "remote-addr", value_name = "CIDR", value_parser = parse_cidr)]
+    pub remote_addrs: Vec<IpNet>,
+
+    /// Only connections owned by a process of this name (repeatable).
+    #[arg(long = "process", value_name = "NAME")]
+    pub processes: Vec<String>,
+
+    /// Only connections older than this (e.g. 5m).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub older_than: Option<Duration>,
+
+    /// Only connections with no data either way for longer than this.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub idle_longer_than: Option<Duration>,
+}
+
+impl FilterArgs {
+    pub fn filter(&self, sort: SortKey, limit: Option<usize>) -> Filter {
+        Filter {
+            states: self.state.clone(),
+            ports: self.ports.clone(),
+            remote_addrs: self.remote_addrs.clone(),
+            processes: self.processes.clone(),
+            older_than: self.older_than,
+            idle_longer_than: self.idle_longer_than,
+            sort,
+            limit,
+        }
+    }
+}
+
+impl ListArgs {
+    pub fn filter(&self) -> Filter {
+        self.filter.filter(self.sort, self.limit)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct TopArgs {
+    /// Show only these connections (the counts, the ages and the tables; destroys per
+    /// minute stay host-wide).
+    #[command(flatten)]
+    pub filter: FilterArgs,
+
+    /// The daemon's control socket.
+    #[arg(long, value_name = "PATH", default_value = crate::api::DEFAULT_SOCKET)]
+    pub api_socket: std::path::PathBuf,
+}
+
+fn parse_state(text: &str) -> Result<TcpState, String> {
+    TcpState::parse(text).ok_or_else(|| {
+        format!("'{text}' is not a TCP state (e.g. established, close-wait, time-wait)")
+    })
 }
 
 fn parse_port_range(text: &str) -> Result<PortRange, String> {

@@ -3,7 +3,11 @@
 //! of every socket (a full reconciliation runs only at start-up and after the kernel
 //! reports dropped events).
 
-use std::time::Duration;
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
@@ -11,12 +15,14 @@ use connwatch_common::ConnEvent;
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::api::{self, Journal};
 use crate::app::describe;
 use crate::cli::PolicyArgs;
 use crate::clock::monotonic_ns;
 use crate::diag::SockDiag;
 use crate::engine::{Engine, Reconciled};
 use crate::loader::{self, ConnMap, Loaded, Stats};
+use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::privilege;
 
@@ -29,6 +35,19 @@ pub struct Options {
     pub sizes: loader::Sizes,
     /// Where the policy came from: read again on SIGHUP.
     pub source: PolicyArgs,
+    /// The control socket.
+    pub api_socket: PathBuf,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// Reads the policy again from where it came from and puts it in force; returns its
+/// description. On error the engine keeps its policy.
+pub fn reload(engine: &mut Engine, source: &PolicyArgs) -> Result<String> {
+    let policy = source.spec(engine.enforce)?.build();
+    let description = describe(&policy);
+    engine.set_policy(policy);
+    Ok(description)
 }
 
 fn watch_ring(events: RingBuf<MapData>) -> Result<AsyncFd<RingBuf<MapData>>> {
@@ -101,6 +120,18 @@ pub fn lock_instance() -> Result<std::fs::File> {
 
 pub async fn run(opts: Options) -> Result<()> {
     let _lock = lock_instance()?;
+    // The listeners come first, while this is still root in full: a daemon that later
+    // sheds privileges keeps them.
+    let listener = api::bind(&opts.api_socket)?;
+    let _socket_file = RemoveOnDrop(opts.api_socket.clone());
+    let metrics_listener = match opts.metrics_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot serve metrics on {addr}"))?,
+        ),
+        None => None,
+    };
     let Loaded {
         ebpf: _ebpf,
         mut conns,
@@ -119,6 +150,28 @@ pub async fn run(opts: Options) -> Result<()> {
         done.stale,
         if engine.enforce { "enforcing" } else { "dry run: nothing will be destroyed (add --enforce to destroy)" }
     );
+    let started = Instant::now();
+    let journal = Rc::new(RefCell::new(Journal::default()));
+    let metrics = opts
+        .metrics_addr
+        .map(|_| Rc::new(Metrics::new(loader::read_stats(&stats).unwrap_or_default())));
+    {
+        let (journal, metrics) = (journal.clone(), metrics.clone());
+        engine.observe(Box::new(move |o| {
+            journal.borrow_mut().note(o.record, monotonic_ns());
+            if let Some(m) = &metrics {
+                m.observe(o);
+            }
+        }));
+    }
+    let (jobs_tx, mut jobs) = tokio::sync::mpsc::channel::<api::Job>(64);
+    tokio::spawn(api::serve(listener, jobs_tx.clone()));
+    tracing::info!("control API on {}", opts.api_socket.display());
+    if let (Some(listener), Some(addr)) = (metrics_listener, opts.metrics_addr) {
+        tokio::spawn(crate::metrics::serve(listener, jobs_tx.clone()));
+        tracing::info!("Prometheus metrics on http://{addr}/metrics");
+    }
+    drop(jobs_tx);
     let mut ring = watch_ring(events)?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -154,14 +207,49 @@ pub async fn run(opts: Options) -> Result<()> {
                 last_stats = s;
             }
             _ = sighup.recv() => {
-                match opts.source.spec(engine.enforce) {
-                    Ok(spec) => {
-                        let policy = spec.build();
-                        tracing::info!("reloaded the policy: {}", describe(&policy));
-                        engine.set_policy(policy);
-                    }
+                match crate::audit::reopen_log_file() {
+                    Ok(Some(path)) => tracing::info!("reopened the log file {}", path.display()),
+                    Ok(None) => {}
+                    Err(e) => tracing::error!("{e:#}; logging goes on to the file as it was"),
+                }
+                let done = reload(&mut engine, &opts.source);
+                if let Some(m) = &metrics {
+                    m.reloaded(done.is_ok());
+                }
+                match done {
+                    Ok(description) => tracing::info!("reloaded the policy: {description}"),
                     Err(e) => tracing::error!("reload refused, keeping the last good policy: {e:#}"),
                 }
+            }
+            Some(job) = jobs.recv() => {
+                // Answer with what the kernel has said so far.
+                drain(ring.get_mut(), &mut engine);
+                let is_reload = job.req == api::Request::Reload;
+                let mut ctx = api::Ctx {
+                    engine: &mut engine,
+                    diag: &mut diag,
+                    conns: Some(&conns),
+                    journal: &journal,
+                    metrics: metrics.as_deref(),
+                    kernel: loader::read_stats(&stats).unwrap_or(last_stats),
+                    started,
+                    source: &opts.source,
+                    api_socket: &opts.api_socket,
+                    metrics_addr: opts.metrics_addr,
+                };
+                let reply = api::answer(job.req, &mut ctx);
+                if is_reload {
+                    let ok = matches!(&reply, api::Reply::Json(v) if v["ok"] == true);
+                    if let Some(m) = &metrics {
+                        m.reloaded(ok);
+                    }
+                    match &reply {
+                        api::Reply::Json(v) if ok => tracing::info!("reloaded the policy (control API): {}", v["description"].as_str().unwrap_or("")),
+                        api::Reply::Json(v) => tracing::error!("{}", v["error"].as_str().unwrap_or("reload refused")),
+                        _ => {}
+                    }
+                }
+                let _ = job.reply.send(reply);
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
@@ -178,6 +266,15 @@ pub async fn run(opts: Options) -> Result<()> {
         loader::left_behind()
     );
     Ok(())
+}
+
+/// Removes the control socket when the daemon stops.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 fn report_drops(before: Stats, after: Stats) {

@@ -15,7 +15,7 @@ use crate::diag::{DestroyError, DiagSocket, SockDiag};
 use crate::limits::PerIp;
 use crate::loader::ConnMap;
 use crate::owner;
-use crate::policy::{canonical, Decision, Limit, Owner, Policy, RuleId, Verdict};
+use crate::policy::{canonical, Birth, Decision, Limit, Owner, Policy, Protected, RuleId, Verdict};
 use crate::tracker::{Source, Tracked, Tracker};
 
 const SEC: u64 = 1_000_000_000;
@@ -61,6 +61,39 @@ pub struct Reconciled {
     pub stale: usize,
 }
 
+/// One decision as it happens, for whoever watches the engine (metrics, the control
+/// API's recent destroys): the audit record, and what the record does not say.
+pub struct Observed<'a> {
+    pub record: &'a Record,
+    /// For a destroy or would-destroy: how long after its deadline it came (a limit due
+    /// at once counts from the socket's last state change).
+    pub late_ns: Option<u64>,
+    /// For a socket a protection saved: which kind (`port`, `address`, `process`).
+    pub protection: Option<&'static str>,
+}
+
+/// A callback given each decision.
+pub type Observer = Box<dyn FnMut(&Observed)>;
+
+/// The kind of a protection, as a metric label.
+pub fn protection_kind(p: &Protected) -> &'static str {
+    match p {
+        Protected::Port(_) => "port",
+        Protected::Addr(_) => "address",
+        Protected::Process(_) => "process",
+    }
+}
+
+/// The rule that will apply next to a socket and when (monotonic ns; due if past).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Next {
+    pub rule: String,
+    pub at_ns: u64,
+}
+
+/// The reason and rule a manual destroy records.
+pub const MANUAL: &str = "manual";
+
 pub struct Engine {
     pub policy: Policy,
     pub enforce: bool,
@@ -71,6 +104,7 @@ pub struct Engine {
     /// The safety budget's current one-second window and what it has used.
     window_start_ns: u64,
     window_used: usize,
+    observer: Option<Observer>,
 }
 
 impl Engine {
@@ -84,7 +118,33 @@ impl Engine {
             counters: Counters::default(),
             window_start_ns: 0,
             window_used: 0,
+            observer: None,
         }
+    }
+
+    /// Calls `f` with every decision from now on.
+    pub fn observe(&mut self, f: Observer) {
+        self.observer = Some(f);
+    }
+
+    /// The rule that will apply next to a tracked socket, and its deadline: the
+    /// deadline heap's, named after the policy's verdict (a deadline that is not the
+    /// verdict's comes from a per-address limit or the safety budget).
+    pub fn next(&self, key: u64) -> Option<Next> {
+        let at_ns = self.deadlines.get(key)?;
+        let t = self.tracker.get(key)?;
+        let rule = match self.policy.verdict(&t.subject()) {
+            Verdict::At { rule, at_ns: v } if v == at_ns => self.policy.rule(rule).name.clone(),
+            v => self
+                .per_ip
+                .breaks(key, Self::per_ip_limit(&self.policy))
+                .or(match v {
+                    Verdict::At { rule, .. } => Some(rule),
+                    Verdict::Never => None,
+                })
+                .map_or_else(|| "-".to_string(), |r| self.policy.rule(r).name.clone()),
+        };
+        Some(Next { rule, at_ns })
     }
 
     fn per_ip_limit(policy: &Policy) -> impl Fn(RuleId) -> u32 + '_ {
@@ -471,7 +531,20 @@ impl Engine {
         action: Option<Action>,
     ) {
         let r = self.policy.rule(rule);
-        let reason = r.limit.kind();
+        let (reason, name) = (r.limit.kind(), r.name.clone());
+        self.record_as(chosen, reason, name, now, outcome, action);
+    }
+
+    /// Counts, logs and reports one decision; returns its record.
+    fn record_as(
+        &mut self,
+        chosen: &Tracked,
+        reason: &'static str,
+        rule: String,
+        now: u64,
+        outcome: &Outcome,
+        action: Option<Action>,
+    ) -> Record {
         let (action, detail) = match (action, outcome) {
             (Some(a), Outcome::Skipped(why)) => (a, Some(why.clone())),
             (_, Outcome::Destroyed) => (Action::Destroyed, None),
@@ -500,17 +573,137 @@ impl Engine {
                 );
             }
         }
-        Record {
+        let subject = chosen.subject();
+        let record = Record {
+            time: std::time::SystemTime::now(),
             action,
             tuple: chosen.tuple,
             state: chosen.state,
             age: Age::of(chosen.birth, now),
+            idle_secs: Some(now.saturating_sub(subject.quiet_since()) / SEC),
             reason,
-            rule: &r.name,
+            rule,
             owner: chosen.owner,
             dry_run: !self.enforce,
-            detail: detail.as_deref(),
+            detail,
+        };
+        record.emit();
+        if let Some(observer) = self.observer.as_mut() {
+            // The deadline as the policy sets it; a limit due at once (0) counts from
+            // the state change that made the socket due.
+            let late_ns = action.is_destroy().then(|| {
+                let at = match self.policy.verdict(&subject) {
+                    Verdict::At { at_ns, .. } => at_ns,
+                    Verdict::Never => 0,
+                };
+                now.saturating_sub(at.max(chosen.state_since_ns))
+            });
+            let protection = (action == Action::Protected)
+                .then(|| self.policy.protected(&subject).map(|p| protection_kind(&p)))
+                .flatten();
+            observer(&Observed {
+                record: &record,
+                late_ns,
+                protection,
+            });
         }
-        .emit();
+        record
+    }
+
+    /// Destroys one connection an operator named (through the control API): only
+    /// protections and the states connwatch never touches refuse it, no rule need
+    /// choose it. It is re-checked like any other victim, and a dry run only says it
+    /// would. Returns the record, or why nothing was destroyed.
+    pub fn destroy_manual(
+        &mut self,
+        tuple: Tuple,
+        now: u64,
+        diag: &mut SockDiag,
+        conns: Option<&ConnMap>,
+    ) -> Result<Record, String> {
+        let mut key = self.tracker.key_of(&tuple);
+        if let (Some(k), Some(conns)) = (key, conns) {
+            if self.tracker.get(k).is_some_and(|t| t.source == Source::Map) {
+                match conns.get(&k, 0) {
+                    Ok(info) if self.tracker.refresh(k, &info) => {}
+                    _ => {
+                        self.tracker.remove(k);
+                        self.plan(k);
+                        key = None;
+                    }
+                }
+            }
+        }
+        let chosen = match key.and_then(|k| self.tracker.get(k).copied()) {
+            Some(t) => t,
+            // Not tracked (a TIME_WAIT no limit follows, say): what the kernel says of it.
+            None => {
+                let live = diag
+                    .get(&tuple)
+                    .map_err(|e| format!("cannot look the connection up: {e:#}"))?
+                    .ok_or_else(|| format!("no TCP connection {tuple}"))?;
+                let activity = live
+                    .activity
+                    .map_or(0, |a| now.saturating_sub(ms(a.quiet_ms())));
+                Tracked {
+                    tuple,
+                    state: live.state,
+                    birth: Birth::Unknown { seen_ns: now },
+                    state_since_ns: now,
+                    generation: now,
+                    source: Source::Seeded,
+                    cookie: Some(live.cookie),
+                    last_activity_ns: activity,
+                    owner: None,
+                }
+            }
+        };
+        if !Policy::actionable(chosen.state) {
+            return Err(format!(
+                "{tuple} is in {}: connwatch never destroys a listening or opening socket",
+                chosen.state
+            ));
+        }
+        let refuse = |this: &mut Self, chosen: &Tracked, outcome: Outcome, action| {
+            let _ = this.record_as(chosen, MANUAL, MANUAL.into(), now, &outcome, action);
+            match outcome {
+                Outcome::Skipped(why) => why,
+                Outcome::Failed(e) => format!("failed: {e}"),
+                _ => String::new(),
+            }
+        };
+        let (live, _) = match destroy::lookup(diag, conns, key.unwrap_or(0), &chosen) {
+            Ok(found) => found,
+            Err(outcome) => return Err(refuse(self, &chosen, outcome, None)),
+        };
+        let mut chosen = chosen;
+        chosen.owner = match chosen.owner {
+            Some(o) => Some(owner::process_name(o.pid).map_or(o, |n| Owner::new(o.pid, &n))),
+            None if live.inode != 0 && !self.policy.protect.processes.is_empty() => {
+                owner::sockets_of(&self.policy.protect.processes)
+                    .get(&live.inode)
+                    .copied()
+            }
+            None => None,
+        };
+        if let (Some(k), Some(o)) = (key, chosen.owner) {
+            self.tracker.note_owner(k, o);
+        }
+        if let Some(p) = self.policy.protected(&chosen.subject()) {
+            self.counters.protected += 1;
+            let outcome = Outcome::Skipped(format!("protected by {p}"));
+            return Err(refuse(self, &chosen, outcome, Some(Action::Protected)));
+        }
+        let outcome = destroy::kill(diag, &live, self.enforce);
+        if let (Some(k), Outcome::Destroyed) = (key, &outcome) {
+            if chosen.source != Source::Map {
+                self.tracker.remove(k);
+                self.plan(k);
+            }
+        }
+        if !matches!(outcome, Outcome::Destroyed | Outcome::WouldDestroy) {
+            return Err(refuse(self, &chosen, outcome, None));
+        }
+        Ok(self.record_as(&chosen, MANUAL, MANUAL.into(), now, &outcome, None))
     }
 }

@@ -1,73 +1,350 @@
-//! `connwatch list`: the live connections and their ages. The socket table comes from
-//! one sock_diag dump (the kernel's truth), the ages from the pinned map; a connection
-//! the map does not know shows its age as unknown rather than a guess.
+//! `connwatch list`: the live connections, their ages, time in state, idle time, owner
+//! and, while a daemon runs, the rule that will apply next.
+//!
+//! With a daemon the list comes from it through the control API: it already knows every
+//! socket, filters, sorts and cuts the list where it is, and adds each connection's next
+//! deadline. Without one, the socket table comes from one sock_diag dump (the kernel's
+//! truth) and the ages and owners from the pinned map. Either way the owner is the one
+//! the kernel program recorded: nothing here reads `/proc` per socket.
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use connwatch_common::{ConnInfo, FLAG_BIRTH_UNKNOWN};
-use serde::Serialize;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
 
 use crate::clock::{human, monotonic_ns};
 use crate::conn::{TcpState, Tuple};
 use crate::diag::{DiagSocket, SockDiag};
 use crate::loader;
+use crate::policy::{canonical, parse_cidr, Owner, PortRange};
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+const SEC: u64 = 1_000_000_000;
+
+/// One connection as `list --json` and the control API give it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Row {
     pub local: String,
     pub remote: String,
     pub state: String,
-    /// Seconds since the connection was born; None where its birth is unknown.
+    /// Seconds since the connection was born; null where its birth is unknown.
     pub age_secs: Option<f64>,
-    /// Seconds since the connection entered its current state; None where unknown.
+    /// Where the birth is unknown: seconds it has existed at least.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub age_at_least_secs: Option<f64>,
+    /// Seconds since the connection entered its current state; null where unknown.
     pub state_secs: Option<f64>,
+    /// Seconds since data last moved either way (since birth if none did); null where
+    /// unknown.
+    pub idle_secs: Option<f64>,
+    /// The process that last used the socket, as the kernel program saw it.
+    pub pid: Option<u32>,
+    pub process: Option<String>,
+    /// The rule that will apply next (only while a daemon runs).
+    pub next_rule: Option<String>,
+    /// Seconds until that rule's deadline; 0 when due.
+    pub next_in_secs: Option<f64>,
+    /// Why no rule may ever destroy it (`port 22`, `process sshd`), while a daemon runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protected: Option<String>,
 }
 
 fn secs(ns: u64) -> f64 {
     (ns as f64 / 1e9 * 1000.0).round() / 1000.0
 }
 
-/// Joins the kernel's sockets with the map's entries, oldest first, listeners left out.
-pub fn rows(live: &[DiagSocket], entries: &HashMap<Tuple, ConnInfo>, now: u64) -> Vec<Row> {
-    let mut rows: Vec<Row> = live
-        .iter()
+/// One connection before it is shown: typed, so filters and sorts cost no parsing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Item {
+    pub tuple: Tuple,
+    pub state: TcpState,
+    /// Nanoseconds since birth: exact, or a lower bound when `age_exact` is false.
+    pub age_ns: Option<u64>,
+    pub age_exact: bool,
+    pub state_ns: Option<u64>,
+    pub idle_ns: Option<u64>,
+    pub owner: Option<Owner>,
+    /// The daemon's key of the socket, to find its deadline.
+    pub key: Option<u64>,
+}
+
+impl Item {
+    /// The row, without what only the daemon knows.
+    pub fn row(&self) -> Row {
+        let age = self.age_ns.map(secs);
+        Row {
+            local: self.tuple.local.to_string(),
+            remote: self.tuple.remote.to_string(),
+            state: self.state.to_string(),
+            age_secs: age.filter(|_| self.age_exact),
+            age_at_least_secs: age.filter(|_| !self.age_exact),
+            state_secs: self.state_ns.map(secs),
+            idle_secs: self.idle_ns.map(secs),
+            pid: self.owner.map(|o| o.pid),
+            process: self.owner.map(|o| o.name().to_string()),
+            next_rule: None,
+            next_in_secs: None,
+            protected: None,
+        }
+    }
+}
+
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SortKey {
+    /// Oldest first.
+    #[default]
+    Age,
+    /// Longest idle first.
+    Idle,
+    /// By state, then oldest first.
+    State,
+    /// By remote address and port.
+    Remote,
+}
+
+/// Which connections to list and in what order; the same for the CLI and the API.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Filter {
+    pub states: Vec<TcpState>,
+    /// Local or remote port.
+    pub ports: Vec<PortRange>,
+    pub remote_addrs: Vec<IpNet>,
+    /// Owner process names (the kernel's 15-character command name).
+    pub processes: Vec<String>,
+    pub older_than: Option<Duration>,
+    pub idle_longer_than: Option<Duration>,
+    pub sort: SortKey,
+    pub limit: Option<usize>,
+}
+
+/// The filter as a control request carries it (`{"cmd":"list", ...}`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Query {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub state: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remote_addr: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub process: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub older_than_secs: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_longer_than_secs: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sort: Option<SortKey>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+}
+
+fn duration_secs(field: &str, v: Option<f64>) -> Result<Option<Duration>, String> {
+    v.map(|s| {
+        Duration::try_from_secs_f64(s)
+            .map_err(|_| format!("{field}: {s} is not a duration in seconds"))
+    })
+    .transpose()
+}
+
+impl Query {
+    pub fn from_filter(f: &Filter) -> Query {
+        Query {
+            state: f.states.iter().map(|s| s.to_string()).collect(),
+            port: f.ports.iter().map(|p| p.to_string()).collect(),
+            remote_addr: f.remote_addrs.iter().map(|n| n.to_string()).collect(),
+            process: f.processes.clone(),
+            older_than_secs: f.older_than.map(|d| d.as_secs_f64()),
+            idle_longer_than_secs: f.idle_longer_than.map(|d| d.as_secs_f64()),
+            sort: Some(f.sort),
+            limit: f.limit,
+        }
+    }
+
+    /// The filter, or an error naming the field and value.
+    pub fn filter(&self) -> Result<Filter, String> {
+        Ok(Filter {
+            states: self
+                .state
+                .iter()
+                .map(|s| {
+                    TcpState::parse(s).ok_or_else(|| format!("state: '{s}' is not a TCP state"))
+                })
+                .collect::<Result<_, _>>()?,
+            ports: self
+                .port
+                .iter()
+                .map(|p| p.parse().map_err(|e| format!("port: {e}")))
+                .collect::<Result<_, _>>()?,
+            remote_addrs: self
+                .remote_addr
+                .iter()
+                .map(|a| parse_cidr(a).map_err(|e| format!("remote_addr: {e}")))
+                .collect::<Result<_, _>>()?,
+            processes: self.process.clone(),
+            older_than: duration_secs("older_than_secs", self.older_than_secs)?,
+            idle_longer_than: duration_secs("idle_longer_than_secs", self.idle_longer_than_secs)?,
+            sort: self.sort.unwrap_or_default(),
+            limit: self.limit,
+        })
+    }
+}
+
+impl Filter {
+    pub fn matches(&self, it: &Item) -> bool {
+        let (lp, rp) = (it.tuple.local.port(), it.tuple.remote.port());
+        let at_least = |have: Option<u64>, want: Option<Duration>| match want {
+            None => true,
+            Some(d) => have.is_some_and(|ns| ns >= d.as_nanos() as u64),
+        };
+        (self.states.is_empty() || self.states.contains(&it.state))
+            && (self.ports.is_empty()
+                || self.ports.iter().any(|r| r.contains(lp) || r.contains(rp)))
+            && (self.remote_addrs.is_empty() || {
+                let ip = canonical(it.tuple.remote.ip());
+                self.remote_addrs.iter().any(|n| n.contains(&ip))
+            })
+            && (self.processes.is_empty()
+                || it
+                    .owner
+                    .is_some_and(|o| self.processes.iter().any(|p| p == o.name())))
+            // An age known only as a lower bound is older than D when the bound is.
+            && at_least(it.age_ns, self.older_than)
+            && at_least(it.idle_ns, self.idle_longer_than)
+    }
+
+    fn order(&self, a: &Item, b: &Item) -> std::cmp::Ordering {
+        let desc = |x: Option<u64>, y: Option<u64>| y.cmp(&x);
+        let addr = |s: &SocketAddr| (canonical(s.ip()), s.port());
+        let then = || addr(&a.tuple.local).cmp(&addr(&b.tuple.local));
+        match self.sort {
+            SortKey::Age => desc(a.age_ns, b.age_ns).then_with(then),
+            SortKey::Idle => desc(a.idle_ns, b.idle_ns).then_with(then),
+            SortKey::State => a
+                .state
+                .name()
+                .cmp(b.state.name())
+                .then_with(|| desc(a.age_ns, b.age_ns))
+                .then_with(then),
+            SortKey::Remote => addr(&a.tuple.remote)
+                .cmp(&addr(&b.tuple.remote))
+                .then_with(then),
+        }
+    }
+
+    /// Keeps the matching items, sorted, the first `limit` of them; returns how many
+    /// matched before the cut. With a limit only the kept ones are fully sorted.
+    pub fn apply(&self, items: impl Iterator<Item = Item>) -> (Vec<Item>, usize) {
+        let mut kept: Vec<Item> = items.filter(|i| self.matches(i)).collect();
+        let matched = kept.len();
+        if let Some(n) = self.limit {
+            if n < kept.len() {
+                if n > 0 {
+                    kept.select_nth_unstable_by(n - 1, |a, b| self.order(a, b));
+                }
+                kept.truncate(n);
+            }
+        }
+        kept.sort_by(|a, b| self.order(a, b));
+        (kept, matched)
+    }
+}
+
+/// Upper bounds of the age buckets that `top`, `status` and the metrics use, in seconds.
+pub const AGE_BUCKETS: [u64; 6] = [10, 60, 600, 3_600, 86_400, 604_800];
+
+/// How many ages fall in each bucket of [`AGE_BUCKETS`], plus one for older ones.
+pub fn age_histogram(ages_ns: impl Iterator<Item = u64>) -> [u64; AGE_BUCKETS.len() + 1] {
+    let mut counts = [0u64; AGE_BUCKETS.len() + 1];
+    for ns in ages_ns {
+        let s = ns / SEC;
+        let i = AGE_BUCKETS
+            .iter()
+            .position(|b| s < *b)
+            .unwrap_or(AGE_BUCKETS.len());
+        counts[i] += 1;
+    }
+    counts
+}
+
+/// A bucket's label: `<10s`, `<1m`, ..., `>=1w`.
+pub fn bucket_label(i: usize) -> String {
+    match AGE_BUCKETS.get(i) {
+        Some(b) => format!("<{}", human_bucket(*b)),
+        None => format!(">={}", human_bucket(AGE_BUCKETS[AGE_BUCKETS.len() - 1])),
+    }
+}
+
+fn human_bucket(s: u64) -> String {
+    if s == 604_800 {
+        "1w".into()
+    } else {
+        human(Duration::from_secs(s))
+    }
+}
+
+/// Joins the kernel's sockets with the map's entries, listeners left out: what `list`
+/// knows without a daemon.
+pub fn local_items(live: &[DiagSocket], entries: &HashMap<Tuple, ConnInfo>, now: u64) -> Vec<Item> {
+    let ms = |n: u32| u64::from(n) * 1_000_000;
+    live.iter()
         .filter(|s| s.state != TcpState::LISTEN)
         .map(|s| {
             // The map's state may lag the dump's by an event; its times stay valid only
             // while both agree on the state.
             let entry = entries.get(&s.tuple);
-            let age = entry
-                .filter(|e| e.flags & FLAG_BIRTH_UNKNOWN == 0)
-                .map(|e| secs(now.saturating_sub(e.birth_ns)));
-            let in_state = entry
+            let known = entry.filter(|e| e.flags & FLAG_BIRTH_UNKNOWN == 0);
+            let (age_ns, age_exact) = match (known, entry, s.activity) {
+                (Some(e), _, _) => (Some(now.saturating_sub(e.birth_ns)), true),
+                (None, Some(e), _) => (Some(now.saturating_sub(e.seen_ns)), false),
+                // tcp_info's data timers start at establishment: the larger bounds the age.
+                (None, None, Some(a)) => (
+                    Some(ms(a.last_data_sent_ms.max(a.last_data_recv_ms))),
+                    false,
+                ),
+                (None, None, None) => (None, false),
+            };
+            let state_ns = entry
                 .filter(|e| e.state == s.state.0)
-                .map(|e| secs(now.saturating_sub(e.state_since_ns)));
-            Row {
-                local: s.tuple.local.to_string(),
-                remote: s.tuple.remote.to_string(),
-                state: s.state.to_string(),
-                age_secs: age,
-                state_secs: in_state,
+                .map(|e| now.saturating_sub(e.state_since_ns));
+            // tcp_info is exact; the map's stamps are coarse.
+            let idle_ns = match (s.activity, entry) {
+                (Some(a), _) => Some(ms(a.quiet_ms())),
+                (None, Some(e)) => {
+                    let base = if e.flags & FLAG_BIRTH_UNKNOWN == 0 {
+                        e.birth_ns
+                    } else {
+                        e.seen_ns
+                    };
+                    Some(now.saturating_sub(e.last_rx_ns.max(e.last_tx_ns).max(base)))
+                }
+                (None, None) => None,
+            };
+            let owner = entry.filter(|e| e.pid != 0).map(|e| Owner {
+                pid: e.pid,
+                comm: e.comm,
+            });
+            Item {
+                tuple: s.tuple,
+                state: s.state,
+                age_ns,
+                age_exact,
+                state_ns,
+                idle_ns,
+                owner,
+                key: None,
             }
         })
-        .collect();
-    rows.sort_by(|a, b| {
-        b.age_secs
-            .unwrap_or(-1.0)
-            .total_cmp(&a.age_secs.unwrap_or(-1.0))
-            .then_with(|| a.local.cmp(&b.local))
-    });
-    rows
+        .collect()
 }
 
-fn show(v: Option<f64>) -> String {
-    v.map_or("-".into(), |s| human(Duration::from_secs_f64(s)))
-}
-
-pub fn run(json: bool) -> Result<()> {
+/// Every connection, from the pinned map and one sock_diag dump.
+pub fn read_local() -> Result<Vec<Item>> {
     let mut entries = HashMap::new();
     match loader::open_pinned_conns() {
         Ok(map) => {
@@ -79,36 +356,95 @@ pub fn run(json: bool) -> Result<()> {
         }
         Err(e) => eprintln!("connwatch: ages unknown: {e:#}"),
     }
-    let live = SockDiag::open()?.dump(SockDiag::ALL_STATES)?;
-    let rows = rows(&live, &entries, monotonic_ns());
+    let live = SockDiag::open()?.dump_with_activity(SockDiag::ALL_STATES)?;
+    Ok(local_items(&live, &entries, monotonic_ns()))
+}
+
+/// `4m12s`, `>4m12s` for a lower bound, `-` when unknown.
+pub fn show_age(secs: Option<f64>, at_least: Option<f64>) -> String {
+    match (secs, at_least) {
+        (Some(s), _) => human(Duration::from_secs_f64(s)),
+        (None, Some(s)) => format!(">{}", human(Duration::from_secs_f64(s))),
+        _ => "-".into(),
+    }
+}
+
+fn show(v: Option<f64>) -> String {
+    v.map_or("-".into(), |s| human(Duration::from_secs_f64(s)))
+}
+
+/// What the NEXT column says: `max-age in 4m12s`, `idle due`, `never (port 22)`, `-`.
+pub fn show_next(r: &Row) -> String {
+    match (&r.next_rule, r.next_in_secs, &r.protected) {
+        (_, _, Some(p)) => format!("never ({p})"),
+        (Some(rule), Some(s), _) if s <= 0.0 => format!("{rule} due"),
+        (Some(rule), Some(s), _) => format!("{rule} in {}", show(Some(s))),
+        _ => "-".into(),
+    }
+}
+
+/// The rows as a table for people.
+pub fn table(rows: &[Row], out: &mut impl Write) -> std::io::Result<()> {
+    let w = |f: &dyn Fn(&Row) -> usize, min: usize| rows.iter().map(f).max().unwrap_or(0).max(min);
+    let lw = w(&|r| r.local.len(), 5);
+    let rw = w(&|r| r.remote.len(), 6);
+    let owners: Vec<String> = rows
+        .iter()
+        .map(|r| match (&r.process, r.pid) {
+            (Some(p), Some(pid)) => format!("{p}({pid})"),
+            _ => "-".into(),
+        })
+        .collect();
+    let pw = owners.iter().map(|o| o.len()).max().unwrap_or(0).max(7);
+    writeln!(
+        out,
+        "{:<11} {:<lw$} {:<rw$} {:>8} {:>8} {:>8} {:<pw$} NEXT",
+        "STATE", "LOCAL", "REMOTE", "AGE", "IN-STATE", "IDLE", "PROCESS"
+    )?;
+    for (r, owner) in rows.iter().zip(&owners) {
+        writeln!(
+            out,
+            "{:<11} {:<lw$} {:<rw$} {:>8} {:>8} {:>8} {:<pw$} {}",
+            r.state,
+            r.local,
+            r.remote,
+            show_age(r.age_secs, r.age_at_least_secs),
+            show(r.state_secs),
+            show(r.idle_secs),
+            owner,
+            show_next(r)
+        )?;
+    }
+    Ok(())
+}
+
+/// The rows, from the daemon when one answers, else from the kernel.
+pub fn fetch(filter: &Filter, socket: &std::path::Path) -> Result<(Vec<Row>, bool)> {
+    if let Some(mut client) = crate::api::Client::connect(socket)? {
+        #[derive(Deserialize)]
+        struct Listed {
+            rows: Vec<Row>,
+        }
+        let reply: Listed =
+            client.request_as(&crate::api::list_request(&Query::from_filter(filter)))?;
+        return Ok((reply.rows, true));
+    }
+    let (items, _) = filter.apply(read_local()?.into_iter());
+    Ok((items.iter().map(Item::row).collect(), false))
+}
+
+pub fn run(filter: &Filter, json: bool, socket: &std::path::Path) -> Result<()> {
+    let (rows, _) = fetch(filter, socket)?;
     let mut out = std::io::stdout().lock();
     if json {
         serde_json::to_writer_pretty(&mut out, &rows)?;
         writeln!(out)?;
         return Ok(());
     }
-    let lw = rows.iter().map(|r| r.local.len()).max().unwrap_or(5).max(5);
-    let rw = rows
-        .iter()
-        .map(|r| r.remote.len())
-        .max()
-        .unwrap_or(6)
-        .max(6);
-    writeln!(
-        out,
-        "{:<12} {:<lw$} {:<rw$} {:>8} {:>8}",
-        "STATE", "LOCAL", "REMOTE", "AGE", "IN-STATE"
-    )?;
-    for r in &rows {
-        writeln!(
-            out,
-            "{:<12} {:<lw$} {:<rw$} {:>8} {:>8}",
-            r.state,
-            r.local,
-            r.remote,
-            show(r.age_secs),
-            show(r.state_secs)
-        )?;
+    if let Err(e) = table(&rows, &mut out) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            bail!(e);
+        }
     }
     Ok(())
 }
@@ -117,8 +453,6 @@ pub fn run(json: bool) -> Result<()> {
 mod tests {
     use super::*;
     use connwatch_common::AF_INET;
-
-    const SEC: u64 = 1_000_000_000;
 
     fn sock(lport: u16, state: TcpState) -> DiagSocket {
         DiagSocket {
@@ -143,34 +477,161 @@ mod tests {
         i.sport = lport;
         i.dport = 9000;
         i.birth_ns = birth;
+        i.seen_ns = birth;
         i.state_since_ns = birth;
         i.state = TcpState::ESTABLISHED.0;
         i.flags = flags;
         i
     }
 
-    #[test]
-    fn joins_ages_and_leaves_unknown_ones_unknown() {
+    fn items() -> Vec<Item> {
         let live = [
             sock(1, TcpState::ESTABLISHED),
             sock(2, TcpState::ESTABLISHED),
             sock(3, TcpState::ESTABLISHED),
             sock(4, TcpState::LISTEN),
+            sock(5, TcpState::CLOSE_WAIT),
         ];
         let mut map = HashMap::new();
+        let mut owned = entry(2, 40 * SEC, 0);
+        owned.pid = 77;
+        owned.comm[..5].copy_from_slice(b"nginx");
+        owned.last_rx_ns = 95 * SEC;
         for e in [
             entry(1, 90 * SEC, 0),
-            entry(2, 40 * SEC, 0),
-            entry(3, 0, FLAG_BIRTH_UNKNOWN),
+            owned,
+            entry(3, 30 * SEC, FLAG_BIRTH_UNKNOWN),
         ] {
             map.insert(Tuple::from_info(&e).unwrap(), e);
         }
-        let rows = rows(&live, &map, 100 * SEC);
-        assert_eq!(rows.len(), 3, "listeners are left out");
-        assert_eq!(rows[0].local, "127.0.0.1:2");
-        assert_eq!(rows[0].age_secs, Some(60.0));
-        assert_eq!(rows[1].age_secs, Some(10.0));
-        assert_eq!(rows[2].age_secs, None);
-        assert_eq!(rows[2].state_secs, Some(100.0));
+        local_items(&live, &map, 100 * SEC)
+    }
+
+    #[test]
+    fn joins_ages_and_leaves_unknown_ones_unknown() {
+        let f = Filter::default();
+        let (items, matched) = f.apply(items().into_iter());
+        assert_eq!(matched, 4, "listeners are left out");
+        let rows: Vec<Row> = items.iter().map(Item::row).collect();
+        assert_eq!(
+            rows[0].local, "127.0.0.1:3",
+            "a lower bound of 70 s sorts first"
+        );
+        assert_eq!(rows[0].age_secs, None);
+        assert_eq!(rows[0].age_at_least_secs, Some(70.0));
+        assert_eq!(rows[1].local, "127.0.0.1:2");
+        assert_eq!(rows[1].age_secs, Some(60.0));
+        assert_eq!(rows[1].idle_secs, Some(5.0));
+        assert_eq!(rows[1].process.as_deref(), Some("nginx"));
+        assert_eq!(rows[1].pid, Some(77));
+        assert_eq!(rows[2].age_secs, Some(10.0));
+        assert_eq!(rows[3].local, "127.0.0.1:5");
+        assert_eq!(rows[3].age_secs, None);
+        assert_eq!(rows[3].state_secs, None);
+    }
+
+    #[test]
+    fn filters_sorts_and_limits() {
+        let run = |f: Filter| -> Vec<String> {
+            f.apply(items().into_iter())
+                .0
+                .iter()
+                .map(|i| i.tuple.local.port().to_string())
+                .collect()
+        };
+        let f = Filter {
+            states: vec![TcpState::CLOSE_WAIT],
+            ..Filter::default()
+        };
+        assert_eq!(run(f), ["5"]);
+        let f = Filter {
+            older_than: Some(Duration::from_secs(50)),
+            ..Filter::default()
+        };
+        assert_eq!(run(f), ["3", "2"], "a lower bound past the limit counts");
+        let f = Filter {
+            processes: vec!["nginx".into()],
+            ..Filter::default()
+        };
+        assert_eq!(run(f), ["2"]);
+        let f = Filter {
+            idle_longer_than: Some(Duration::from_secs(6)),
+            ..Filter::default()
+        };
+        assert_eq!(run(f), ["3", "1"]);
+        let f = Filter {
+            sort: SortKey::Idle,
+            limit: Some(2),
+            ..Filter::default()
+        };
+        assert_eq!(run(f), ["3", "1"]);
+        let f = Filter {
+            sort: SortKey::State,
+            ..Filter::default()
+        };
+        assert_eq!(run(f), ["5", "3", "2", "1"]);
+        let f = Filter {
+            ports: vec!["2-3".parse().unwrap()],
+            ..Filter::default()
+        };
+        assert_eq!(run(f), ["3", "2"]);
+        let f = Filter {
+            remote_addrs: vec![parse_cidr("10.0.0.0/8").unwrap()],
+            ..Filter::default()
+        };
+        assert!(run(f).is_empty());
+    }
+
+    #[test]
+    fn queries_round_trip_and_name_bad_fields() {
+        let f = Filter {
+            states: vec![TcpState::CLOSE_WAIT],
+            ports: vec!["80".parse().unwrap()],
+            remote_addrs: vec![parse_cidr("10.0.0.0/8").unwrap()],
+            processes: vec!["nginx".into()],
+            older_than: Some(Duration::from_secs(60)),
+            idle_longer_than: None,
+            sort: SortKey::Remote,
+            limit: Some(5),
+        };
+        assert_eq!(Query::from_filter(&f).filter().unwrap(), f);
+        let bad = Query {
+            state: vec!["open".into()],
+            ..Query::default()
+        };
+        assert!(bad.filter().unwrap_err().contains("'open'"));
+        let bad = Query {
+            older_than_secs: Some(-1.0),
+            ..Query::default()
+        };
+        assert!(bad.filter().unwrap_err().contains("older_than_secs"));
+        let e = serde_json::from_str::<Query>(r#"{"colour":"red"}"#).unwrap_err();
+        assert!(e.to_string().contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn ages_fall_in_buckets() {
+        let h = age_histogram([5 * SEC, 59 * SEC, 60 * SEC, 700_000 * SEC].into_iter());
+        assert_eq!(h, [1, 1, 1, 0, 0, 0, 1]);
+        assert_eq!(bucket_label(0), "<10s");
+        assert_eq!(bucket_label(3), "<1h");
+        assert_eq!(bucket_label(6), ">=1w");
+    }
+
+    #[test]
+    fn the_table_reads_as_people_write_durations() {
+        let mut row = items()[1].row();
+        row.next_rule = Some("max-age".into());
+        row.next_in_secs = Some(252.0);
+        let mut out = Vec::new();
+        table(&[row.clone()], &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("nginx(77)") && text.contains("max-age in 4m12s"),
+            "{text}"
+        );
+        row.protected = Some("port 22".into());
+        assert_eq!(show_next(&row), "never (port 22)");
+        assert_eq!(show_age(None, Some(7_380.0)), ">2h3m");
     }
 }

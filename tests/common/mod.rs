@@ -84,6 +84,58 @@ impl Daemon {
         Daemon { child, log }
     }
 
+    /// Starts a daemon like [`Daemon::start`], waiting its turn (up to 15 minutes)
+    /// while another `connwatch run` on this host holds the instance lock.
+    pub fn start_when_free(args: &[&str]) -> Daemon {
+        Self::start_when_free_with_env(args, &[])
+    }
+
+    pub fn start_when_free_with_env(args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let end = Instant::now() + Duration::from_secs(900);
+        loop {
+            let mut child = Command::new(BIN)
+                .arg("run")
+                .args(args)
+                .env("CONNWATCH_LOG", "debug")
+                .envs(env.iter().copied())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn connwatch");
+            let log = Arc::new(Mutex::new(Vec::new()));
+            let sink = log.clone();
+            let stderr = child.stderr.take().unwrap();
+            let reader = thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    eprintln!("daemon: {line}");
+                    sink.lock().unwrap().push(line);
+                }
+            });
+            let mut d = Daemon { child, log };
+            let ready = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < ready {
+                if d.lines().iter().any(|l| l.contains("watching TCP sockets")) {
+                    return d;
+                }
+                if let Ok(Some(_)) = d.child.try_wait() {
+                    let _ = reader.join();
+                    break;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            let lines = d.lines();
+            let busy = lines
+                .iter()
+                .any(|l| l.contains("another `connwatch run` is active"));
+            if !busy || Instant::now() > end {
+                panic!("the daemon did not start; log:\n{}", lines.join("\n"));
+            }
+            drop(d);
+            thread::sleep(Duration::from_secs(2));
+        }
+    }
+
     pub fn lines(&self) -> Vec<String> {
         self.log.lock().unwrap().clone()
     }

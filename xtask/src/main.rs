@@ -309,6 +309,7 @@ fn test(no_lint: bool, args: &[OsString]) -> Result<ExitCode> {
         )?;
     }
     mount_tracefs()?;
+    toolchain::ensure_test_tools()?;
     let mut cmd = cargo_cmd(["test", "--workspace", "--exclude", "connwatch-ebpf"]);
     cmd.args(args);
     let st = status(&mut cmd)?;

@@ -362,6 +362,41 @@ pub fn ensure(cargo: &Path) -> Result<Probe> {
     Ok(probe)
 }
 
+/// Tools the tests use besides the build, and the Debian packages that ship them:
+/// `top` is driven in tmux, metrics are checked by Prometheus's promtool.
+pub const TEST_TOOLS: [(&str, &str); 2] = [("tmux", "tmux"), ("promtool", "prometheus")];
+
+/// Installs the test tools that are missing (without recommended packages: the
+/// `prometheus` package is wanted only for promtool).
+pub fn ensure_test_tools() -> Result<()> {
+    let missing: Vec<&str> = TEST_TOOLS
+        .iter()
+        .filter(|(tool, _)| find_in_path(tool).is_none())
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() || find_in_path("apt-get").is_none() {
+        bail!(
+            "the tests need tmux and promtool: run `apt-get install -y --no-install-recommends {}` as root",
+            missing.join(" ")
+        );
+    }
+    eprintln!(
+        "xtask: installing Debian packages {} (the tests drive `connwatch top` in tmux and check metrics with promtool)",
+        missing.join(" ")
+    );
+    let mut update = Command::new("apt-get");
+    update.arg("update");
+    run_quietly_stdin(update, "apt-get update")?;
+    let mut install = Command::new("apt-get");
+    install
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&missing);
+    run_quietly_stdin(install, "apt-get install")
+}
+
 fn apt_install(packages: &[&str]) -> Result<()> {
     let mut update = Command::new("apt-get");
     update.arg("update");

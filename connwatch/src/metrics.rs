@@ -1,0 +1,451 @@
+//! Prometheus metrics over HTTP (`run --metrics-addr 127.0.0.1:9752`), in the
+//! OpenMetrics text format, written by the `prometheus-client` crate.
+//!
+//! Counters move as the engine decides (it reports each decision); the gauges and the
+//! age histogram describe the tracked sockets at the moment of a scrape, computed then
+//! in one pass: nothing walks the sockets between scrapes.
+//!
+//! | metric | type | labels |
+//! | --- | --- | --- |
+//! | `connwatch_connections` | gauge | `state` |
+//! | `connwatch_sockets_tracked` | gauge | |
+//! | `connwatch_deadlines_pending` | gauge | |
+//! | `connwatch_connection_age_seconds` | histogram | |
+//! | `connwatch_destroys_total` | counter | `reason`, `outcome` |
+//! | `connwatch_protected_total` | counter | `protection` |
+//! | `connwatch_deferred_total` | counter | |
+//! | `connwatch_events_total` | counter | |
+//! | `connwatch_kernel_events_total` | counter | |
+//! | `connwatch_kernel_drops_total` | counter | `reason` (`map_full`, `ring_full`) |
+//! | `connwatch_deadline_to_destroy_seconds` | histogram | |
+//! | `connwatch_policy_reloads_total` | counter | `result` |
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, NoLabelSet};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use crate::api::{self, Job, Reply, Request};
+use crate::engine::{Engine, Observed};
+use crate::list::{age_histogram, AGE_BUCKETS};
+use crate::loader::Stats;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DestroyLabels {
+    reason: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProtectionLabels {
+    protection: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+/// The age histogram of the tracked connections, as the last scrape found it.
+#[derive(Debug, Default)]
+struct AgeSnapshot {
+    sum: f64,
+    count: u64,
+    /// Per bucket (not cumulative), the last one +Inf.
+    buckets: Vec<(f64, u64)>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Ages(Arc<Mutex<AgeSnapshot>>);
+
+impl Collector for Ages {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let metric = encoder.encode_descriptor(
+            "connection_age",
+            "Ages of the tracked connections at the scrape (a lower bound for those born before connwatch watched).",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        let mut metric = metric;
+        metric.encode_histogram::<NoLabelSet>(s.sum, s.count, &s.buckets, None)
+    }
+}
+
+/// Counter values last taken from the engine and the kernel, to add what is new.
+#[derive(Clone, Copy, Default)]
+struct Seen {
+    deferred: u64,
+    events: u64,
+    kernel: Stats,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    connections: Family<StateLabels, Gauge>,
+    states_seen: RefCell<BTreeSet<&'static str>>,
+    tracked: Gauge,
+    deadlines: Gauge,
+    ages: Ages,
+    destroys: Family<DestroyLabels, Counter>,
+    protected: Family<ProtectionLabels, Counter>,
+    deferred: Counter,
+    events: Counter,
+    kernel_events: Counter,
+    kernel_drops: Family<ReasonLabels, Counter>,
+    late: Histogram,
+    reloads: Family<ResultLabels, Counter>,
+    seen: Cell<Seen>,
+}
+
+/// Bounds of the deadline-to-destroy histogram, in seconds.
+const LATE_BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 300.0];
+
+impl Metrics {
+    /// The metrics, counting kernel-side events from `kernel` (the counters the pinned
+    /// map holds when the daemon starts).
+    pub fn new(kernel: Stats) -> Metrics {
+        let mut registry = Registry::with_prefix("connwatch");
+        let m = Metrics {
+            connections: Family::default(),
+            states_seen: RefCell::default(),
+            tracked: Gauge::default(),
+            deadlines: Gauge::default(),
+            ages: Ages::default(),
+            destroys: Family::default(),
+            protected: Family::default(),
+            deferred: Counter::default(),
+            events: Counter::default(),
+            kernel_events: Counter::default(),
+            kernel_drops: Family::default(),
+            late: Histogram::new(LATE_BUCKETS),
+            reloads: Family::default(),
+            seen: Cell::new(Seen {
+                kernel,
+                ..Seen::default()
+            }),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "connections",
+            "Tracked connections by TCP state.",
+            m.connections.clone(),
+        );
+        registry.register(
+            "sockets_tracked",
+            "Sockets the daemon tracks (listeners included).",
+            m.tracked.clone(),
+        );
+        registry.register(
+            "deadlines_pending",
+            "Sockets with a deadline set.",
+            m.deadlines.clone(),
+        );
+        registry.register_collector(Box::new(m.ages.clone()));
+        registry.register(
+            "destroys",
+            "Decisions to destroy by reason (the rule's kind, or manual) and outcome (destroyed, would_destroy, skipped, failed, protected).",
+            m.destroys.clone(),
+        );
+        registry.register(
+            "protected",
+            "Sockets a protection saved when they were due, by kind (port, address, process).",
+            m.protected.clone(),
+        );
+        registry.register(
+            "deferred",
+            "Destroys the safety budget put off.",
+            m.deferred.clone(),
+        );
+        registry.register(
+            "events",
+            "Lifecycle events the daemon read from the kernel's ring buffer.",
+            m.events.clone(),
+        );
+        registry.register(
+            "kernel_events",
+            "TCP state changes the kernel program saw.",
+            m.kernel_events.clone(),
+        );
+        registry.register(
+            "kernel_drops",
+            "Records the kernel program could not keep: map_full (a socket not recorded), ring_full (an event lost).",
+            m.kernel_drops.clone(),
+        );
+        registry.register_with_unit(
+            "deadline_to_destroy",
+            "Time from a socket's deadline to its destroy (or would-destroy).",
+            Unit::Seconds,
+            m.late.clone(),
+        );
+        registry.register(
+            "policy_reloads",
+            "Policy reloads by result (ok, refused).",
+            m.reloads.clone(),
+        );
+        for reason in ["map_full", "ring_full"] {
+            let _ = m.kernel_drops.get_or_create(&ReasonLabels { reason });
+        }
+        Metrics { registry, ..m }
+    }
+
+    /// Takes in one decision of the engine.
+    pub fn observe(&self, o: &Observed) {
+        let r = o.record;
+        self.destroys
+            .get_or_create(&DestroyLabels {
+                reason: r.reason,
+                outcome: r.action.label(),
+            })
+            .inc();
+        if let Some(protection) = o.protection {
+            self.protected
+                .get_or_create(&ProtectionLabels { protection })
+                .inc();
+        }
+        if let Some(ns) = o.late_ns {
+            self.late.observe(Duration::from_nanos(ns).as_secs_f64());
+        }
+    }
+
+    pub fn reloaded(&self, ok: bool) {
+        let result = if ok { "ok" } else { "refused" };
+        self.reloads.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// The exposition, with the gauges and the age histogram taken now.
+    pub fn scrape(&self, engine: &Engine, kernel: Stats, now: u64) -> String {
+        let (by_state, ages) = api::census(engine, now);
+        let mut seen_states = self.states_seen.borrow_mut();
+        for state in seen_states.iter() {
+            if !by_state.contains_key(state) {
+                self.connections
+                    .get_or_create(&StateLabels { state })
+                    .set(0);
+            }
+        }
+        for (state, n) in &by_state {
+            seen_states.insert(state);
+            self.connections
+                .get_or_create(&StateLabels { state })
+                .set(*n as i64);
+        }
+        self.tracked.set(engine.tracker.len() as i64);
+        self.deadlines.set(engine.deadlines.len() as i64);
+        {
+            let sum = ages.iter().map(|ns| *ns as f64 / 1e9).sum();
+            let counts = age_histogram(ages.iter().copied());
+            let bounds = AGE_BUCKETS
+                .iter()
+                .map(|b| *b as f64)
+                .chain(std::iter::once(f64::INFINITY));
+            let mut snap = self.ages.0.lock().unwrap_or_else(|e| e.into_inner());
+            *snap = AgeSnapshot {
+                sum,
+                count: ages.len() as u64,
+                buckets: bounds.zip(counts).collect(),
+            };
+        }
+        let before = self.seen.get();
+        let c = &engine.counters;
+        self.deferred
+            .inc_by(c.deferred.saturating_sub(before.deferred));
+        self.events.inc_by(c.events.saturating_sub(before.events));
+        self.kernel_events
+            .inc_by(kernel.events.saturating_sub(before.kernel.events));
+        self.kernel_drops
+            .get_or_create(&ReasonLabels { reason: "map_full" })
+            .inc_by(kernel.map_full.saturating_sub(before.kernel.map_full));
+        self.kernel_drops
+            .get_or_create(&ReasonLabels {
+                reason: "ring_full",
+            })
+            .inc_by(kernel.ring_full.saturating_sub(before.kernel.ring_full));
+        self.seen.set(Seen {
+            deferred: c.deferred,
+            events: c.events,
+            kernel: Stats {
+                events: kernel.events.max(before.kernel.events),
+                map_full: kernel.map_full.max(before.kernel.map_full),
+                ring_full: kernel.ring_full.max(before.kernel.ring_full),
+            },
+        });
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!("cannot encode the metrics: {e}");
+        }
+        out
+    }
+}
+
+/// The content type of the OpenMetrics text format.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const MAX_HEAD: usize = 8 * 1024;
+
+/// Serves `GET /metrics` for as long as the daemon runs: a minimal HTTP/1.1 responder,
+/// one request per connection.
+pub async fn serve(listener: TcpListener, jobs: mpsc::Sender<Job>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(respond(stream, jobs.clone()));
+            }
+            Err(e) => {
+                tracing::warn!("metrics: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Reads a request head: up to the blank line, within a size and a time limit.
+async fn read_head(stream: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    let read = async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+            let n = stream.read(&mut buf).await.ok()?;
+            if n == 0 || head.len() + n > MAX_HEAD {
+                return None;
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        Some(())
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .ok()??;
+    String::from_utf8(head).ok()
+}
+
+/// The status line, content type and body for a request line.
+pub async fn route(
+    request_line: &str,
+    jobs: &mpsc::Sender<Job>,
+) -> (&'static str, &'static str, String) {
+    let mut parts = request_line.split_whitespace();
+    let (method, target, version) = (parts.next(), parts.next(), parts.next());
+    let text = "text/plain; charset=utf-8";
+    if !version.is_some_and(|v| v.starts_with("HTTP/")) {
+        return ("400 Bad Request", text, "bad request\n".into());
+    }
+    if !matches!(method, Some("GET") | Some("HEAD")) {
+        return ("405 Method Not Allowed", text, "only GET\n".into());
+    }
+    match target.map(|t| t.split('?').next().unwrap_or(t)) {
+        Some("/metrics") => match api::ask(jobs, Request::Metrics).await {
+            Reply::Text(body) => ("200 OK", CONTENT_TYPE, body),
+            other => (
+                "503 Service Unavailable",
+                text,
+                format!("{}\n", other.to_line()),
+            ),
+        },
+        Some("/") => ("200 OK", text, "connwatch: metrics at /metrics\n".into()),
+        _ => ("404 Not Found", text, "not found: try /metrics\n".into()),
+    }
+}
+
+async fn respond(mut stream: TcpStream, jobs: mpsc::Sender<Job>) {
+    let Some(head) = read_head(&mut stream).await else {
+        let _ = stream
+            .write_all(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            )
+            .await;
+        return;
+    };
+    let first = head.lines().next().unwrap_or("");
+    let (status, content_type, body) = route(first, &jobs).await;
+    let head_only = first.starts_with("HEAD ");
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+        body.len(),
+        if head_only { "" } else { body.as_str() }
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{Action, Age, Record};
+    use crate::conn::{TcpState, Tuple};
+    use crate::policy::Policy;
+
+    #[test]
+    fn names_follow_the_conventions() {
+        let m = Metrics::new(Stats::default());
+        let r = Record {
+            time: std::time::SystemTime::now(),
+            action: Action::Destroyed,
+            tuple: Tuple::new(
+                "127.0.0.1:1".parse().unwrap(),
+                "127.0.0.1:2".parse().unwrap(),
+            ),
+            state: TcpState::ESTABLISHED,
+            age: Age {
+                secs: 3,
+                exact: true,
+            },
+            idle_secs: None,
+            reason: "max-age",
+            rule: "max-age".into(),
+            owner: None,
+            dry_run: false,
+            detail: None,
+        };
+        m.observe(&Observed {
+            record: &r,
+            late_ns: Some(2_000_000),
+            protection: None,
+        });
+        let engine = Engine::new(Policy::default_hung_states(), false);
+        let kernel = Stats {
+            events: 10,
+            map_full: 1,
+            ring_full: 0,
+        };
+        let text = m.scrape(&engine, kernel, 0);
+        for want in [
+            "connwatch_destroys_total{reason=\"max-age\",outcome=\"destroyed\"} 1",
+            "connwatch_deadline_to_destroy_seconds_count 1",
+            "connwatch_deadline_to_destroy_seconds_bucket{le=\"0.005\"} 1",
+            "connwatch_kernel_events_total 10",
+            "connwatch_kernel_drops_total{reason=\"map_full\"} 1",
+            "connwatch_kernel_drops_total{reason=\"ring_full\"} 0",
+            "connwatch_connection_age_seconds_count 0",
+            "connwatch_connection_age_seconds_bucket{le=\"+Inf\"} 0",
+            "connwatch_sockets_tracked 0",
+            "# EOF",
+        ] {
+            assert!(text.contains(want), "{want} missing from\n{text}");
+        }
+        // The kernel's counters are added once, not again on the next scrape.
+        let text = m.scrape(&engine, kernel, 0);
+        assert!(text.contains("connwatch_kernel_events_total 10"), "{text}");
+    }
+}
