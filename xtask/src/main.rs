@@ -312,8 +312,48 @@ fn test(no_lint: bool, args: &[OsString]) -> Result<ExitCode> {
     toolchain::ensure_test_tools()?;
     let mut cmd = cargo_cmd(["test", "--workspace", "--exclude", "connwatch-ebpf"]);
     cmd.args(args);
-    let st = status(&mut cmd)?;
+    run_and_total(cmd)
+}
+
+/// Runs `cargo test`, passing its output through, and closes with the totals of all
+/// its test binaries on one line: the last binary alone (often doc tests, with none)
+/// says nothing of the run.
+fn run_and_total(mut cmd: Command) -> Result<ExitCode> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("cannot run cargo test")?;
+    let stdout = child.stdout.take().context("cargo test's output")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let mut out = std::io::stdout().lock();
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        writeln!(out, "{line}")?;
+        if let Some((p, f)) = totals(&line) {
+            passed += p;
+            failed += f;
+        }
+    }
+    let st = child.wait()?;
+    writeln!(out, "tests: {passed} passed, {failed} failed")?;
     Ok(exit_code(st))
+}
+
+/// `test result: ok. 12 passed; 0 failed; ...` -> (12, 0).
+fn totals(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("test result: ")?;
+    let count = |word: &str| -> Option<u64> {
+        rest.split(';')
+            .find_map(|part| {
+                part.trim()
+                    .trim_start_matches("ok. ")
+                    .trim_start_matches("FAILED. ")
+                    .strip_suffix(word)
+            })
+            .and_then(|n| n.trim().parse().ok())
+    };
+    Some((count(" passed")?, count(" failed")?))
 }
 
 fn mount_tracefs() -> Result<()> {
@@ -358,5 +398,25 @@ fn exit_code(st: ExitStatus) -> ExitCode {
         (Some(code), _) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         (None, Some(sig)) => ExitCode::from(u8::try_from(128 + sig).unwrap_or(1)),
         (None, None) => ExitCode::FAILURE,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::totals;
+
+    #[test]
+    fn totals_of_a_cargo_test_line() {
+        assert_eq!(
+            totals("test result: ok. 12 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 17.68s"),
+            Some((12, 0))
+        );
+        assert_eq!(
+            totals(
+                "test result: FAILED. 11 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out"
+            ),
+            Some((11, 1))
+        );
+        assert_eq!(totals("running 3 tests"), None);
     }
 }
