@@ -142,7 +142,14 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut diag = SockDiag::open().context("cannot open a sock_diag netlink socket")?;
     tracing::info!("policy: {}", describe(&opts.policy));
     let mut engine = Engine::new(opts.policy, opts.enforce);
+    // The drop counters' baseline comes before the start-up reconcile: records dropped
+    // after it are reconciled again at the next stats tick, none go unnoticed.
+    let mut last_stats = loader::read_stats(&stats).unwrap_or_default();
     let done = full_reconcile(&mut engine, &mut diag, &mut conns)?;
+    // Before the line that says it runs: a stop right after it must be a clean stop.
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
     tracing::info!(
         "watching TCP sockets: {} from the pinned map, {} older than connwatch (age unknown), {} stale entries removed; {}",
         done.from_map,
@@ -173,11 +180,7 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     drop(jobs_tx);
     let mut ring = watch_ring(events)?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sighup = signal(SignalKind::hangup())?;
     let mut tick = tokio::time::interval(STATS_EVERY);
-    let mut last_stats = loader::read_stats(&stats).unwrap_or_default();
     loop {
         let now = monotonic_ns();
         let wake = engine
