@@ -264,7 +264,14 @@ mod tests {
     fn the_fuzz_crate_names_its_targets() {
         let text = fs::read_to_string(fuzz_dir().join("Cargo.toml")).unwrap();
         let t = targets(&text);
-        for want in ["config", "duration", "port_range", "cidr", "state_timeout"] {
+        for want in [
+            "config",
+            "duration",
+            "port_range",
+            "cidr",
+            "state_timeout",
+            "api_request",
+        ] {
             assert!(t.iter().any(|x| x == want), "{want} missing from {t:?}");
         }
     }

@@ -72,7 +72,7 @@ enum Cmd {
     CheckToolchain,
     /// Measure connwatch beside its peers (root; loopback load): `cargo xtask bench [--figure N] [--quick]`.
     Bench(bench::BenchArgs),
-    /// Fuzz the config, duration, port and CIDR parsers with cargo-fuzz: `cargo xtask fuzz [--seconds N]` (each target N s).
+    /// Fuzz the config, duration, port, CIDR and control-request parsers with cargo-fuzz: `cargo xtask fuzz [--seconds N]` (each target N s).
     Fuzz(fuzz::FuzzArgs),
     /// Churn and kills together on loopback (root; default 10 minutes): memory must stay flat, every decision logged.
     Soak(soak::SoakArgs),
