@@ -36,7 +36,7 @@ const RECV_BUF_LEN: usize = 64 * 1024;
 
 /// Requests sent in one message by the batched calls. Their replies must fit the
 /// socket's receive buffer (the kernel drops what does not), which `open` enlarges.
-pub const BATCH: usize = 256;
+const BATCH: usize = 256;
 
 /// The receive buffer asked for: room for a batch of replies, each of which costs the
 /// buffer far more than its bytes.

@@ -387,38 +387,36 @@ impl Engine {
                 kills.push((key, rule, live));
             }
         }
+        let results: Vec<Outcome> = if self.enforce {
+            let socks: Vec<&DiagSocket> = kills.iter().map(|(_, _, live)| live).collect();
+            diag.destroy_many(&socks)
+                .into_iter()
+                .map(destroy::outcome_of)
+                .collect()
+        } else {
+            kills.iter().map(|_| Outcome::WouldDestroy).collect()
+        };
+        let killed = started.elapsed();
         let n = kills.len();
-        // A chunk at a time: each chunk's records are written as soon as its destroys
-        // are answered, so a crash mid-round loses at most one chunk's lines.
-        for chunk in kills.chunks(crate::diag::BATCH) {
-            let results: Vec<Outcome> = if self.enforce {
-                let socks: Vec<&DiagSocket> = chunk.iter().map(|(_, _, live)| live).collect();
-                diag.destroy_many(&socks)
-                    .into_iter()
-                    .map(destroy::outcome_of)
-                    .collect()
-            } else {
-                chunk.iter().map(|_| Outcome::WouldDestroy).collect()
+        for ((key, rule, _), outcome) in kills.into_iter().zip(results) {
+            let Some(chosen) = self.tracker.get(key).copied() else {
+                continue;
             };
-            for ((key, rule, _), outcome) in chunk.iter().zip(results) {
-                let Some(chosen) = self.tracker.get(*key).copied() else {
-                    continue;
-                };
-                if matches!(outcome, Outcome::Destroyed | Outcome::WouldDestroy) {
-                    self.window_used += 1;
-                }
-                // No kernel event will say a socket outside the map is gone.
-                if chosen.source != Source::Map && matches!(outcome, Outcome::Destroyed) {
-                    self.tracker.remove(*key);
-                    self.plan(*key);
-                }
-                self.record(&chosen, *rule, now, &outcome, None);
+            if matches!(outcome, Outcome::Destroyed | Outcome::WouldDestroy) {
+                self.window_used += 1;
             }
+            // No kernel event will say a socket outside the map is gone.
+            if chosen.source != Source::Map && matches!(outcome, Outcome::Destroyed) {
+                self.tracker.remove(key);
+                self.plan(key);
+            }
+            self.record(&chosen, rule, now, &outcome, None);
         }
         tracing::debug!(
-            "round of {} deadlines: lookups took {:?}, {n} kills and records took {:?}",
+            "round of {} deadlines: lookups took {:?}, {n} kills ended at {:?}, records at {:?}",
             tuples.len(),
             looked_up,
+            killed,
             started.elapsed()
         );
     }
