@@ -185,16 +185,19 @@ impl Drop for Daemon {
     }
 }
 
-/// connwatch's single-instance lock, held by a loadgen process: while it lives no
-/// daemon (ours or anyone's) is attached.
+/// No connwatch on the host: the pinned maps and program links are removed (the
+/// program stays attached through its pinned link after a daemon stops), then the
+/// single-instance lock is held by a loadgen process so no daemon of this mount
+/// namespace starts; programs of daemons elsewhere are waited for.
 pub struct NoDaemon {
     child: Child,
 }
 
 impl NoDaemon {
-    pub fn hold(loadgen: &Path) -> Result<NoDaemon> {
+    pub fn hold(connwatch: &Path, tools: &Tools) -> Result<NoDaemon> {
         use std::io::BufRead;
-        let mut child = Command::new(loadgen)
+        tools.cleanup(connwatch, WAIT_FOR_OTHER)?;
+        let mut child = Command::new(&tools.loadgen)
             .args(["lock", "--max-secs", "1800"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -208,7 +211,12 @@ impl NoDaemon {
             let _ = child.wait();
             bail!("loadgen lock said {:?}", line.trim());
         }
-        Ok(NoDaemon { child })
+        let none = NoDaemon { child };
+        let left = tools.wait_no_progs(Duration::from_secs(180))?;
+        if left > 0 {
+            eprintln!("bench: {left} connwatch programs stay attached (another daemon's)");
+        }
+        Ok(none)
     }
 }
 

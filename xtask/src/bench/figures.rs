@@ -59,7 +59,7 @@ pub fn data_path(b: &mut Bench) -> Result<()> {
                 let mine = b.tools.progs()?.len();
                 (Some(d), None, mine)
             } else {
-                (None, Some(NoDaemon::hold(b.loadgen())?), 0)
+                (None, Some(NoDaemon::hold(&b.connwatch, &b.tools)?), 0)
             };
             for (t, (test, _)) in TESTS.iter().enumerate() {
                 for attempt in 0.. {
@@ -285,7 +285,7 @@ pub fn deadline(b: &mut Bench) -> Result<()> {
     };
     let (lo, hi) = peer_net.ports();
     b.quiet(3);
-    let _none = NoDaemon::hold(b.loadgen())?;
+    let _none = NoDaemon::hold(&b.connwatch, &b.tools)?;
     let poller = std::process::Command::new(b.loadgen())
         .args(["pollkill", "--lo", &lo.to_string(), "--hi", &hi.to_string()])
         .args(["--max-age-ms", "3000", "--period-ms", "1000"])
@@ -351,7 +351,13 @@ pub fn mass_destroy(b: &mut Bench) -> Result<()> {
         group: 0,
     };
     b.quiet(4);
+    // A fresh host: no map, no program (a pinned link would record the births).
+    b.tools
+        .cleanup(&b.connwatch, Duration::from_secs(20 * 60))?;
     let (mut fleet, opened) = hold(b, net, n)?;
+    // Every connection is past its max-age when the daemon starts, so all are due
+    // at once, whether their births are known or not.
+    std::thread::sleep(Duration::from_secs(6));
     let mut d = start(
         b,
         &args(&[
@@ -378,7 +384,7 @@ pub fn mass_destroy(b: &mut Bench) -> Result<()> {
         group: 1,
     };
     b.quiet(4);
-    let _none = NoDaemon::hold(b.loadgen())?;
+    let _none = NoDaemon::hold(&b.connwatch, &b.tools)?;
     let (mut fleet, peer_opened) = hold(b, peer_net, n)?;
     let (lo, hi) = peer_net.ports();
     let filter = format!("dport >= :{lo} and dport <= :{hi}");

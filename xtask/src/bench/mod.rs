@@ -205,13 +205,13 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         }
     }
     drop(sysctls);
-    // A map sized for one figure would stay pinned for whoever runs next.
-    if let Ok(m) = bench.tools.maps() {
-        if m.conns_max != u64::from(population::DEFAULT_MAP) {
-            let _ = bench
-                .tools
-                .cleanup(&bench.connwatch, std::time::Duration::from_secs(600));
-        }
+    // Leave no map and no program attached behind (the program stays attached
+    // through its pinned link after the daemon stops).
+    if let Err(e) = bench
+        .tools
+        .cleanup(&bench.connwatch, std::time::Duration::from_secs(600))
+    {
+        eprintln!("bench: {e:#}");
     }
 
     let elapsed = started.elapsed();

@@ -181,7 +181,7 @@ fn scenario(b: &mut Bench, s: &Scenario, group: u8) -> Result<Option<Quiet>> {
         );
     }
     if s.query {
-        query(b, sockets)?;
+        query(b, &d, sockets)?;
     }
     fleet.quit()?;
     d.settle(Duration::from_secs(1), 5_000_000, Duration::from_secs(120));
@@ -279,22 +279,26 @@ fn quiet(b: &mut Bench, d: &Daemon, sockets: u64) -> Result<Quiet> {
     })
 }
 
-/// Figure 7: `connwatch list` against `ss -tan`, three runs each, medians.
-fn query(b: &mut Bench, sockets: u64) -> Result<()> {
+/// Figure 7: `connwatch list --sort age --limit 100` against `ss -tan`, three runs each,
+/// medians. While a daemon runs, `list` asks it through its control socket, so the
+/// daemon's CPU during the call is counted with the client's.
+fn query(b: &mut Bench, d: &Daemon, sockets: u64) -> Result<()> {
     let cw = b.connwatch.display().to_string();
     let limit = Duration::from_secs(300);
     b.quiet(7);
-    let runs = |cmd: &[&str]| -> Result<(f64, f64, u64)> {
+    let runs = |cmd: &[&str], daemon: Option<&Daemon>| -> Result<(f64, f64, u64)> {
         let mut wall = Vec::new();
         let mut cpu = Vec::new();
         let mut rss = 0;
         for _ in 0..3 {
+            let d0 = daemon.map_or(0, Daemon::cpu_ns);
             let u = b.tools.rusage(cmd, None, limit)?;
+            let served = daemon.map_or(0, |d| d.cpu_ns() - d0) as f64 / 1e9;
             if u.exit != 0 {
                 eprintln!("bench: {} exited with status {}", cmd.join(" "), u.exit);
             }
             wall.push(u.wall);
-            cpu.push(u.cpu);
+            cpu.push(u.cpu + served);
             rss = rss.max(u.maxrss_kb);
         }
         Ok((
@@ -303,25 +307,32 @@ fn query(b: &mut Bench, sockets: u64) -> Result<()> {
             rss,
         ))
     };
-    let (json_wall, json_cpu, json_rss) = runs(&[&cw, "list", "--json"])?;
-    let (table_wall, table_cpu, _) = runs(&[&cw, "list"])?;
-    let (ss_wall, ss_cpu, ss_rss) = runs(&["ss", "-tan"])?;
+    let (top_wall, top_cpu, _) = runs(&[&cw, "list", "--sort", "age", "--limit", "100"], Some(d))?;
+    let (json_wall, json_cpu, json_rss) = runs(&[&cw, "list", "--json"], Some(d))?;
+    let (table_wall, table_cpu, _) = runs(&[&cw, "list"], Some(d))?;
+    let (ss_wall, ss_cpu, ss_rss) = runs(&["ss", "-tan"], None)?;
     b.row(Row {
         figure: 7,
         what: format!(
-            "`connwatch list --json` (no --sort/--limit yet), {} sockets tracked",
+            "`connwatch list --sort age --limit 100`, {} sockets tracked",
             count(sockets)
         ),
-        connwatch: format!("{} ({} CPU)", secs(json_wall), secs(json_cpu)),
+        connwatch: format!(
+            "{} ({} CPU, daemon's included)",
+            secs(top_wall),
+            secs(top_cpu)
+        ),
         peer: format!("{} ({} CPU) `ss -tan`", secs(ss_wall), secs(ss_cpu)),
-        ratio: ratio(json_wall, ss_wall),
+        ratio: ratio(top_wall, ss_wall),
         goal: "< 1 s, < 2x ss -tan".into(),
-        met: Some(json_wall < 1.0 && json_wall < 2.0 * ss_wall),
+        met: Some(top_wall < 1.0 && top_wall < 2.0 * ss_wall),
     });
     b.note(
         7,
         format!(
-            "`connwatch list` (table): {} wall, {} CPU; peak RSS: list --json {}, ss -tan {}",
+            "every connection: `connwatch list --json` {} wall ({} CPU), `connwatch list` (table) {} wall ({} CPU); peak RSS of the client: list --json {}, ss -tan {}",
+            secs(json_wall),
+            secs(json_cpu),
             secs(table_wall),
             secs(table_cpu),
             bytes(json_rss as f64 * 1024.0),
