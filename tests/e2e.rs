@@ -12,11 +12,11 @@ use std::thread;
 use std::time::Duration;
 
 use connwatch::conn::Tuple;
-use connwatch::destroy::{self, Outcome};
-use connwatch::diag::SockDiag;
-use connwatch::loader;
-use connwatch::testing::require_root;
-use connwatch::tracker::{Source, Tracked, Tracker};
+use connwatch::engine::destroy::{self, Outcome};
+use connwatch::kernel::sock_diag::SockDiag;
+use connwatch::kernel::{load, pins};
+
+use connwatch::track::{Source, Tracked, Tracker};
 
 mod common;
 use common::*;
@@ -229,8 +229,7 @@ fn json_log_format_carries_the_fields() {
 #[test]
 fn a_reused_tuple_survives() {
     let _x = exclusive();
-    let mut loaded =
-        loader::load_and_attach(loader::Sizes::default()).expect("load the eBPF program");
+    let mut loaded = load::load_and_attach(load::Sizes::default()).expect("load the eBPF program");
     let mut diag = SockDiag::open().unwrap();
     let listener = listen("127.0.0.1");
     let addr = listener.local_addr().unwrap();
@@ -258,7 +257,7 @@ fn a_reused_tuple_survives() {
     };
 
     // Close it without TIME_WAIT (RST), then open a new connection on the same tuple.
-    set_linger_zero(&c1);
+    abort_on_close(&c1);
     drop(c1);
     drop(s1);
     thread::sleep(Duration::from_millis(50));
@@ -296,7 +295,7 @@ fn a_reused_tuple_survives() {
     );
 }
 
-fn drain_into(loaded: &mut loader::Loaded, tracker: &mut Tracker) {
+fn drain_into(loaded: &mut load::Loaded, tracker: &mut Tracker) {
     thread::sleep(Duration::from_millis(50));
     while let Some(item) = loaded.events.next() {
         // SAFETY: the program writes whole ConnEvent records.
@@ -304,24 +303,6 @@ fn drain_into(loaded: &mut loader::Loaded, tracker: &mut Tracker) {
             std::ptr::read_unaligned(item.as_ptr() as *const connwatch_common::ConnEvent)
         };
         tracker.apply(&ev);
-    }
-}
-
-fn set_linger_zero(s: &TcpStream) {
-    use std::os::fd::AsRawFd;
-    let l = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt on a descriptor the stream owns.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            &l as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::linger>() as u32,
-        );
     }
 }
 
@@ -391,7 +372,7 @@ fn a_restarted_daemon_keeps_the_ages() {
     drop(gone);
     thread::sleep(Duration::from_secs(1));
     let d = Daemon::start(&["--max-age", "1h", "--port", &port(&l)]);
-    let map = loader::open_pinned_conns().unwrap();
+    let map = pins::open_pinned_conns().unwrap();
     let in_map: Vec<Tuple> = map
         .iter()
         .flatten()

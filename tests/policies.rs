@@ -13,7 +13,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use connwatch::conn::{TcpState, Tuple};
-use connwatch::diag::SockDiag;
+use connwatch::kernel::sock_diag::SockDiag;
 
 mod common;
 use common::*;

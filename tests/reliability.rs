@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use connwatch::clock::monotonic_ns;
 use connwatch::conn::{TcpState, Tuple};
-use connwatch::diag::{DestroyError, SockDiag};
-use connwatch::loader;
-use connwatch::privilege;
+use connwatch::kernel::privilege;
+use connwatch::kernel::sock_diag::{DestroyError, SockDiag};
+use connwatch::kernel::{layout, pins};
 use connwatch_common::{ConnInfo, FLAG_BIRTH_UNKNOWN};
 
 mod common;
@@ -173,7 +173,7 @@ fn signal(d: &Daemon, sig: i32) {
 
 /// The pinned map's entries, by tuple.
 fn map_entries() -> HashMap<Tuple, ConnInfo> {
-    loader::open_pinned_conns()
+    pins::open_pinned_conns()
         .expect("the pinned map")
         .iter()
         .flatten()
@@ -236,24 +236,6 @@ fn list_json() -> Vec<serde_json::Value> {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// Sets SO_LINGER 0: the close is a reset, leaving no TIME_WAIT behind.
-fn abort_on_close(s: &TcpStream) {
-    let l = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt on a descriptor the stream owns.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            &l as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::linger>() as u32,
-        );
-    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -475,13 +457,13 @@ fn a_clean_stop_says_what_it_leaves_and_cleanup_removes_it_all() {
         "a socket born while stopped is recorded"
     );
 
-    let pinned: HashSet<String> = std::fs::read_dir(loader::PIN_DIR)
+    let pinned: HashSet<String> = std::fs::read_dir(pins::PIN_DIR.as_str())
         .unwrap()
         .map(|e| e.unwrap().path().display().to_string())
         .collect();
     let mut programs = Vec::new();
-    for hook in &loader::HOOKS {
-        let link = aya::programs::links::PinnedLink::from_pin(loader::link_pin(hook.program))
+    for hook in &layout::HOOKS {
+        let link = aya::programs::links::PinnedLink::from_pin(pins::link_pin(hook.program))
             .expect("each hook's link is pinned");
         let link: aya::programs::links::FdLink = link.into();
         programs.push(link.info().unwrap().program_id());
@@ -493,7 +475,7 @@ fn a_clean_stop_says_what_it_leaves_and_cleanup_removes_it_all() {
         .map(str::to_string)
         .collect();
     assert_eq!(removed, pinned, "{text}");
-    assert!(!std::path::Path::new(loader::PIN_DIR).exists());
+    assert!(!std::path::Path::new(pins::PIN_DIR.as_str()).exists());
     thread::sleep(Duration::from_millis(200));
     let loaded: HashSet<u32> = aya::programs::loaded_programs()
         .filter_map(Result::ok)
@@ -827,22 +809,22 @@ fn pinned_objects_and_the_control_socket_are_root_only() {
     let _x = exclusive();
     let d = Daemon::start(&["--max-age", "1h", "--port", "1"]);
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode(std::path::Path::new(loader::PIN_DIR)), 0o700);
+    assert_eq!(mode(std::path::Path::new(pins::PIN_DIR.as_str())), 0o700);
     let mut n = 0;
-    for e in std::fs::read_dir(loader::PIN_DIR).unwrap() {
+    for e in std::fs::read_dir(pins::PIN_DIR.as_str()).unwrap() {
         let p = e.unwrap().path();
         assert_eq!(mode(&p) & 0o077, 0, "{} is open to others", p.display());
         n += 1;
     }
-    assert!(n >= 3 + 2 * loader::HOOKS.len(), "{n} pinned objects");
+    assert!(n >= 3 + 2 * layout::HOOKS.len(), "{n} pinned objects");
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .args(["test", "-e"])
-        .arg(std::path::Path::new(loader::PIN_DIR).join("CW_CONNS"))
+        .arg(std::path::Path::new(pins::PIN_DIR.as_str()).join("CW_CONNS"))
         .status()
         .expect("setpriv (util-linux)");
     assert!(!out.success(), "nobody can see the pinned map");
-    let socket = connwatch::api::socket_path(None);
+    let socket = connwatch::control::protocol::socket_path(None);
     let meta = std::fs::metadata(&socket).expect("the control socket exists");
     {
         use std::os::unix::fs::MetadataExt;
@@ -1059,7 +1041,7 @@ fn a_refused_destroy_is_logged_once_counted_and_not_retried() {
 /// A socket gone between the lookup and the destroy: ENOENT, reported as gone.
 #[test]
 fn a_socket_gone_before_the_destroy_is_reported_as_gone() {
-    connwatch::testing::require_root("destroys sockets through sock_diag");
+    common::require_root("destroys sockets through sock_diag");
     let l = listen("127.0.0.1");
     let c = Conn::open(&l);
     let mut diag = SockDiag::open().unwrap();
@@ -1073,248 +1055,5 @@ fn a_socket_gone_before_the_destroy_is_reported_as_gone() {
     match diag.destroy(&sock) {
         Err(DestroyError::Gone) => {}
         other => panic!("destroying a closed socket gave {other:?}"),
-    }
-}
-
-// ---------------------------------------------------------------------------------
-// Properties of the engine under lost, repeated and reloaded input (no kernel needed)
-
-mod engine_properties {
-    use std::net::{IpAddr, SocketAddr};
-    use std::time::Duration;
-
-    use connwatch::conn::{TcpState, Tuple};
-    use connwatch::diag::DiagSocket;
-    use connwatch::engine::Engine;
-    use connwatch::policy::{Limit, Policy, Rule, Selector, Verdict};
-    use connwatch_common::{event_kind, tcp_state, ConnEvent, ConnInfo, AF_INET};
-    use proptest::prelude::*;
-
-    const SEC: u64 = 1_000_000_000;
-
-    /// One socket's life: born, perhaps half-closed by its peer, perhaps closed.
-    #[derive(Clone, Debug)]
-    struct Life {
-        born_s: u64,
-        close_wait_after_s: Option<u64>,
-        closed_after_s: Option<u64>,
-    }
-
-    fn key(i: usize) -> u64 {
-        0xffff_8880_0000_0000 + (i as u64) * 0x1000
-    }
-
-    fn tuple(i: usize) -> Tuple {
-        Tuple::new(
-            SocketAddr::new(IpAddr::from([127, 0, 0, 1]), 10_000 + i as u16),
-            SocketAddr::new(IpAddr::from([127, 0, 0, 1]), 8000 + (i % 3) as u16),
-        )
-    }
-
-    fn info(i: usize, state: u32, born: u64, since: u64) -> ConnInfo {
-        let t = tuple(i);
-        let mut info = ConnInfo::zeroed();
-        info.family = AF_INET;
-        info.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
-        info.daddr[..4].copy_from_slice(&[127, 0, 0, 1]);
-        info.sport = t.local.port();
-        info.dport = t.remote.port();
-        info.birth_ns = born;
-        info.seen_ns = born;
-        info.state_since_ns = since;
-        info.state = state;
-        info
-    }
-
-    /// Every event of every life, in time order, and the sockets alive at the end.
-    fn events(lives: &[Life]) -> (Vec<ConnEvent>, Vec<DiagSocket>) {
-        let mut evs: Vec<(u64, ConnEvent)> = Vec::new();
-        let mut live = Vec::new();
-        for (i, l) in lives.iter().enumerate() {
-            let born = l.born_s * SEC;
-            let ev = |kind, oldstate, info| ConnEvent {
-                key: key(i),
-                kind,
-                oldstate,
-                info,
-            };
-            evs.push((
-                born,
-                ev(
-                    event_kind::OPENED,
-                    tcp_state::CLOSE,
-                    info(i, tcp_state::ESTABLISHED, born, born),
-                ),
-            ));
-            let mut state = tcp_state::ESTABLISHED;
-            let mut since = born;
-            if let Some(d) = l.close_wait_after_s {
-                since = born + d * SEC;
-                evs.push((
-                    since,
-                    ev(
-                        event_kind::STATE,
-                        state,
-                        info(i, tcp_state::CLOSE_WAIT, born, since),
-                    ),
-                ));
-                state = tcp_state::CLOSE_WAIT;
-            }
-            match l.closed_after_s {
-                Some(d) => {
-                    let at = since + d * SEC;
-                    evs.push((
-                        at,
-                        ev(
-                            event_kind::CLOSED,
-                            state,
-                            info(i, tcp_state::CLOSE, born, at),
-                        ),
-                    ));
-                }
-                None => live.push(DiagSocket {
-                    tuple: tuple(i),
-                    state: TcpState(state),
-                    cookie: [i as u8; 8],
-                    inode: i as u32 + 1,
-                    uid: 0,
-                    ifindex: 0,
-                    activity: None,
-                }),
-            }
-        }
-        evs.sort_by_key(|(at, e)| (*at, e.key));
-        (evs.into_iter().map(|(_, e)| e).collect(), live)
-    }
-
-    fn arb_lives() -> impl Strategy<Value = Vec<Life>> {
-        prop::collection::vec(
-            (
-                0u64..100,
-                prop::option::of(1u64..50),
-                prop::option::of(1u64..50),
-            )
-                .prop_map(|(born_s, close_wait_after_s, closed_after_s)| Life {
-                    born_s,
-                    close_wait_after_s,
-                    closed_after_s,
-                }),
-            0..40,
-        )
-    }
-
-    fn arb_policy() -> impl Strategy<Value = Policy> {
-        let limit = prop_oneof![
-            (1u64..200).prop_map(|s| Limit::MaxAge(Duration::from_secs(s))),
-            (1u64..200).prop_map(|s| Limit::Idle(Duration::from_secs(s))),
-            (1u64..200)
-                .prop_map(|s| Limit::StateTimeout(TcpState::CLOSE_WAIT, Duration::from_secs(s))),
-            Just(Limit::Block),
-        ];
-        let rule = (limit, prop::option::of(8000u16..8003)).prop_map(|(limit, port)| Rule {
-            name: limit.kind().into(),
-            selector: Selector {
-                remote_ports: port
-                    .map(|p| vec![connwatch::policy::PortRange { lo: p, hi: p }])
-                    .unwrap_or_default(),
-                ..Selector::default()
-            },
-            limit,
-        });
-        prop::collection::vec(rule, 0..4).prop_map(|rules| Policy {
-            rules,
-            ..Policy::default()
-        })
-    }
-
-    /// Every tracked socket, with the deadline the engine holds for it.
-    fn state(e: &Engine) -> Vec<(u64, String, Option<u64>)> {
-        let mut v: Vec<_> = e
-            .tracker
-            .iter()
-            .map(|(k, t)| (k, format!("{t:?}"), e.deadlines.get(k)))
-            .collect();
-        v.sort();
-        v
-    }
-
-    /// The engine holds exactly the deadline the policy gives each tracked socket.
-    fn deadlines_follow_the_policy(e: &Engine) -> Result<(), TestCaseError> {
-        for (k, t) in e.tracker.iter() {
-            let want = match e.policy.verdict(&t.subject()) {
-                Verdict::At { at_ns, .. } => Some(at_ns),
-                Verdict::Never => None,
-            };
-            prop_assert_eq!(e.deadlines.get(k), want, "{:?}", t);
-        }
-        Ok(())
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(300))]
-
-        /// Whatever events the ring lost, one reconcile with the kernel's dump leaves
-        /// exactly the live sockets tracked, each with the deadline its policy gives.
-        #[test]
-        fn one_reconcile_repairs_any_loss(
-            lives in arb_lives(),
-            policy in arb_policy(),
-            lost in prop::collection::vec(any::<bool>(), 200),
-        ) {
-            let (evs, live) = events(&lives);
-            let mut e = Engine::new(policy, false);
-            for (ev, lost) in evs.iter().zip(lost.iter().cycle()) {
-                if !lost {
-                    e.on_event(ev);
-                }
-            }
-            let now = 200 * SEC;
-            let _ = e.reconcile(None, &live, now);
-            let mut tracked: Vec<Tuple> = e.tracker.iter().map(|(_, t)| t.tuple).collect();
-            let mut want: Vec<Tuple> = live.iter().map(|s| s.tuple).collect();
-            tracked.sort_by_key(|t| t.local.port());
-            want.sort_by_key(|t| t.local.port());
-            prop_assert_eq!(tracked, want);
-            deadlines_follow_the_policy(&e)?;
-        }
-
-        /// A policy reload keeps every socket and gives each the deadline a daemon
-        /// started with the new policy would.
-        #[test]
-        fn a_reload_loses_no_deadline(
-            lives in arb_lives(),
-            before in arb_policy(),
-            after in arb_policy(),
-        ) {
-            let (evs, _) = events(&lives);
-            let mut reloaded = Engine::new(before, false);
-            let mut fresh = Engine::new(after.clone(), false);
-            for ev in &evs {
-                reloaded.on_event(ev);
-                fresh.on_event(ev);
-            }
-            reloaded.set_policy(after);
-            prop_assert_eq!(state(&reloaded), state(&fresh));
-            deadlines_follow_the_policy(&reloaded)?;
-        }
-
-        /// Events delivered twice (a ring read again after a crash) change nothing.
-        #[test]
-        fn repeated_events_change_nothing(
-            lives in arb_lives(),
-            policy in arb_policy(),
-        ) {
-            let (evs, _) = events(&lives);
-            let mut once = Engine::new(policy.clone(), false);
-            let mut twice = Engine::new(policy, false);
-            for ev in &evs {
-                once.on_event(ev);
-            }
-            for ev in evs.iter().chain(&evs) {
-                twice.on_event(ev);
-            }
-            prop_assert_eq!(state(&once), state(&twice));
-            deadlines_follow_the_policy(&once)?;
-        }
     }
 }

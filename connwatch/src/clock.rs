@@ -3,6 +3,9 @@
 
 use std::time::{Duration, SystemTime};
 
+/// Nanoseconds in a second: the unit of every kernel and deadline timestamp.
+pub const SEC: u64 = 1_000_000_000;
+
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

@@ -1,4 +1,4 @@
-//! The vocabulary of connections: TCP states and address tuples.
+//! The vocabulary of connections: TCP states, address tuples, owners and births.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -107,6 +107,64 @@ impl fmt::Display for Tuple {
     }
 }
 
+/// An address as policies compare it: an IPv4-mapped IPv6 address (a dual-stack
+/// socket talking IPv4) is the IPv4 address it carries.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The owner of a socket: the process that last used it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub pid: u32,
+    pub comm: [u8; 16],
+}
+
+impl Owner {
+    pub fn new(pid: u32, name: &str) -> Owner {
+        let mut comm = [0u8; 16];
+        let n = name.len().min(15);
+        comm[..n].copy_from_slice(&name.as_bytes()[..n]);
+        Owner { pid, comm }
+    }
+
+    pub fn name(&self) -> &str {
+        let end = self.comm.iter().position(|b| *b == 0).unwrap_or(16);
+        std::str::from_utf8(&self.comm[..end]).unwrap_or("?")
+    }
+}
+
+impl fmt::Display for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}({})", self.name(), self.pid)
+    }
+}
+
+/// What is known of a socket's birth.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Birth {
+    /// Born at this monotonic time, seen by the kernel program.
+    Known(u64),
+    /// Existed before connwatch saw it, first seen at this time: it is at least this old.
+    Unknown { seen_ns: u64 },
+}
+
+impl Birth {
+    /// The latest time the socket can have been born: exact when known, a bound otherwise.
+    pub fn no_later_than(self) -> u64 {
+        match self {
+            Birth::Known(ns) | Birth::Unknown { seen_ns: ns } => ns,
+        }
+    }
+
+    pub fn is_known(self) -> bool {
+        matches!(self, Birth::Known(_))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,5 +197,12 @@ mod tests {
         );
         info.family = 1;
         assert!(Tuple::from_info(&info).is_none());
+    }
+
+    #[test]
+    fn owner_names_are_kernel_comms() {
+        let o = Owner::new(42, "a-very-long-process-name");
+        assert_eq!(o.name(), "a-very-long-pro");
+        assert_eq!(o.to_string(), "a-very-long-pro(42)");
     }
 }

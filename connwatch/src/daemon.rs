@@ -15,16 +15,17 @@ use connwatch_common::ConnEvent;
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::api::{self, Journal};
-use crate::app::describe;
-use crate::cli::PolicyArgs;
 use crate::clock::monotonic_ns;
-use crate::diag::SockDiag;
+use crate::control::answer::{self, Ctx};
+use crate::control::protocol::{error, Reply, Request};
+use crate::control::{http, server};
 use crate::engine::{Engine, Reconciled};
-use crate::loader::{self, ConnMap, Loaded, Stats};
-use crate::metrics::Metrics;
-use crate::policy::Policy;
-use crate::privilege;
+use crate::kernel::sock_diag::SockDiag;
+use crate::kernel::{self, pins, privilege, ConnMap, Loaded, Stats};
+use crate::observe::journal::Journal;
+use crate::observe::log::reopen_log_file;
+use crate::observe::metrics::Metrics;
+use crate::policy::{Policy, PolicySource};
 
 /// How often the kernel's drop counters are read: a constant cost, whatever the load.
 const STATS_EVERY: Duration = Duration::from_secs(2);
@@ -32,22 +33,38 @@ const STATS_EVERY: Duration = Duration::from_secs(2);
 pub struct Options {
     pub policy: Policy,
     pub enforce: bool,
-    pub sizes: loader::Sizes,
-    /// Where the policy came from: read again on SIGHUP.
-    pub source: PolicyArgs,
+    pub sizes: kernel::Sizes,
+    /// Where the policy came from: read again on SIGHUP and on a control-API reload.
+    pub source: PolicySource,
     /// The control socket.
     pub api_socket: PathBuf,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics_addr: Option<SocketAddr>,
 }
 
-/// Reads the policy again from where it came from and puts it in force; returns its
-/// description. On error the engine keeps its policy.
-pub fn reload(engine: &mut Engine, source: &PolicyArgs) -> Result<String> {
-    let policy = source.spec(engine.enforce)?.build();
-    let description = describe(&policy);
-    engine.set_policy(policy);
-    Ok(description)
+/// Reads the policy again from where it came from and puts it in force, for SIGHUP
+/// and the control API alike: logs and counts the outcome. On error the engine keeps
+/// its policy. Returns the new policy's description.
+fn reload(
+    engine: &mut Engine,
+    source: &PolicySource,
+    metrics: Option<&Metrics>,
+    via: &str,
+) -> Result<String> {
+    let done = source.read(engine.enforce).map(|spec| {
+        let policy = spec.build();
+        let description = policy.describe();
+        engine.set_policy(policy);
+        description
+    });
+    if let Some(m) = metrics {
+        m.reloaded(done.is_ok());
+    }
+    match &done {
+        Ok(description) => tracing::info!("reloaded the policy{via}: {description}"),
+        Err(e) => tracing::error!("reload refused, keeping the last good policy: {e:#}"),
+    }
+    done
 }
 
 fn watch_ring(events: RingBuf<MapData>) -> Result<AsyncFd<RingBuf<MapData>>> {
@@ -122,7 +139,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let _lock = lock_instance()?;
     // The listeners come first, while this is still root in full: a daemon that later
     // sheds privileges keeps them.
-    let listener = api::bind(&opts.api_socket)?;
+    let listener = server::bind(&opts.api_socket)?;
     let _socket_file = RemoveOnDrop(opts.api_socket.clone());
     let metrics_listener = match opts.metrics_addr {
         Some(addr) => Some(
@@ -137,14 +154,14 @@ pub async fn run(opts: Options) -> Result<()> {
         mut conns,
         events,
         stats,
-    } = loader::load_and_attach(opts.sizes)?;
+    } = kernel::load_and_attach(opts.sizes)?;
     privilege::drop_after_load()?;
     let mut diag = SockDiag::open().context("cannot open a sock_diag netlink socket")?;
-    tracing::info!("policy: {}", describe(&opts.policy));
+    tracing::info!("policy: {}", opts.policy.describe());
     let mut engine = Engine::new(opts.policy, opts.enforce);
     // The drop counters' baseline comes before the start-up reconcile: records dropped
     // after it are reconciled again at the next stats tick, none go unnoticed.
-    let mut last_stats = loader::read_stats(&stats).unwrap_or_default();
+    let mut last_stats = kernel::read_stats(&stats).unwrap_or_default();
     let done = full_reconcile(&mut engine, &mut diag, &mut conns)?;
     // Before the line that says it runs: a stop right after it must be a clean stop.
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -161,7 +178,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let journal = Rc::new(RefCell::new(Journal::default()));
     let metrics = opts
         .metrics_addr
-        .map(|_| Rc::new(Metrics::new(loader::read_stats(&stats).unwrap_or_default())));
+        .map(|_| Rc::new(Metrics::new(kernel::read_stats(&stats).unwrap_or_default())));
     {
         let (journal, metrics) = (journal.clone(), metrics.clone());
         engine.observe(Box::new(move |o| {
@@ -171,11 +188,11 @@ pub async fn run(opts: Options) -> Result<()> {
             }
         }));
     }
-    let (jobs_tx, mut jobs) = tokio::sync::mpsc::channel::<api::Job>(64);
-    tokio::spawn(api::serve(listener, jobs_tx.clone()));
+    let (jobs_tx, mut jobs) = tokio::sync::mpsc::channel::<server::Job>(64);
+    tokio::spawn(server::serve(listener, jobs_tx.clone()));
     tracing::info!("control API on {}", opts.api_socket.display());
     if let (Some(listener), Some(addr)) = (metrics_listener, opts.metrics_addr) {
-        tokio::spawn(crate::metrics::serve(listener, jobs_tx.clone()));
+        tokio::spawn(http::serve(listener, jobs_tx.clone()));
         tracing::info!("Prometheus metrics on http://{addr}/metrics");
     }
     drop(jobs_tx);
@@ -200,7 +217,7 @@ pub async fn run(opts: Options) -> Result<()> {
                 engine.fire_due(monotonic_ns(), &mut diag, Some(&conns));
             }
             _ = tick.tick() => {
-                let s = loader::read_stats(&stats).unwrap_or(last_stats);
+                let s = kernel::read_stats(&stats).unwrap_or(last_stats);
                 if s.map_full > last_stats.map_full || s.ring_full > last_stats.ring_full {
                     report_drops(last_stats, s);
                     drain(ring.get_mut(), &mut engine);
@@ -210,48 +227,39 @@ pub async fn run(opts: Options) -> Result<()> {
                 last_stats = s;
             }
             _ = sighup.recv() => {
-                match crate::audit::reopen_log_file() {
+                match reopen_log_file() {
                     Ok(Some(path)) => tracing::info!("reopened the log file {}", path.display()),
                     Ok(None) => {}
                     Err(e) => tracing::error!("{e:#}; logging goes on to the file as it was"),
                 }
-                let done = reload(&mut engine, &opts.source);
-                if let Some(m) = &metrics {
-                    m.reloaded(done.is_ok());
-                }
-                match done {
-                    Ok(description) => tracing::info!("reloaded the policy: {description}"),
-                    Err(e) => tracing::error!("reload refused, keeping the last good policy: {e:#}"),
-                }
+                let _ = reload(&mut engine, &opts.source, metrics.as_deref(), "");
             }
             Some(job) = jobs.recv() => {
                 // Answer with what the kernel has said so far.
                 drain(ring.get_mut(), &mut engine);
-                let is_reload = job.req == api::Request::Reload;
-                let mut ctx = api::Ctx {
-                    engine: &mut engine,
-                    diag: &mut diag,
-                    conns: Some(&conns),
-                    journal: &journal,
-                    metrics: metrics.as_deref(),
-                    kernel: loader::read_stats(&stats).unwrap_or(last_stats),
-                    started,
-                    source: &opts.source,
-                    api_socket: &opts.api_socket,
-                    metrics_addr: opts.metrics_addr,
+                let kernel_now = kernel::read_stats(&stats).unwrap_or(last_stats);
+                let reply = match job.req {
+                    Request::Reload => {
+                        match reload(&mut engine, &opts.source, metrics.as_deref(), " (control API)") {
+                            Ok(description) => Reply::Json(serde_json::json!({"ok": true, "description": description})),
+                            Err(e) => error(format!("reload refused, keeping the last good policy: {e:#}")),
+                        }
+                    }
+                    Request::Metrics => match &metrics {
+                        Some(m) => Reply::Text(m.scrape(&engine, kernel_now, monotonic_ns())),
+                        None => error("metrics are off"),
+                    },
+                    req => answer::answer(req, &mut Ctx {
+                        engine: &mut engine,
+                        diag: &mut diag,
+                        conns: Some(&conns),
+                        journal: &journal,
+                        kernel: kernel_now,
+                        started,
+                        api_socket: &opts.api_socket,
+                        metrics_addr: opts.metrics_addr,
+                    }),
                 };
-                let reply = api::answer(job.req, &mut ctx);
-                if is_reload {
-                    let ok = matches!(&reply, api::Reply::Json(v) if v["ok"] == true);
-                    if let Some(m) = &metrics {
-                        m.reloaded(ok);
-                    }
-                    match &reply {
-                        api::Reply::Json(v) if ok => tracing::info!("reloaded the policy (control API): {}", v["description"].as_str().unwrap_or("")),
-                        api::Reply::Json(v) => tracing::error!("{}", v["error"].as_str().unwrap_or("reload refused")),
-                        _ => {}
-                    }
-                }
                 let _ = job.reply.send(reply);
             }
             _ = sigterm.recv() => break,
@@ -266,7 +274,7 @@ pub async fn run(opts: Options) -> Result<()> {
         c.would_destroy,
         c.skipped,
         c.failed,
-        loader::left_behind()
+        pins::left_behind()
     );
     Ok(())
 }

@@ -1,6 +1,6 @@
 fn main() {
     let cli = connwatch::cli::parse();
-    match connwatch::app::main(cli) {
+    match connwatch::cli::main(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("connwatch: error: {e:#}");

@@ -1,4 +1,4 @@
-//! Support for tests that need the real kernel.
+//! Support for unit tests that need the real kernel.
 
 /// Fails the calling test, saying why, when it cannot run: these tests exercise the
 /// real kernel and must not pass by doing nothing.

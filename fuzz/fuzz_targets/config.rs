@@ -11,10 +11,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let path = Path::new("fuzz.toml");
-    match connwatch::config::parse(path, text) {
+    match connwatch::policy::parse_config(path, text) {
         Ok(spec) => {
             let policy = spec.build();
-            let _ = connwatch::app::describe(&policy);
+            let _ = policy.describe();
         }
         Err(e) => {
             let shown = e.to_string();

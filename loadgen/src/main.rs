@@ -82,13 +82,15 @@ enum Cmd {
     },
     /// Sizes, entry count and drop counters of connwatch's pinned maps.
     Maps {
-        #[arg(long, default_value = "/sys/fs/bpf/connwatch")]
-        pin_dir: PathBuf,
+        /// Where the maps are pinned (default: this build's layout under /sys/fs/bpf/connwatch).
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
     },
     /// Compare the connection map (and `connwatch list --json`) with the kernel's table.
     Agree {
-        #[arg(long, default_value = "/sys/fs/bpf/connwatch")]
-        pin_dir: PathBuf,
+        /// Where the maps are pinned (default: this build's layout under /sys/fs/bpf/connwatch).
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
         #[arg(long)]
         lo: u16,
         #[arg(long)]
@@ -144,13 +146,18 @@ fn main() -> ExitCode {
             timeout_secs,
             cmd,
         } => tools::rusage(&cmd, out.as_deref(), timeout_secs),
-        Cmd::Maps { pin_dir } => tools::maps(&pin_dir),
+        Cmd::Maps { pin_dir } => tools::maps(&pin_dir.unwrap_or_else(default_pin_dir)),
         Cmd::Agree {
             pin_dir,
             lo,
             hi,
             connwatch,
-        } => tools::agree(&pin_dir, lo, hi, connwatch.as_deref()),
+        } => tools::agree(
+            &pin_dir.unwrap_or_else(default_pin_dir),
+            lo,
+            hi,
+            connwatch.as_deref(),
+        ),
         Cmd::Progs => tools::progs(),
         Cmd::Lock { path, max_secs } => {
             sys::exit_after(max_secs);
@@ -177,4 +184,12 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Where the daemon pins its maps: one directory per layout of the shared types.
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from(format!(
+        "/sys/fs/bpf/connwatch/layout-{}",
+        connwatch_common::LAYOUT_VERSION
+    ))
 }

@@ -10,7 +10,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use connwatch::testing::require_root;
+/// Fails the calling test, saying why, when it cannot run: these tests exercise the
+/// real kernel and must not pass by doing nothing.
+pub fn require_root(what: &str) {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "this test {what} and needs root (with BPF and sock_diag); run it as root: `sudo cargo xtask test`"
+    );
+}
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_connwatch");
 
@@ -316,5 +325,24 @@ pub fn connect_from(local: SocketAddr, to: SocketAddr) -> TcpStream {
         let rc = libc::connect(fd, &addr as *const _ as *const libc::sockaddr, len);
         assert_eq!(rc, 0, "connect {to}: {}", std::io::Error::last_os_error());
         TcpStream::from_raw_fd(fd)
+    }
+}
+
+/// Sets SO_LINGER 0: the close is a reset, leaving no TIME_WAIT behind.
+pub fn abort_on_close(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on a descriptor the stream owns.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &l as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as u32,
+        );
     }
 }

@@ -310,6 +310,7 @@ fn test(no_lint: bool, args: &[OsString]) -> Result<ExitCode> {
     }
     mount_tracefs()?;
     toolchain::ensure_test_tools()?;
+    clear_pins()?;
     let mut cmd = cargo_cmd(["test", "--workspace", "--exclude", "connwatch-ebpf"]);
     cmd.args(args);
     run_and_total(cmd)
@@ -354,6 +355,31 @@ fn totals(line: &str) -> Option<(u64, u64)> {
             .and_then(|n| n.trim().parse().ok())
     };
     Some((count(" passed")?, count(" failed")?))
+}
+
+/// Where connwatch pins its maps and links, every layout version below it.
+const PIN_ROOT: &str = "/sys/fs/bpf/connwatch";
+
+/// The suites start from a host with nothing of connwatch pinned: pins left by an
+/// earlier build (another layout, whose daemon refuses to start beside them) or an
+/// interrupted run would make the tests about the machine's past. Removed with the
+/// build's own `connwatch cleanup`, which refuses while a daemon runs.
+fn clear_pins() -> Result<()> {
+    if !Path::new(PIN_ROOT).exists() {
+        return Ok(());
+    }
+    ok(
+        &mut cargo_cmd(["build", "-p", "connwatch", "--bin", "connwatch"]),
+        "cargo build -p connwatch",
+    )?;
+    let bin = target_dir().join("debug").join("connwatch");
+    eprintln!(
+        "xtask: {PIN_ROOT} holds pins of an earlier run: removing them with `connwatch cleanup`"
+    );
+    ok(
+        Command::new(&bin).arg("cleanup").stdin(Stdio::null()),
+        "connwatch cleanup (is a daemon running? stop it first)",
+    )
 }
 
 fn mount_tracefs() -> Result<()> {

@@ -8,9 +8,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use crate::clock::{human, monotonic_ns};
-use crate::diag::SockDiag;
 use crate::engine::Engine;
-use crate::loader;
+use crate::kernel::pins;
+use crate::kernel::sock_diag::SockDiag;
 use crate::policy::{Policy, Verdict};
 
 /// What one sweep did, printed as its last line.
@@ -56,8 +56,8 @@ impl fmt::Display for Summary {
 fn load(
     policy: Policy,
     enforce: bool,
-) -> Result<(Engine, SockDiag, Option<loader::ConnMap>, usize)> {
-    let conns = match loader::open_pinned_conns() {
+) -> Result<(Engine, SockDiag, Option<crate::kernel::ConnMap>, usize)> {
+    let conns = match pins::open_pinned_conns() {
         Ok(map) => Some(map),
         Err(e) => {
             tracing::info!(

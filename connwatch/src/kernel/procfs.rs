@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::fs;
 
-use crate::policy::Owner;
+use crate::conn::Owner;
 
 /// The command name of a process, as the kernel keeps it for its main thread.
 pub fn process_name(pid: u32) -> Option<String> {

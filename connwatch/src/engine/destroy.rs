@@ -5,9 +5,9 @@
 
 use connwatch_common::ConnInfo;
 
-use crate::diag::{DestroyError, DiagSocket, SockDiag};
-use crate::loader::ConnMap;
-use crate::tracker::{Source, Tracked};
+use crate::kernel::sock_diag::{DestroyError, DiagSocket, SockDiag};
+use crate::kernel::ConnMap;
+use crate::track::{Source, Tracked};
 
 #[derive(Debug)]
 pub enum Outcome {
@@ -56,20 +56,20 @@ pub fn verify(
 }
 
 /// Finds the chosen socket again: the exact sock_diag lookup (with its `tcp_info`),
-/// then [`confirm`].
+/// then [`recheck`].
 pub fn lookup(
     diag: &mut SockDiag,
     conns: Option<&ConnMap>,
     key: u64,
     chosen: &Tracked,
 ) -> Result<(DiagSocket, Option<ConnInfo>), Outcome> {
-    confirm(conns, key, chosen, diag.get(&chosen.tuple))
+    recheck(conns, key, chosen, diag.get(&chosen.tuple))
 }
 
 /// Checks a lookup's answer against the choice, reading the map entry after the lookup:
 /// if the chosen socket closed and a new one took its tuple before the lookup, its map
 /// entry is already gone or renewed.
-pub fn confirm(
+pub fn recheck(
     conns: Option<&ConnMap>,
     key: u64,
     chosen: &Tracked,
@@ -119,8 +119,8 @@ pub fn execute(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conn::Birth;
     use crate::conn::{TcpState, Tuple};
-    use crate::policy::Birth;
     use connwatch_common::{tcp_state, AF_INET};
 
     fn tuple() -> Tuple {

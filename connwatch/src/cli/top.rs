@@ -17,9 +17,13 @@ use ratatui::widgets::{Block, Paragraph, Row as TableRow, Table};
 use ratatui::Frame;
 use serde_json::{json, Value};
 
-use crate::api::Client;
+use super::list::show_age;
 use crate::clock::human;
-use crate::list::{self, age_histogram, bucket_label, show_age, Filter, Query, Row, SortKey};
+use crate::control::client::Client;
+use crate::control::protocol::list_request;
+use crate::observe::view::{
+    age_histogram, bucket_label, read_local, Filter, Item, Query, Row, SortKey,
+};
 
 const REFRESH: Duration = Duration::from_secs(1);
 /// Rows asked for in each of the two connection tables.
@@ -70,7 +74,7 @@ fn rows(
     struct Listed {
         rows: Vec<Row>,
     }
-    let reply: Listed = client.request_as(&crate::api::list_request(&q))?;
+    let reply: Listed = client.request_as(&list_request(&q))?;
     Ok(reply.rows)
 }
 
@@ -175,8 +179,8 @@ pub fn from_kernel(filter: &Filter) -> Result<View> {
         limit: None,
         ..filter.clone()
     };
-    let (items, _) = f.apply(list::read_local()?.into_iter());
-    let rows: Vec<Row> = items.iter().map(list::Item::row).collect();
+    let (items, _) = f.apply(read_local()?.into_iter());
+    let rows: Vec<Row> = items.iter().map(Item::row).collect();
     let (by_state, ages, oldest, idle) = summarize(&rows);
     Ok(View {
         source: format!(

@@ -5,8 +5,9 @@ use std::collections::HashMap;
 
 use connwatch_common::{event_kind, ConnEvent, ConnInfo, FLAG_BIRTH_UNKNOWN};
 
+use crate::conn::{Birth, Owner};
 use crate::conn::{TcpState, Tuple};
-use crate::policy::{Birth, Owner, Subject};
+use crate::policy::Subject;
 
 /// Where a tracked socket came from, and so how it is re-checked before a destroy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

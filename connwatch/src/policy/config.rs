@@ -24,10 +24,10 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::policy::PolicySpec;
 use crate::policy::{
     parse_cidr, parse_duration, parse_timeout_state, Limit, PortRange, Rule, Selector,
 };
-use crate::spec::PolicySpec;
 
 /// A rejected config file: where, and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,29 +1,23 @@
-//! `connwatch list`: the live connections, their ages, time in state, idle time, owner
-//! and, while a daemon runs, the rule that will apply next.
-//!
-//! With a daemon the list comes from it through the control API: it already knows every
-//! socket, filters, sorts and cuts the list where it is, and adds each connection's next
-//! deadline. Without one, the socket table comes from one sock_diag dump (the kernel's
-//! truth) and the ages and owners from the pinned map. Either way the owner is the one
-//! the kernel program recorded: nothing here reads `/proc` per socket.
+//! The view of the connections that `list`, `top`, the control API and the metrics
+//! share: a row per connection, the filter and sort a query asks for, and the age
+//! buckets. Without a daemon, [`read_local`] builds the same view from one sock_diag
+//! dump and the pinned map; nothing here reads `/proc` per socket.
 
-use std::collections::HashMap;
-use std::io::Write;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
-use connwatch_common::{ConnInfo, FLAG_BIRTH_UNKNOWN};
+use anyhow::Result;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::clock::{human, monotonic_ns};
-use crate::conn::{TcpState, Tuple};
-use crate::diag::{DiagSocket, SockDiag};
-use crate::loader;
-use crate::policy::{canonical, parse_cidr, Owner, PortRange};
-
-const SEC: u64 = 1_000_000_000;
+use crate::clock::{human, monotonic_ns, SEC};
+use crate::conn::{canonical, Birth, Owner, TcpState, Tuple};
+use crate::engine::Engine;
+use crate::kernel::pins;
+use crate::kernel::sock_diag::{DiagSocket, SockDiag};
+use crate::policy::{parse_cidr, PortRange};
+use crate::track::Tracked;
 
 /// One connection as `list --json` and the control API give it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -288,47 +282,35 @@ fn human_bucket(s: u64) -> String {
     }
 }
 
-/// Joins the kernel's sockets with the map's entries, listeners left out: what `list`
-/// knows without a daemon.
-pub fn local_items(live: &[DiagSocket], entries: &HashMap<Tuple, ConnInfo>, now: u64) -> Vec<Item> {
+/// Joins the kernel's sockets with what the map says of them, listeners left out:
+/// what `list` knows without a daemon.
+pub fn local_items(live: &[DiagSocket], entries: &HashMap<Tuple, Tracked>, now: u64) -> Vec<Item> {
     let ms = |n: u32| u64::from(n) * 1_000_000;
     live.iter()
         .filter(|s| s.state != TcpState::LISTEN)
         .map(|s| {
-            // The map's state may lag the dump's by an event; its times stay valid only
-            // while both agree on the state.
             let entry = entries.get(&s.tuple);
-            let known = entry.filter(|e| e.flags & FLAG_BIRTH_UNKNOWN == 0);
-            let (age_ns, age_exact) = match (known, entry, s.activity) {
-                (Some(e), _, _) => (Some(now.saturating_sub(e.birth_ns)), true),
-                (None, Some(e), _) => (Some(now.saturating_sub(e.seen_ns)), false),
+            let (age_ns, age_exact) = match (entry.map(|e| e.birth), s.activity) {
+                (Some(Birth::Known(at)), _) => (Some(now.saturating_sub(at)), true),
+                (Some(Birth::Unknown { seen_ns }), _) => (Some(now.saturating_sub(seen_ns)), false),
                 // tcp_info's data timers start at establishment: the larger bounds the age.
-                (None, None, Some(a)) => (
+                (None, Some(a)) => (
                     Some(ms(a.last_data_sent_ms.max(a.last_data_recv_ms))),
                     false,
                 ),
-                (None, None, None) => (None, false),
+                (None, None) => (None, false),
             };
+            // The map's state may lag the dump's by an event; its times stay valid only
+            // while both agree on the state.
             let state_ns = entry
-                .filter(|e| e.state == s.state.0)
+                .filter(|e| e.state == s.state)
                 .map(|e| now.saturating_sub(e.state_since_ns));
             // tcp_info is exact; the map's stamps are coarse.
             let idle_ns = match (s.activity, entry) {
                 (Some(a), _) => Some(ms(a.quiet_ms())),
-                (None, Some(e)) => {
-                    let base = if e.flags & FLAG_BIRTH_UNKNOWN == 0 {
-                        e.birth_ns
-                    } else {
-                        e.seen_ns
-                    };
-                    Some(now.saturating_sub(e.last_rx_ns.max(e.last_tx_ns).max(base)))
-                }
+                (None, Some(e)) => Some(now.saturating_sub(e.subject().quiet_since())),
                 (None, None) => None,
             };
-            let owner = entry.filter(|e| e.pid != 0).map(|e| Owner {
-                pid: e.pid,
-                comm: e.comm,
-            });
             Item {
                 tuple: s.tuple,
                 state: s.state,
@@ -336,7 +318,7 @@ pub fn local_items(live: &[DiagSocket], entries: &HashMap<Tuple, ConnInfo>, now:
                 age_exact,
                 state_ns,
                 idle_ns,
-                owner,
+                owner: entry.and_then(|e| e.owner),
                 key: None,
             }
         })
@@ -346,11 +328,11 @@ pub fn local_items(live: &[DiagSocket], entries: &HashMap<Tuple, ConnInfo>, now:
 /// Every connection, from the pinned map and one sock_diag dump.
 pub fn read_local() -> Result<Vec<Item>> {
     let mut entries = HashMap::new();
-    match loader::open_pinned_conns() {
+    match pins::open_pinned_conns() {
         Ok(map) => {
             for (_, info) in map.iter().flatten() {
-                if let Some(t) = Tuple::from_info(&info) {
-                    entries.insert(t, info);
+                if let Some(t) = Tracked::from_info(&info) {
+                    entries.insert(t.tuple, t);
                 }
             }
         }
@@ -360,99 +342,43 @@ pub fn read_local() -> Result<Vec<Item>> {
     Ok(local_items(&live, &entries, monotonic_ns()))
 }
 
-/// `4m12s`, `>4m12s` for a lower bound, `-` when unknown.
-pub fn show_age(secs: Option<f64>, at_least: Option<f64>) -> String {
-    match (secs, at_least) {
-        (Some(s), _) => human(Duration::from_secs_f64(s)),
-        (None, Some(s)) => format!(">{}", human(Duration::from_secs_f64(s))),
-        _ => "-".into(),
+/// A tracked socket as `list` shows it, at `now`.
+pub fn item_of(key: u64, t: &Tracked, now: u64) -> Item {
+    let s = t.subject();
+    Item {
+        tuple: t.tuple,
+        state: t.state,
+        age_ns: Some(now.saturating_sub(t.birth.no_later_than())),
+        age_exact: t.birth.is_known(),
+        state_ns: Some(now.saturating_sub(t.state_since_ns)),
+        idle_ns: Some(now.saturating_sub(s.quiet_since())),
+        owner: t.owner,
+        key: Some(key),
     }
 }
 
-fn show(v: Option<f64>) -> String {
-    v.map_or("-".into(), |s| human(Duration::from_secs_f64(s)))
+/// Whether a tracked socket is a connection `list` shows.
+pub fn listed(t: &Tracked) -> bool {
+    t.state != TcpState::LISTEN && t.state != TcpState::CLOSE
 }
 
-/// What the NEXT column says: `max-age in 4m12s`, `idle due`, `never (port 22)`, `-`.
-pub fn show_next(r: &Row) -> String {
-    match (&r.next_rule, r.next_in_secs, &r.protected) {
-        (_, _, Some(p)) => format!("never ({p})"),
-        (Some(rule), Some(s), _) if s <= 0.0 => format!("{rule} due"),
-        (Some(rule), Some(s), _) => format!("{rule} in {}", show(Some(s))),
-        _ => "-".into(),
-    }
-}
-
-/// The rows as a table for people.
-pub fn table(rows: &[Row], out: &mut impl Write) -> std::io::Result<()> {
-    let w = |f: &dyn Fn(&Row) -> usize, min: usize| rows.iter().map(f).max().unwrap_or(0).max(min);
-    let lw = w(&|r| r.local.len(), 5);
-    let rw = w(&|r| r.remote.len(), 6);
-    let owners: Vec<String> = rows
-        .iter()
-        .map(|r| match (&r.process, r.pid) {
-            (Some(p), Some(pid)) => format!("{p}({pid})"),
-            _ => "-".into(),
-        })
-        .collect();
-    let pw = owners.iter().map(|o| o.len()).max().unwrap_or(0).max(7);
-    writeln!(
-        out,
-        "{:<11} {:<lw$} {:<rw$} {:>8} {:>8} {:>8} {:<pw$} NEXT",
-        "STATE", "LOCAL", "REMOTE", "AGE", "IN-STATE", "IDLE", "PROCESS"
-    )?;
-    for (r, owner) in rows.iter().zip(&owners) {
-        writeln!(
-            out,
-            "{:<11} {:<lw$} {:<rw$} {:>8} {:>8} {:>8} {:<pw$} {}",
-            r.state,
-            r.local,
-            r.remote,
-            show_age(r.age_secs, r.age_at_least_secs),
-            show(r.state_secs),
-            show(r.idle_secs),
-            owner,
-            show_next(r)
-        )?;
-    }
-    Ok(())
-}
-
-/// The rows, from the daemon when one answers, else from the kernel.
-pub fn fetch(filter: &Filter, socket: &std::path::Path) -> Result<(Vec<Row>, bool)> {
-    if let Some(mut client) = crate::api::Client::connect(socket)? {
-        #[derive(Deserialize)]
-        struct Listed {
-            rows: Vec<Row>,
-        }
-        let reply: Listed =
-            client.request_as(&crate::api::list_request(&Query::from_filter(filter)))?;
-        return Ok((reply.rows, true));
-    }
-    let (items, _) = filter.apply(read_local()?.into_iter());
-    Ok((items.iter().map(Item::row).collect(), false))
-}
-
-pub fn run(filter: &Filter, json: bool, socket: &std::path::Path) -> Result<()> {
-    let (rows, _) = fetch(filter, socket)?;
-    let mut out = std::io::stdout().lock();
-    if json {
-        serde_json::to_writer_pretty(&mut out, &rows)?;
-        writeln!(out)?;
-        return Ok(());
-    }
-    if let Err(e) = table(&rows, &mut out) {
-        if e.kind() != std::io::ErrorKind::BrokenPipe {
-            bail!(e);
+/// Counts by state and the age histogram of the tracked connections: one pass.
+pub fn census(engine: &Engine, now: u64) -> (BTreeMap<&'static str, u64>, Vec<u64>) {
+    let mut by_state = BTreeMap::new();
+    let mut ages = Vec::with_capacity(engine.tracker.len());
+    for (_, t) in engine.tracker.iter() {
+        *by_state.entry(t.state.name()).or_default() += 1;
+        if listed(t) {
+            ages.push(now.saturating_sub(t.birth.no_later_than()));
         }
     }
-    Ok(())
+    (by_state, ages)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use connwatch_common::AF_INET;
+    use connwatch_common::{ConnInfo, AF_INET, FLAG_BIRTH_UNKNOWN};
 
     fn sock(lport: u16, state: TcpState) -> DiagSocket {
         DiagSocket {
@@ -502,7 +428,8 @@ mod tests {
             owned,
             entry(3, 30 * SEC, FLAG_BIRTH_UNKNOWN),
         ] {
-            map.insert(Tuple::from_info(&e).unwrap(), e);
+            let t = Tracked::from_info(&e).unwrap();
+            map.insert(t.tuple, t);
         }
         local_items(&live, &map, 100 * SEC)
     }
@@ -616,22 +543,5 @@ mod tests {
         assert_eq!(bucket_label(0), "<10s");
         assert_eq!(bucket_label(3), "<1h");
         assert_eq!(bucket_label(6), ">=1w");
-    }
-
-    #[test]
-    fn the_table_reads_as_people_write_durations() {
-        let mut row = items()[1].row();
-        row.next_rule = Some("max-age".into());
-        row.next_in_secs = Some(252.0);
-        let mut out = Vec::new();
-        table(&[row.clone()], &mut out).unwrap();
-        let text = String::from_utf8(out).unwrap();
-        assert!(
-            text.contains("nginx(77)") && text.contains("max-age in 4m12s"),
-            "{text}"
-        );
-        row.protected = Some("port 22".into());
-        assert_eq!(show_next(&row), "never (port 22)");
-        assert_eq!(show_age(None, Some(7_380.0)), ">2h3m");
     }
 }

@@ -5,126 +5,25 @@
 //! Protections win over every rule; among the rules that apply, the earliest deadline
 //! wins.
 
+mod config;
+mod parse;
+mod source;
+mod spec;
+
+pub use config::{load as load_config, parse as parse_config, ConfigError};
+pub use parse::{
+    parse_cidr, parse_duration, parse_state_timeout, parse_timeout_state, PortRange, TIMEOUT_STATES,
+};
+pub use source::PolicySource;
+pub use spec::PolicySpec;
+
 use std::fmt;
 use std::net::IpAddr;
-use std::str::FromStr;
 use std::time::Duration;
 
 use ipnet::IpNet;
 
-use crate::conn::{TcpState, Tuple};
-
-/// An inclusive range of ports, parsed from `P` or `LO-HI`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PortRange {
-    pub lo: u16,
-    pub hi: u16,
-}
-
-impl PortRange {
-    pub fn contains(&self, port: u16) -> bool {
-        self.lo <= port && port <= self.hi
-    }
-}
-
-impl FromStr for PortRange {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, String> {
-        let port = |p: &str| -> Result<u16, String> {
-            p.trim()
-                .parse::<u16>()
-                .map_err(|_| format!("'{p}' is not a port number (0-65535)"))
-        };
-        let range = match text.split_once('-') {
-            None => {
-                let p = port(text)?;
-                PortRange { lo: p, hi: p }
-            }
-            Some((lo, hi)) => {
-                let range = PortRange {
-                    lo: port(lo)?,
-                    hi: port(hi)?,
-                };
-                if range.lo > range.hi {
-                    return Err(format!(
-                        "port range {text} is reversed: write the low port first ({}-{})",
-                        range.hi, range.lo
-                    ));
-                }
-                range
-            }
-        };
-        Ok(range)
-    }
-}
-
-impl fmt::Display for PortRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.lo == self.hi {
-            write!(f, "{}", self.lo)
-        } else {
-            write!(f, "{}-{}", self.lo, self.hi)
-        }
-    }
-}
-
-/// Parses `90s`, `5m`, `1h30m`; zero is refused because it would choose every socket.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(text.trim())
-        .map_err(|e| format!("'{text}' is not a duration ({e}); write e.g. 90s, 5m, 1h30m"))?;
-    if d.is_zero() {
-        return Err(format!("'{text}' is zero: a limit must be positive"));
-    }
-    Ok(d)
-}
-
-/// Parses a CIDR block (`10.0.0.0/8`, `2001:db8::/32`) or a single address.
-pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
-    let t = text.trim();
-    t.parse::<IpNet>()
-        .or_else(|_| t.parse::<IpAddr>().map(IpNet::from))
-        .map_err(|_| {
-            format!("'{text}' is not an address or CIDR block (e.g. 10.0.0.0/8, 2001:db8::/32)")
-        })
-}
-
-/// Parses `STATE=DUR` (`close-wait=60s`), for `--state-timeout`.
-pub fn parse_state_timeout(text: &str) -> Result<(TcpState, Duration), String> {
-    let (state, dur) = text
-        .split_once('=')
-        .ok_or_else(|| format!("'{text}' is not STATE=DURATION (e.g. close-wait=60s)"))?;
-    let state = parse_timeout_state(state)?;
-    Ok((state, parse_duration(dur)?))
-}
-
-/// The states a state timeout may name: the ones a connection can hang in.
-pub const TIMEOUT_STATES: [TcpState; 6] = [
-    TcpState::CLOSE_WAIT,
-    TcpState::FIN_WAIT1,
-    TcpState::FIN_WAIT2,
-    TcpState::CLOSING,
-    TcpState::LAST_ACK,
-    TcpState::TIME_WAIT,
-];
-
-pub fn parse_timeout_state(text: &str) -> Result<TcpState, String> {
-    let names = || {
-        TIMEOUT_STATES
-            .iter()
-            .map(|s| s.name().to_ascii_lowercase().replace('_', "-"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    match TcpState::parse(text) {
-        Some(s) if TIMEOUT_STATES.contains(&s) => Ok(s),
-        Some(s) => Err(format!(
-            "{s} cannot have a timeout: connwatch never touches it (states with timeouts: {})",
-            names()
-        )),
-        None => Err(format!("'{text}' is not a TCP state (one of: {})", names())),
-    }
-}
+use crate::conn::{canonical, Birth, Owner, TcpState, Tuple};
 
 /// The default hung-state timeouts, on when no other limit is given.
 pub const DEFAULT_STATE_TIMEOUTS: [(TcpState, Duration); 5] = [
@@ -148,15 +47,6 @@ pub const DEFAULT_PROTECTED_PROCESSES: [&str; 7] = [
 
 /// Port 22: an operator's way back in is never cut.
 pub const DEFAULT_EXCLUDED_PORT: PortRange = PortRange { lo: 22, hi: 22 };
-
-/// An address as policies compare it: an IPv4-mapped IPv6 address (a dual-stack
-/// socket talking IPv4) is the IPv4 address it carries.
-pub fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
-}
 
 fn in_any(nets: &[IpNet], ip: IpAddr) -> bool {
     let ip = canonical(ip);
@@ -311,55 +201,6 @@ impl Budget {
     }
 }
 
-/// The owner of a socket: the process that last used it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Owner {
-    pub pid: u32,
-    pub comm: [u8; 16],
-}
-
-impl Owner {
-    pub fn new(pid: u32, name: &str) -> Owner {
-        let mut comm = [0u8; 16];
-        let n = name.len().min(15);
-        comm[..n].copy_from_slice(&name.as_bytes()[..n]);
-        Owner { pid, comm }
-    }
-
-    pub fn name(&self) -> &str {
-        let end = self.comm.iter().position(|b| *b == 0).unwrap_or(16);
-        std::str::from_utf8(&self.comm[..end]).unwrap_or("?")
-    }
-}
-
-impl fmt::Display for Owner {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}({})", self.name(), self.pid)
-    }
-}
-
-/// What is known of a socket's birth.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Birth {
-    /// Born at this monotonic time, seen by the kernel program.
-    Known(u64),
-    /// Existed before connwatch saw it, first seen at this time: it is at least this old.
-    Unknown { seen_ns: u64 },
-}
-
-impl Birth {
-    /// The latest time the socket can have been born: exact when known, a bound otherwise.
-    pub fn no_later_than(self) -> u64 {
-        match self {
-            Birth::Known(ns) | Birth::Unknown { seen_ns: ns } => ns,
-        }
-    }
-
-    pub fn is_known(self) -> bool {
-        matches!(self, Birth::Known(_))
-    }
-}
-
 /// What the policy looks at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Subject {
@@ -435,6 +276,28 @@ impl Policy {
                 .collect(),
             ..Policy::default()
         }
+    }
+
+    /// The policy in one line, for the start-up and reload logs.
+    pub fn describe(&self) -> String {
+        let rules: Vec<String> = self
+            .rules
+            .iter()
+            .map(|r| {
+                if r.name == r.limit.kind() {
+                    r.limit.to_string()
+                } else {
+                    format!("{} ({})", r.name, r.limit)
+                }
+            })
+            .collect();
+        let ports: Vec<String> = self.protect.ports.iter().map(|p| p.to_string()).collect();
+        format!(
+            "rules: {}; protected ports: {}; protected processes: {}",
+            rules.join(", "),
+            ports.join(","),
+            self.protect.processes.join(",")
+        )
     }
 
     pub fn rule(&self, id: RuleId) -> &Rule {
@@ -566,7 +429,7 @@ mod tests {
     use super::*;
     use std::net::SocketAddr;
 
-    const SEC: u64 = 1_000_000_000;
+    use crate::clock::SEC;
 
     fn subject(local: &str, remote: &str, state: TcpState, birth: Birth) -> Subject {
         Subject {
@@ -603,60 +466,6 @@ mod tests {
 
     fn max_age(secs: u64) -> Policy {
         policy(vec![rule(Limit::MaxAge(Duration::from_secs(secs)))])
-    }
-
-    #[test]
-    fn port_ranges_parse_and_refuse_bad_input() {
-        assert_eq!("80".parse::<PortRange>(), Ok(PortRange { lo: 80, hi: 80 }));
-        assert_eq!(
-            "8000-8100".parse::<PortRange>(),
-            Ok(PortRange { lo: 8000, hi: 8100 })
-        );
-        let err = "9-3".parse::<PortRange>().unwrap_err();
-        assert!(err.contains("9-3") && err.contains("reversed"), "{err}");
-        let err = "70000".parse::<PortRange>().unwrap_err();
-        assert!(err.contains("70000"), "{err}");
-        assert!("http".parse::<PortRange>().is_err());
-        assert!("1-".parse::<PortRange>().is_err());
-    }
-
-    #[test]
-    fn durations_parse_and_refuse_bad_input() {
-        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert!(parse_duration("5 parsecs")
-            .unwrap_err()
-            .contains("5 parsecs"));
-        assert!(parse_duration("0s").unwrap_err().contains("zero"));
-        assert!(parse_duration("").is_err());
-    }
-
-    #[test]
-    fn cidrs_and_state_timeouts_parse() {
-        assert_eq!(parse_cidr("10.0.0.0/8").unwrap().to_string(), "10.0.0.0/8");
-        assert_eq!(parse_cidr("10.1.2.3").unwrap().to_string(), "10.1.2.3/32");
-        assert_eq!(parse_cidr("::1").unwrap().to_string(), "::1/128");
-        assert!(parse_cidr("10.0.0.0/33")
-            .unwrap_err()
-            .contains("10.0.0.0/33"));
-        assert_eq!(
-            parse_state_timeout("close-wait=60s"),
-            Ok((TcpState::CLOSE_WAIT, Duration::from_secs(60)))
-        );
-        assert_eq!(
-            parse_state_timeout("FIN_WAIT2=2m"),
-            Ok((TcpState::FIN_WAIT2, Duration::from_secs(120)))
-        );
-        assert!(parse_state_timeout("listen=1m")
-            .unwrap_err()
-            .contains("never touches"));
-        assert!(parse_state_timeout("open=1m")
-            .unwrap_err()
-            .contains("'open'"));
-        assert!(parse_state_timeout("close-wait").is_err());
-        assert!(parse_state_timeout("close-wait=soon")
-            .unwrap_err()
-            .contains("soon"));
     }
 
     #[test]
@@ -860,13 +669,6 @@ mod tests {
         };
         assert_eq!(both.per_second(2000), Some(50));
         assert_eq!(both.per_second(200), Some(20));
-    }
-
-    #[test]
-    fn owner_names_are_kernel_comms() {
-        let o = Owner::new(42, "a-very-long-process-name");
-        assert_eq!(o.name(), "a-very-long-pro");
-        assert_eq!(o.to_string(), "a-very-long-pro(42)");
     }
 
     mod properties {

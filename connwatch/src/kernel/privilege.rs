@@ -19,7 +19,7 @@ use std::io;
 
 use anyhow::{bail, Result};
 
-use crate::check::{self, DestroySupport};
+use crate::kernel::sock_diag::{self, DestroySupport};
 
 pub const CAP_DAC_READ_SEARCH: u32 = 2;
 pub const CAP_SETPCAP: u32 = 8;
@@ -271,7 +271,7 @@ pub fn drop_after_load() -> Result<Dropped> {
             name(*cap)
         );
     }
-    let destroy = check::probe_destroy();
+    let destroy = sock_diag::probe_destroy();
     match &destroy {
         DestroySupport::Works => {
             tracing::debug!("SOCK_DESTROY works with the kept capabilities")

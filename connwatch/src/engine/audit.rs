@@ -1,26 +1,15 @@
-//! The audit trail: one record per destroy, would-destroy, skip or protection, in the
-//! form operators grep for:
+//! The audit record: one per destroy, would-destroy, skip or protection, in the form
+//! operators grep for:
 //! `destroyed 10.0.15.73:18443 -> 174.201.120.36:64119 state=ESTABLISHED age=301s reason=max-age`.
 //! With `--log-format json` the same record carries its fields as one JSON object a line.
-//!
-//! Records (and every other log line) go to stderr, or to `--log-file`, which SIGHUP
-//! reopens so logrotate can move it. Under systemd, journald captures stderr: connwatch
-//! sees `JOURNAL_STREAM`, drops its own timestamps and prefixes each line with its
-//! syslog priority (`<4>` for a warning) so the journal files it at the right level.
+//! Where the lines go (stderr, `--log-file`, the journal) is `observe::log`'s job.
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
-use crate::conn::{TcpState, Tuple};
-use crate::policy::{Birth, Owner};
+use crate::conn::{Birth, Owner, TcpState, Tuple};
 
 static JSON: AtomicBool = AtomicBool::new(false);
 
@@ -215,145 +204,6 @@ impl Record {
     }
 }
 
-/// The file `--log-file` names, reopened by SIGHUP.
-struct LogFile {
-    path: PathBuf,
-    file: Mutex<File>,
-}
-
-static LOG_FILE: OnceLock<LogFile> = OnceLock::new();
-
-fn open_append(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)
-}
-
-/// Sends every log line to `path` (appending) instead of stderr. Called once, before
-/// logging starts.
-pub fn log_to_file(path: &Path) -> Result<()> {
-    let file = open_append(path)
-        .with_context(|| format!("cannot open the log file {}", path.display()))?;
-    let _ = LOG_FILE.set(LogFile {
-        path: path.to_path_buf(),
-        file: Mutex::new(file),
-    });
-    Ok(())
-}
-
-/// Opens the log file again under its name, after logrotate moved it. Returns the
-/// path, or None when logging goes to stderr.
-pub fn reopen_log_file() -> Result<Option<PathBuf>> {
-    let Some(log) = LOG_FILE.get() else {
-        return Ok(None);
-    };
-    let fresh = open_append(&log.path)
-        .with_context(|| format!("cannot reopen the log file {}", log.path.display()))?;
-    *log.file.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
-    Ok(Some(log.path.clone()))
-}
-
-/// Where log lines go: the log file if one is set, else stderr.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct LogWriter;
-
-impl Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match LOG_FILE.get() {
-            Some(log) => log
-                .file
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .write(buf),
-            None => io::stderr().write(buf),
-        }
-    }
-
-    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        // One call per log line, so lines from the file and a reopen never interleave.
-        match LOG_FILE.get() {
-            Some(log) => log
-                .file
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .write_all(buf),
-            None => io::stderr().lock().write_all(buf),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        match LOG_FILE.get() {
-            Some(log) => log.file.lock().unwrap_or_else(|e| e.into_inner()).flush(),
-            None => io::stderr().flush(),
-        }
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
-    type Writer = LogWriter;
-
-    fn make_writer(&'a self) -> LogWriter {
-        LogWriter
-    }
-}
-
-/// Whether stderr is the journal's stream: systemd sets `JOURNAL_STREAM` to the
-/// `device:inode` of the stream it connected, which a child may have inherited while
-/// its own stderr went elsewhere, so the two are compared.
-pub fn stderr_is_journal() -> bool {
-    let Ok(value) = std::env::var("JOURNAL_STREAM") else {
-        return false;
-    };
-    journal_stream_matches(&value, 2)
-}
-
-fn journal_stream_matches(value: &str, fd: i32) -> bool {
-    let Some((dev, ino)) = value.split_once(':') else {
-        return false;
-    };
-    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
-        return false;
-    };
-    // SAFETY: fstat fills a plain struct for a descriptor number; a bad one fails.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstat(fd, &mut st) } != 0 {
-        return false;
-    }
-    st.st_dev == dev && st.st_ino == ino
-}
-
-/// Prefixes each line with its syslog priority, which journald reads off stderr.
-pub struct SyslogPriority<F>(pub F);
-
-impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for SyslogPriority<F>
-where
-    F: tracing_subscriber::fmt::FormatEvent<S, N>,
-    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
-    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
-{
-    fn format_event(
-        &self,
-        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
-        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
-        event: &tracing::Event<'_>,
-    ) -> std::fmt::Result {
-        write!(writer, "<{}>", priority(*event.metadata().level()))?;
-        self.0.format_event(ctx, writer, event)
-    }
-}
-
-/// The syslog priority of a log level.
-pub fn priority(level: tracing::Level) -> u8 {
-    match level {
-        tracing::Level::ERROR => 3,
-        tracing::Level::WARN => 4,
-        tracing::Level::INFO => 6,
-        _ => 7,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -424,35 +274,5 @@ mod tests {
         assert_eq!(v["pid"], 812);
         assert_eq!(v["rule"], "max-age");
         assert_eq!(v["detail"], Value::Null);
-    }
-
-    #[test]
-    fn journal_stream_is_matched_by_device_and_inode() {
-        let file = tempfile_in_tmp();
-        use std::os::fd::AsRawFd;
-        use std::os::unix::fs::MetadataExt;
-        let meta = file.metadata().unwrap();
-        let fd = file.as_raw_fd();
-        let value = format!("{}:{}", meta.dev(), meta.ino());
-        assert!(journal_stream_matches(&value, fd));
-        let other = format!("{}:{}", meta.dev(), meta.ino() + 1);
-        assert!(!journal_stream_matches(&other, fd));
-        assert!(!journal_stream_matches("garbage", fd));
-        assert!(!journal_stream_matches("1:2", -1));
-    }
-
-    fn tempfile_in_tmp() -> File {
-        let path = std::env::temp_dir().join(format!("connwatch-audit-{}", std::process::id()));
-        let f = File::create(&path).unwrap();
-        let _ = std::fs::remove_file(&path);
-        f
-    }
-
-    #[test]
-    fn priorities_follow_syslog() {
-        assert_eq!(priority(tracing::Level::ERROR), 3);
-        assert_eq!(priority(tracing::Level::WARN), 4);
-        assert_eq!(priority(tracing::Level::INFO), 6);
-        assert_eq!(priority(tracing::Level::DEBUG), 7);
     }
 }

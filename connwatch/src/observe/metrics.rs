@@ -1,5 +1,6 @@
-//! Prometheus metrics over HTTP (`run --metrics-addr 127.0.0.1:9752`), in the
-//! OpenMetrics text format, written by the `prometheus-client` crate.
+//! The Prometheus metrics registry (served over HTTP by `control::http` with
+//! `run --metrics-addr 127.0.0.1:9752`), in the OpenMetrics text format, written by
+//! the `prometheus-client` crate.
 //!
 //! Counters move as the engine decides (it reports each decision); the gauges and the
 //! age histogram describe the tracked sockets at the moment of a scrape, computed then
@@ -25,6 +26,9 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::engine::{Engine, Observed};
+use crate::kernel::Stats;
+use crate::observe::view::{age_histogram, census, AGE_BUCKETS};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
@@ -33,14 +37,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-
-use crate::api::{self, Job, Reply, Request};
-use crate::engine::{Engine, Observed};
-use crate::list::{age_histogram, AGE_BUCKETS};
-use crate::loader::Stats;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
@@ -237,7 +233,7 @@ impl Metrics {
 
     /// The exposition, with the gauges and the age histogram taken now.
     pub fn scrape(&self, engine: &Engine, kernel: Stats, now: u64) -> String {
-        let (by_state, ages) = api::census(engine, now);
+        let (by_state, ages) = census(engine, now);
         let mut seen_states = self.states_seen.borrow_mut();
         for state in seen_states.iter() {
             if !by_state.contains_key(state) {
@@ -300,100 +296,11 @@ impl Metrics {
     }
 }
 
-/// The content type of the OpenMetrics text format.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-const MAX_HEAD: usize = 8 * 1024;
-
-/// Serves `GET /metrics` for as long as the daemon runs: a minimal HTTP/1.1 responder,
-/// one request per connection.
-pub async fn serve(listener: TcpListener, jobs: mpsc::Sender<Job>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(respond(stream, jobs.clone()));
-            }
-            Err(e) => {
-                tracing::warn!("metrics: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-/// Reads a request head: up to the blank line, within a size and a time limit.
-async fn read_head(stream: &mut TcpStream) -> Option<String> {
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    let read = async {
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
-            let n = stream.read(&mut buf).await.ok()?;
-            if n == 0 || head.len() + n > MAX_HEAD {
-                return None;
-            }
-            head.extend_from_slice(&buf[..n]);
-        }
-        Some(())
-    };
-    tokio::time::timeout(Duration::from_secs(5), read)
-        .await
-        .ok()??;
-    String::from_utf8(head).ok()
-}
-
-/// The status line, content type and body for a request line.
-pub async fn route(
-    request_line: &str,
-    jobs: &mpsc::Sender<Job>,
-) -> (&'static str, &'static str, String) {
-    let mut parts = request_line.split_whitespace();
-    let (method, target, version) = (parts.next(), parts.next(), parts.next());
-    let text = "text/plain; charset=utf-8";
-    if !version.is_some_and(|v| v.starts_with("HTTP/")) {
-        return ("400 Bad Request", text, "bad request\n".into());
-    }
-    if !matches!(method, Some("GET") | Some("HEAD")) {
-        return ("405 Method Not Allowed", text, "only GET\n".into());
-    }
-    match target.map(|t| t.split('?').next().unwrap_or(t)) {
-        Some("/metrics") => match api::ask(jobs, Request::Metrics).await {
-            Reply::Text(body) => ("200 OK", CONTENT_TYPE, body),
-            other => (
-                "503 Service Unavailable",
-                text,
-                format!("{}\n", other.to_line()),
-            ),
-        },
-        Some("/") => ("200 OK", text, "connwatch: metrics at /metrics\n".into()),
-        _ => ("404 Not Found", text, "not found: try /metrics\n".into()),
-    }
-}
-
-async fn respond(mut stream: TcpStream, jobs: mpsc::Sender<Job>) {
-    let Some(head) = read_head(&mut stream).await else {
-        let _ = stream
-            .write_all(
-                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            )
-            .await;
-        return;
-    };
-    let first = head.lines().next().unwrap_or("");
-    let (status, content_type, body) = route(first, &jobs).await;
-    let head_only = first.starts_with("HEAD ");
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
-        body.len(),
-        if head_only { "" } else { body.as_str() }
-    );
-    let _ = stream.write_all(response.as_bytes()).await;
-    let _ = stream.shutdown().await;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::{Action, Age, Record};
     use crate::conn::{TcpState, Tuple};
+    use crate::engine::audit::{Action, Age, Record};
     use crate::policy::Policy;
 
     #[test]

@@ -1,14 +1,25 @@
-//! The command line: what each subcommand accepts, with errors that name the value.
+//! The command line: what each subcommand accepts (errors name the flag and value),
+//! and the subcommands themselves: `list`, `top`, `check`, `sweep`/`explain`.
 
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
 use ipnet::IpNet;
 
 use crate::conn::TcpState;
-use crate::list::{Filter, SortKey};
+use crate::control::protocol::DEFAULT_SOCKET;
+pub use crate::observe::log::LogFormat;
+use crate::observe::view::{Filter, SortKey};
 use crate::policy::{parse_cidr, parse_duration, parse_state_timeout, PortRange};
+
+mod check;
+mod dispatch;
+mod list;
+mod sweep;
+mod top;
+
+pub use dispatch::main;
 
 /// Watch every TCP socket through eBPF and destroy the ones a policy chooses.
 ///
@@ -30,12 +41,6 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -185,7 +190,7 @@ pub struct RunArgs {
     pub ring_bytes: Option<u32>,
 
     /// The control socket (JSON lines; mode 0600).
-    #[arg(long, value_name = "PATH", default_value = crate::api::DEFAULT_SOCKET)]
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
     pub api_socket: std::path::PathBuf,
 
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9752); off
@@ -238,7 +243,7 @@ pub struct ListArgs {
     pub limit: Option<usize>,
 
     /// The daemon's control socket.
-    #[arg(long, value_name = "PATH", default_value = crate::api::DEFAULT_SOCKET)]
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
     pub api_socket: std::path::PathBuf,
 }
 
@@ -299,7 +304,7 @@ pub struct TopArgs {
     pub filter: FilterArgs,
 
     /// The daemon's control socket.
-    #[arg(long, value_name = "PATH", default_value = crate::api::DEFAULT_SOCKET)]
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
     pub api_socket: std::path::PathBuf,
 }
 

@@ -1,0 +1,145 @@
+//! `connwatch check`: a preflight, one line per thing connwatch needs.
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+
+use crate::kernel::layout::{self, Hook};
+use crate::kernel::sock_diag::{probe_destroy, DestroySupport};
+use crate::kernel::{fs, load};
+
+struct Line {
+    ok: bool,
+    what: &'static str,
+    detail: String,
+}
+
+fn line(what: &'static str, r: Result<String>) -> Line {
+    match r {
+        Ok(detail) => Line {
+            ok: true,
+            what,
+            detail,
+        },
+        Err(e) => Line {
+            ok: false,
+            what,
+            detail: format!("{e:#}"),
+        },
+    }
+}
+
+fn root() -> Result<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("not root: loading eBPF and destroying sockets need root (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN)");
+    }
+    Ok("running as root".into())
+}
+
+/// Creates (and closes) a one-entry array map: proves the bpf() syscall works for us.
+fn bpf_syscall() -> Result<String> {
+    let mut attr = [0u32; 32];
+    attr[0] = 2; // BPF_MAP_TYPE_ARRAY
+    attr[1] = 4; // key size
+    attr[2] = 4; // value size
+    attr[3] = 1; // max entries
+                 // SAFETY: BPF_MAP_CREATE (0) reads a bpf_attr of the given size from a valid buffer.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            0,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if fd < 0 {
+        bail!(
+            "bpf() refused to create a map: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: a descriptor the syscall just returned to us.
+    unsafe { libc::close(fd as i32) };
+    Ok("bpf() syscall works".into())
+}
+
+fn btf() -> Result<String> {
+    let p = Path::new("/sys/kernel/btf/vmlinux");
+    if !p.exists() {
+        bail!(
+            "{} is missing: the kernel lacks CONFIG_DEBUG_INFO_BTF",
+            p.display()
+        );
+    }
+    Ok(format!("{} present", p.display()))
+}
+
+fn filesystems() -> Result<String> {
+    fs::ensure_filesystems()?;
+    Ok(format!(
+        "tracefs at {}, bpffs at {}",
+        fs::TRACEFS,
+        fs::BPFFS
+    ))
+}
+
+fn tracepoint(hook: &Hook) -> Result<String> {
+    layout::check_hook(hook)?;
+    Ok(format!(
+        "{}:{} present, layout as expected",
+        hook.category, hook.name
+    ))
+}
+
+fn object() -> Result<String> {
+    Ok(format!("embedded, {} bytes", load::object()?.len()))
+}
+
+fn sock_destroy() -> Result<String> {
+    match probe_destroy() {
+        DestroySupport::Works => Ok(DestroySupport::Works.describe()),
+        other => bail!("{}", other.describe()),
+    }
+}
+
+/// Prints one line per check; returns whether everything needed is there.
+pub fn run() -> bool {
+    let root = line("privileges", root());
+    let is_root = root.ok;
+    let mut lines = vec![root, line("eBPF object", object()), line("BTF", btf())];
+    if is_root {
+        lines.push(line("BPF", bpf_syscall()));
+        lines.push(line("tracefs/bpffs", filesystems()));
+        for hook in &layout::HOOKS {
+            let mut l = line("tracepoint", tracepoint(hook));
+            if !l.ok && !hook.required {
+                // Optional: connwatch works without it, learning less.
+                l.ok = true;
+                l.detail = format!(
+                    "{} (optional: activity and owners come from sock_diag instead)",
+                    l.detail
+                );
+            }
+            lines.push(l);
+        }
+        lines.push(line("SOCK_DESTROY", sock_destroy()));
+    } else {
+        for what in ["BPF", "tracefs/bpffs", "tracepoint", "SOCK_DESTROY"] {
+            lines.push(Line {
+                ok: false,
+                what,
+                detail: "not checked: needs root".into(),
+            });
+        }
+    }
+    for l in &lines {
+        println!(
+            "{:<4} {:<14} {}",
+            if l.ok { "ok" } else { "FAIL" },
+            l.what,
+            l.detail
+        );
+    }
+    lines.iter().all(|l| l.ok)
+}

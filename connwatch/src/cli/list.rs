@@ -1,0 +1,141 @@
+//! `connwatch list`: the live connections, their ages, time in state, idle time, owner
+//! and, while a daemon runs, the rule that will apply next.
+//!
+//! With a daemon the list comes from it through the control API: it already knows every
+//! socket, filters, sorts and cuts the list where it is, and adds each connection's next
+//! deadline. Without one, the view is built here from the kernel
+//! ([`crate::observe::view::read_local`]).
+
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use serde::Deserialize;
+
+use crate::clock::human;
+use crate::control::client::Client;
+use crate::control::protocol::list_request;
+use crate::observe::view::{read_local, Filter, Item, Query, Row};
+
+/// `4m12s`, `>4m12s` for a lower bound, `-` when unknown.
+pub fn show_age(secs: Option<f64>, at_least: Option<f64>) -> String {
+    match (secs, at_least) {
+        (Some(s), _) => human(Duration::from_secs_f64(s)),
+        (None, Some(s)) => format!(">{}", human(Duration::from_secs_f64(s))),
+        _ => "-".into(),
+    }
+}
+
+fn show(v: Option<f64>) -> String {
+    v.map_or("-".into(), |s| human(Duration::from_secs_f64(s)))
+}
+
+/// What the NEXT column says: `max-age in 4m12s`, `idle due`, `never (port 22)`, `-`.
+pub fn show_next(r: &Row) -> String {
+    match (&r.next_rule, r.next_in_secs, &r.protected) {
+        (_, _, Some(p)) => format!("never ({p})"),
+        (Some(rule), Some(s), _) if s <= 0.0 => format!("{rule} due"),
+        (Some(rule), Some(s), _) => format!("{rule} in {}", show(Some(s))),
+        _ => "-".into(),
+    }
+}
+
+/// The rows as a table for people.
+pub fn table(rows: &[Row], out: &mut impl Write) -> std::io::Result<()> {
+    let w = |f: &dyn Fn(&Row) -> usize, min: usize| rows.iter().map(f).max().unwrap_or(0).max(min);
+    let lw = w(&|r| r.local.len(), 5);
+    let rw = w(&|r| r.remote.len(), 6);
+    let owners: Vec<String> = rows
+        .iter()
+        .map(|r| match (&r.process, r.pid) {
+            (Some(p), Some(pid)) => format!("{p}({pid})"),
+            _ => "-".into(),
+        })
+        .collect();
+    let pw = owners.iter().map(|o| o.len()).max().unwrap_or(0).max(7);
+    writeln!(
+        out,
+        "{:<11} {:<lw$} {:<rw$} {:>8} {:>8} {:>8} {:<pw$} NEXT",
+        "STATE", "LOCAL", "REMOTE", "AGE", "IN-STATE", "IDLE", "PROCESS"
+    )?;
+    for (r, owner) in rows.iter().zip(&owners) {
+        writeln!(
+            out,
+            "{:<11} {:<lw$} {:<rw$} {:>8} {:>8} {:>8} {:<pw$} {}",
+            r.state,
+            r.local,
+            r.remote,
+            show_age(r.age_secs, r.age_at_least_secs),
+            show(r.state_secs),
+            show(r.idle_secs),
+            owner,
+            show_next(r)
+        )?;
+    }
+    Ok(())
+}
+
+/// The rows, from the daemon when one answers, else from the kernel.
+pub fn fetch(filter: &Filter, socket: &std::path::Path) -> Result<(Vec<Row>, bool)> {
+    if let Some(mut client) = Client::connect(socket)? {
+        #[derive(Deserialize)]
+        struct Listed {
+            rows: Vec<Row>,
+        }
+        let reply: Listed = client.request_as(&list_request(&Query::from_filter(filter)))?;
+        return Ok((reply.rows, true));
+    }
+    let (items, _) = filter.apply(read_local()?.into_iter());
+    Ok((items.iter().map(Item::row).collect(), false))
+}
+
+pub fn run(filter: &Filter, json: bool, socket: &std::path::Path) -> Result<()> {
+    let (rows, _) = fetch(filter, socket)?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &rows)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    if let Err(e) = table(&rows, &mut out) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            bail!(e);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_reads_as_people_write_durations() {
+        let mut row = Row {
+            local: "127.0.0.1:2".into(),
+            remote: "127.0.0.1:9000".into(),
+            state: "ESTABLISHED".into(),
+            age_secs: Some(60.0),
+            age_at_least_secs: None,
+            state_secs: Some(60.0),
+            idle_secs: Some(5.0),
+            pid: Some(77),
+            process: Some("nginx".into()),
+            next_rule: None,
+            next_in_secs: None,
+            protected: None,
+        };
+        row.next_rule = Some("max-age".into());
+        row.next_in_secs = Some(252.0);
+        let mut out = Vec::new();
+        table(&[row.clone()], &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("nginx(77)") && text.contains("max-age in 4m12s"),
+            "{text}"
+        );
+        row.protected = Some("port 22".into());
+        assert_eq!(show_next(&row), "never (port 22)");
+        assert_eq!(show_age(None, Some(7_380.0)), ">2h3m");
+    }
+}

@@ -1,0 +1,165 @@
+//! Answering requests in the event loop, with the engine in hand. Reloads and metrics
+//! scrapes are the daemon's own to answer.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use super::protocol::{error, Reply, Request};
+use crate::clock::monotonic_ns;
+use crate::engine::Engine;
+use crate::kernel::sock_diag::SockDiag;
+use crate::kernel::{ConnMap, Stats};
+use crate::observe::journal::Journal;
+use crate::observe::view::{self, Query};
+
+/// What answering needs from the event loop.
+pub struct Ctx<'a> {
+    pub engine: &'a mut Engine,
+    pub diag: &'a mut SockDiag,
+    pub conns: Option<&'a ConnMap>,
+    pub journal: &'a std::cell::RefCell<Journal>,
+    pub kernel: Stats,
+    pub started: Instant,
+    pub api_socket: &'a Path,
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+fn rows(engine: &Engine, query: &Query, now: u64) -> Result<Reply, String> {
+    let filter = query.filter()?;
+    let items = engine
+        .tracker
+        .iter()
+        .filter(|(_, t)| view::listed(t))
+        .map(|(k, t)| view::item_of(k, t, now));
+    let (kept, matched) = filter.apply(items);
+    let rows = kept
+        .iter()
+        .map(|it| {
+            let mut row = it.row();
+            let key = it.key.expect("tracked items have keys");
+            if let Some(next) = engine.next(key) {
+                row.next_rule = Some(next.rule);
+                row.next_in_secs = Some(next.at_ns.saturating_sub(now) as f64 / 1e9)
+                    .map(|s| (s * 1000.0).round() / 1000.0);
+            }
+            if let Some(t) = engine.tracker.get(key) {
+                row.protected = engine.policy.protected(&t.subject()).map(|p| p.to_string());
+            }
+            row
+        })
+        .collect();
+    Ok(Reply::Rows { rows, matched })
+}
+
+fn status(ctx: &Ctx, now: u64) -> Value {
+    let e = &*ctx.engine;
+    let c = &e.counters;
+    let (by_state, ages) = view::census(e, now);
+    let hist = view::age_histogram(ages.into_iter());
+    let ages: Vec<Value> = hist
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            json!({
+                "bucket": view::bucket_label(i),
+                "le_secs": view::AGE_BUCKETS.get(i),
+                "count": n,
+            })
+        })
+        .collect();
+    json!({
+        "ok": true,
+        "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
+        "uptime_secs": ctx.started.elapsed().as_secs(),
+        "enforce": e.enforce,
+        "tracked": e.tracker.len(),
+        "deadlines": e.deadlines.len(),
+        "counters": {
+            "events": c.events,
+            "destroyed": c.destroyed,
+            "would_destroy": c.would_destroy,
+            "skipped": c.skipped,
+            "failed": c.failed,
+            "protected": c.protected,
+            "deferred": c.deferred,
+        },
+        "by_reason": c.by_reason,
+        "kernel": {
+            "events": ctx.kernel.events,
+            "map_full": ctx.kernel.map_full,
+            "ring_full": ctx.kernel.ring_full,
+        },
+        "by_state": by_state,
+        "ages": ages,
+        "last_minute": ctx.journal.borrow().last_minute(now),
+        "api_socket": ctx.api_socket.display().to_string(),
+        "metrics_addr": ctx.metrics_addr.map(|a| a.to_string()),
+    })
+}
+
+fn policy(engine: &Engine) -> Value {
+    let p = &engine.policy;
+    let strs = |v: &mut dyn Iterator<Item = String>| v.collect::<Vec<String>>();
+    let rules: Vec<Value> = p
+        .rules
+        .iter()
+        .map(|r| {
+            let s = &r.selector;
+            json!({
+                "name": r.name,
+                "kind": r.limit.kind(),
+                "limit": r.limit.to_string(),
+                "ports": strs(&mut s.ports.iter().map(|x| x.to_string())),
+                "local_ports": strs(&mut s.local_ports.iter().map(|x| x.to_string())),
+                "remote_ports": strs(&mut s.remote_ports.iter().map(|x| x.to_string())),
+                "local_addrs": strs(&mut s.local_addrs.iter().map(|x| x.to_string())),
+                "remote_addrs": strs(&mut s.remote_addrs.iter().map(|x| x.to_string())),
+            })
+        })
+        .collect();
+    json!({
+        "ok": true,
+        "enforce": engine.enforce,
+        "description": p.describe(),
+        "rules": rules,
+        "protect": {
+            "ports": strs(&mut p.protect.ports.iter().map(|x| x.to_string())),
+            "addrs": strs(&mut p.protect.addrs.iter().map(|x| x.to_string())),
+            "processes": p.protect.processes,
+        },
+        "budget": {
+            "max_kills_per_second": p.budget.max_kills_per_second,
+            "max_kill_fraction": p.budget.max_kill_fraction,
+        },
+    })
+}
+
+/// Answers one request, in the event loop.
+pub fn answer(req: Request, ctx: &mut Ctx) -> Reply {
+    let now = monotonic_ns();
+    match req {
+        Request::Status => Reply::Json(status(ctx, now)),
+        Request::Policy => Reply::Json(policy(ctx.engine)),
+        Request::List(q) => rows(ctx.engine, &q, now).unwrap_or_else(error),
+        Request::Destroys { limit } => {
+            Reply::Json(json!({"ok": true, "records": ctx.journal.borrow().recent(limit)}))
+        }
+        Request::Destroy { tuple } => {
+            match ctx.engine.destroy_manual(tuple, now, ctx.diag, ctx.conns) {
+                Ok(r) => Reply::Json(json!({
+                    "ok": true,
+                    "outcome": r.action.as_str(),
+                    "dry_run": r.dry_run,
+                    "record": r.to_json(),
+                })),
+                Err(why) => error(why),
+            }
+        }
+        // The daemon answers these itself, before asking here.
+        Request::Reload | Request::Metrics => error("not answered here"),
+    }
+}

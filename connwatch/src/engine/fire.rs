@@ -1,0 +1,233 @@
+//! What happens when deadlines come: the safety budget, a refresh from the map, one
+//! batched exact lookup, the re-check against the choice and the kernel's own
+//! activity timers, protections judged on the socket itself, then the destroys.
+
+use std::collections::HashMap;
+
+use super::destroy::{self, Outcome};
+use super::{ms, Engine};
+use crate::clock::SEC;
+use crate::conn::{Owner, Tuple};
+use crate::engine::audit::Action;
+use crate::kernel::procfs;
+use crate::kernel::sock_diag::{DiagSocket, SockDiag};
+use crate::kernel::ConnMap;
+use crate::policy::{Decision, Limit, RuleId};
+use crate::track::{Source, Tracked};
+
+/// What one round of deadlines learns from `/proc`, asked at most once each.
+#[derive(Default)]
+pub(super) struct Lookups {
+    /// Process names by pid.
+    names: HashMap<u32, Option<String>>,
+    /// Sockets of protected processes, by inode.
+    protected_inodes: Option<HashMap<u32, Owner>>,
+}
+
+impl Engine {
+    /// How many destroys the safety budget allows now.
+    fn budget_left(&mut self, now: u64) -> Option<usize> {
+        let limit = self.policy.budget.per_second(self.tracker.len())?;
+        if now.saturating_sub(self.window_start_ns) >= SEC {
+            self.window_start_ns = now;
+            self.window_used = 0;
+        }
+        Some(limit.saturating_sub(self.window_used))
+    }
+
+    /// Acts on every socket whose deadline has come.
+    pub fn fire_due(&mut self, now: u64, diag: &mut SockDiag, conns: Option<&ConnMap>) {
+        let mut due = self.deadlines.pop_due(now);
+        if due.is_empty() {
+            return;
+        }
+        if let Some(left) = self.budget_left(now) {
+            if due.len() > left {
+                let put_off = due.split_off(left);
+                let next_window = self.window_start_ns + SEC;
+                tracing::warn!(
+                    "safety budget: {} sockets due at once, destroying {} now and putting off {} (--max-kills-per-second {:?}, --max-kill-fraction {:?})",
+                    put_off.len() + due.len(),
+                    due.len(),
+                    put_off.len(),
+                    self.policy.budget.max_kills_per_second,
+                    self.policy.budget.max_kill_fraction,
+                );
+                self.counters.deferred += put_off.len() as u64;
+                for (key, _) in put_off {
+                    self.deadlines.set(key, next_window);
+                }
+            }
+        }
+        // Refresh each from the map: activity and state may have moved since its
+        // deadline was set. Those still due are looked up together.
+        let mut chosen = Vec::with_capacity(due.len());
+        for (key, _) in due {
+            if let Some(c) = self.still_due(key, now, conns) {
+                chosen.push(c);
+            }
+        }
+        if chosen.is_empty() {
+            return;
+        }
+        let started = std::time::Instant::now();
+        let tuples: Vec<Tuple> = chosen.iter().map(|(_, t, _)| t.tuple).collect();
+        let found = diag.get_many(&tuples);
+        let looked_up = started.elapsed();
+        let mut lookups = Lookups::default();
+        let mut kills = Vec::with_capacity(chosen.len());
+        for ((key, chosen, rule), found) in chosen.into_iter().zip(found) {
+            if let Some(live) = self.vet(key, &chosen, rule, found, now, conns, &mut lookups) {
+                kills.push((key, rule, live));
+            }
+        }
+        let results: Vec<Outcome> = if self.enforce {
+            let socks: Vec<&DiagSocket> = kills.iter().map(|(_, _, live)| live).collect();
+            diag.destroy_many(&socks)
+                .into_iter()
+                .map(destroy::outcome_of)
+                .collect()
+        } else {
+            kills.iter().map(|_| Outcome::WouldDestroy).collect()
+        };
+        let killed = started.elapsed();
+        let n = kills.len();
+        for ((key, rule, _), outcome) in kills.into_iter().zip(results) {
+            let Some(chosen) = self.tracker.get(key).copied() else {
+                continue;
+            };
+            if matches!(outcome, Outcome::Destroyed | Outcome::WouldDestroy) {
+                self.window_used += 1;
+            }
+            // No kernel event will say a socket outside the map is gone.
+            if chosen.source != Source::Map && matches!(outcome, Outcome::Destroyed) {
+                self.tracker.remove(key);
+                self.plan(key);
+            }
+            self.record(&chosen, rule, now, &outcome, None);
+        }
+        tracing::debug!(
+            "round of {} deadlines: lookups took {:?}, {n} kills ended at {:?}, records at {:?}",
+            tuples.len(),
+            looked_up,
+            killed,
+            started.elapsed()
+        );
+    }
+
+    /// Takes in what the map says of a tracked socket now. False when it is no longer
+    /// tracked: closed, or its address now holds another socket (whose events follow).
+    pub(super) fn refresh_from_map(&mut self, key: u64, conns: Option<&ConnMap>) -> bool {
+        let Some(before) = self.tracker.get(key).copied() else {
+            return false;
+        };
+        if let (Source::Map, Some(conns)) = (before.source, conns) {
+            match conns.get(&key, 0) {
+                Ok(info) if self.tracker.refresh(key, &info) => {}
+                _ => {
+                    self.tracker.remove(key);
+                    self.plan(key);
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Refreshes a socket whose deadline came; returns it with the rule it is due under,
+    /// or plans it again if it is not due any more.
+    fn still_due(
+        &mut self,
+        key: u64,
+        now: u64,
+        conns: Option<&ConnMap>,
+    ) -> Option<(u64, Tracked, RuleId)> {
+        if !self.refresh_from_map(key, conns) {
+            return None;
+        }
+        let Some(rule) = self.due_rule(key, now) else {
+            self.plan(key);
+            return None;
+        };
+        Some((key, *self.tracker.get(key)?, rule))
+    }
+
+    /// Checks a looked-up socket against the choice, the kernel's own activity timers,
+    /// and the protections; returns it if it is to be destroyed.
+    #[allow(clippy::too_many_arguments)]
+    fn vet(
+        &mut self,
+        key: u64,
+        chosen: &Tracked,
+        rule: RuleId,
+        found: anyhow::Result<Option<DiagSocket>>,
+        now: u64,
+        conns: Option<&ConnMap>,
+        lookups: &mut Lookups,
+    ) -> Option<DiagSocket> {
+        let live = match destroy::recheck(conns, key, chosen, found) {
+            Ok((live, _)) => live,
+            Err(outcome) => {
+                self.record(chosen, rule, now, &outcome, None);
+                // Only sock_diag knew this socket; no close event will come for it.
+                if chosen.source != Source::Map {
+                    self.tracker.remove(key);
+                    self.plan(key);
+                }
+                return None;
+            }
+        };
+        // tcp_info is exact where the kernel program's stamps are coarse.
+        if let (Limit::Idle(d), Some(act)) = (self.policy.rule(rule).limit, live.activity) {
+            let quiet_since = now.saturating_sub(ms(act.quiet_ms()));
+            if quiet_since.saturating_add(d.as_nanos() as u64) > now {
+                self.tracker.note_activity(key, quiet_since);
+                self.plan(key);
+                return None;
+            }
+        }
+        if let Some(o) = self.owner_of(chosen, &live, lookups) {
+            self.tracker.note_owner(key, o);
+        }
+        let chosen = *self.tracker.get(key)?;
+        match self.policy.judge(&chosen.subject(), rule) {
+            Decision::Destroy(_) => Some(live),
+            Decision::Protected(_, p) => {
+                self.counters.protected += 1;
+                let outcome = Outcome::Skipped(format!("protected by {p}"));
+                self.record(&chosen, rule, now, &outcome, Some(Action::Protected));
+                None
+            }
+            Decision::NotDue => {
+                self.plan(key);
+                None
+            }
+        }
+    }
+
+    /// The owner to judge protection by: the process's own name where its pid is known
+    /// (the kernel program sees thread names), else whoever of the protected processes
+    /// holds the socket's inode.
+    pub(super) fn owner_of(
+        &self,
+        chosen: &Tracked,
+        live: &DiagSocket,
+        lookups: &mut Lookups,
+    ) -> Option<Owner> {
+        if let Some(o) = chosen.owner {
+            let name = lookups
+                .names
+                .entry(o.pid)
+                .or_insert_with(|| procfs::process_name(o.pid));
+            return Some(name.as_deref().map_or(o, |n| Owner::new(o.pid, n)));
+        }
+        if live.inode == 0 || self.policy.protect.processes.is_empty() {
+            return None;
+        }
+        lookups
+            .protected_inodes
+            .get_or_insert_with(|| procfs::sockets_of(&self.policy.protect.processes))
+            .get(&live.inode)
+            .copied()
+    }
+}

@@ -1,0 +1,239 @@
+//! The decision-making core of the daemon: what is known of each socket, its next
+//! deadline, per-address counts, the safety budget, and what happens when a deadline
+//! comes. The event loop (`daemon`) feeds it; the kernel is reached only through the
+//! map and sock_diag handles passed in.
+//!
+//! Planning (here) sets each socket's deadline from events; [`fire`] acts on the
+//! due ones (re-check, protections, destroy); [`record`] logs and counts each
+//! decision; [`reconcile`] brings the tracker in line with the kernel's socket table;
+//! [`manual`] is the control API's destroy of a named connection.
+
+pub mod audit;
+pub mod destroy;
+mod fire;
+mod manual;
+pub mod per_ip;
+#[cfg(test)]
+mod properties;
+mod reconcile;
+mod record;
+
+use std::collections::HashMap;
+
+use connwatch_common::{event_kind, ConnEvent};
+
+use crate::conn::{canonical, TcpState, Tuple};
+use crate::policy::{Limit, Policy, Protected, RuleId, Verdict};
+use crate::track::{Deadlines, Tracker};
+use audit::Record;
+use per_ip::PerIp;
+
+pub use reconcile::Reconciled;
+
+/// Milliseconds, as `tcp_info` counts them, in nanoseconds.
+fn ms(n: u32) -> u64 {
+    u64::from(n) * 1_000_000
+}
+
+/// Counts of what the daemon did.
+#[derive(Default, Debug, Clone)]
+pub struct Counters {
+    pub events: u64,
+    pub destroyed: u64,
+    pub would_destroy: u64,
+    pub skipped: u64,
+    pub failed: u64,
+    pub protected: u64,
+    /// Destroys put off by the safety budget.
+    pub deferred: u64,
+    /// Destroys and would-destroys by reason (limit kind).
+    pub by_reason: HashMap<&'static str, u64>,
+    /// Destroys the kernel refused as unsupported, by state.
+    pub unsupported: HashMap<TcpState, u64>,
+}
+
+/// One decision as it happens, for whoever watches the engine (metrics, the control
+/// API's recent destroys): the audit record, and what the record does not say.
+pub struct Observed<'a> {
+    pub record: &'a Record,
+    /// For a destroy or would-destroy: how long after its deadline it came (a limit due
+    /// at once counts from the socket's last state change).
+    pub late_ns: Option<u64>,
+    /// For a socket a protection saved: which kind (`port`, `address`, `process`).
+    pub protection: Option<&'static str>,
+}
+
+/// A callback given each decision.
+pub type Observer = Box<dyn FnMut(&Observed)>;
+
+/// The kind of a protection, as a metric label.
+pub fn protection_kind(p: &Protected) -> &'static str {
+    match p {
+        Protected::Port(_) => "port",
+        Protected::Addr(_) => "address",
+        Protected::Process(_) => "process",
+    }
+}
+
+/// The rule that will apply next to a socket and when (monotonic ns; due if past).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Next {
+    pub rule: String,
+    pub at_ns: u64,
+}
+
+/// The reason and rule a manual destroy records.
+pub const MANUAL: &str = "manual";
+
+pub struct Engine {
+    pub policy: Policy,
+    pub enforce: bool,
+    pub tracker: Tracker,
+    pub deadlines: Deadlines<u64>,
+    pub per_ip: PerIp,
+    pub counters: Counters,
+    /// The safety budget's current one-second window and what it has used.
+    window_start_ns: u64,
+    window_used: usize,
+    observer: Option<Observer>,
+}
+
+impl Engine {
+    pub fn new(policy: Policy, enforce: bool) -> Self {
+        Engine {
+            policy,
+            enforce,
+            tracker: Tracker::new(),
+            deadlines: Deadlines::new(),
+            per_ip: PerIp::default(),
+            counters: Counters::default(),
+            window_start_ns: 0,
+            window_used: 0,
+            observer: None,
+        }
+    }
+
+    /// Calls `f` with every decision from now on.
+    pub fn observe(&mut self, f: Observer) {
+        self.observer = Some(f);
+    }
+
+    /// The rule that will apply next to a tracked socket, and its deadline: the
+    /// deadline heap's, named after the policy's verdict (a deadline that is not the
+    /// verdict's comes from a per-address limit or the safety budget).
+    pub fn next(&self, key: u64) -> Option<Next> {
+        let at_ns = self.deadlines.get(key)?;
+        let t = self.tracker.get(key)?;
+        let rule = match self.policy.verdict(&t.subject()) {
+            Verdict::At { rule, at_ns: v } if v == at_ns => self.policy.rule(rule).name.clone(),
+            v => self
+                .per_ip
+                .breaks(key, Self::per_ip_limit(&self.policy))
+                .or(match v {
+                    Verdict::At { rule, .. } => Some(rule),
+                    Verdict::Never => None,
+                })
+                .map_or_else(|| "-".to_string(), |r| self.policy.rule(r).name.clone()),
+        };
+        Some(Next { rule, at_ns })
+    }
+
+    fn per_ip_limit(policy: &Policy) -> impl Fn(RuleId) -> u32 + '_ {
+        |id| match policy.rule(id).limit {
+            Limit::MaxConnsPerIp(n) => n,
+            _ => u32::MAX,
+        }
+    }
+
+    /// Sets or clears the deadline of one socket from what is known of it now, and
+    /// files it under its per-address limits.
+    pub fn plan(&mut self, key: u64) {
+        let Some(t) = self.tracker.get(key) else {
+            self.deadlines.cancel(key);
+            self.per_ip.remove(key);
+            return;
+        };
+        let s = t.subject();
+        let mut verdict = self.policy.verdict(&s);
+        if self.policy.has_per_ip_limits() {
+            let ip = canonical(s.tuple.remote.ip());
+            let groups = self
+                .policy
+                .per_ip_limits(&s)
+                .map(|(id, _)| (id, ip))
+                .collect();
+            self.per_ip.set(key, s.birth.no_later_than(), groups);
+            for (k, rule) in self
+                .per_ip
+                .over_limit(key, Self::per_ip_limit(&self.policy))
+            {
+                if k == key {
+                    verdict = Verdict::At { at_ns: 0, rule };
+                } else {
+                    self.deadlines.set(k, 0);
+                }
+            }
+        }
+        match verdict {
+            Verdict::At { at_ns, .. } => self.deadlines.set(key, at_ns),
+            Verdict::Never => self.deadlines.cancel(key),
+        }
+    }
+
+    /// Plans every socket again: after a policy change.
+    pub fn replan_all(&mut self) {
+        let keys: Vec<u64> = self.tracker.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.plan(key);
+        }
+    }
+
+    /// Replaces the policy, keeping everything known of the sockets.
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.policy = policy;
+        self.per_ip = PerIp::default();
+        self.replan_all();
+    }
+
+    pub fn on_event(&mut self, ev: &ConnEvent) {
+        self.counters.events += 1;
+        tracing::trace!(
+            key = format_args!("{:#x}", ev.key),
+            kind = ev.kind,
+            from = %TcpState(ev.oldstate),
+            to = %TcpState(ev.info.state),
+            tuple = ?Tuple::from_info(&ev.info),
+            "kernel event"
+        );
+        // A connection closing from these states usually lives on in TIME_WAIT, which
+        // the map does not hold: follow it only when a limit asks for it.
+        let to_time_wait = ev.kind == event_kind::CLOSED
+            && matches!(
+                TcpState(ev.oldstate),
+                TcpState::FIN_WAIT1 | TcpState::FIN_WAIT2 | TcpState::CLOSING
+            )
+            && self.policy.limits_state(TcpState::TIME_WAIT);
+        let was = self.tracker.get(ev.key).copied();
+        for key in self.tracker.apply(ev) {
+            self.plan(key);
+        }
+        if let (true, Some(was)) = (to_time_wait, was) {
+            if was.generation == ev.info.seen_ns {
+                if let Some(key) = self.tracker.time_wait(&was, ev.info.state_since_ns) {
+                    self.plan(key);
+                }
+            }
+        }
+    }
+
+    /// The rule under which a socket is due now, if it still is (protection by
+    /// process is judged after, with the owner's current name).
+    pub fn due_rule(&self, key: u64, now: u64) -> Option<RuleId> {
+        let t = self.tracker.get(key)?;
+        self.policy.due(&t.subject(), now).or_else(|| {
+            self.per_ip
+                .breaks(key, Self::per_ip_limit(&self.policy))
+                .filter(|_| self.policy.protected_endpoint(&t.tuple).is_none())
+        })
+    }
+}

@@ -1,0 +1,258 @@
+//! Loading the kernel side: the embedded object, its maps pinned, its programs
+//! attached through pinned links (or the ones of an earlier start kept).
+
+use std::fs;
+use std::os::fd::AsFd;
+use std::os::unix::fs::PermissionsExt;
+
+use anyhow::{bail, Context, Result};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray, RingBuf};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::TracePoint;
+use aya::{Ebpf, EbpfLoader};
+use connwatch_common::{stat, ConnInfo, LAYOUT_VERSION, MAP_CONNS, MAP_EVENTS, MAP_STATS};
+
+use crate::kernel::fs::ensure_filesystems;
+use crate::kernel::layout::{check_hook, Hook, HOOKS};
+use crate::kernel::pins::{
+    self, link_pin, pinned_runs, prog_identity, prog_pin, remove_pin, PIN_DIR, PIN_ROOT,
+};
+
+/// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/connwatch.bpf.o"));
+
+pub type ConnMap = HashMap<MapData, u64, ConnInfo>;
+
+/// The loaded program and the maps the daemon uses. Dropping it leaves the pinned
+/// maps and links: the programs stay attached until `connwatch cleanup`.
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    pub conns: ConnMap,
+    pub events: RingBuf<MapData>,
+    pub stats: PerCpuArray<MapData, u64>,
+}
+
+/// Kernel-side drop counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub events: u64,
+    pub map_full: u64,
+    pub ring_full: u64,
+}
+
+/// The embedded object, or an error if this binary was built without it.
+pub fn object() -> Result<&'static [u8]> {
+    if OBJECT.is_empty() {
+        bail!("this connwatch binary was built without its eBPF object: build it with `cargo xtask build` (which runs `cargo xtask build-ebpf` first)");
+    }
+    Ok(OBJECT)
+}
+
+/// Sizes of the kernel-side maps; None keeps the built-in (or pinned) size.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sizes {
+    pub max_conns: Option<u32>,
+    pub ring_bytes: Option<u32>,
+}
+
+/// How a hook's program came to be attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// The pinned link of an earlier start runs this very program: kept, nothing attached.
+    Reused,
+    /// Attached now and pinned.
+    Pinned,
+    /// Attached now, replacing a pinned link that ran another program (an upgrade).
+    Replaced,
+    /// Attached now but not pinnable (no bpf_link for tracepoints on this kernel): it
+    /// detaches when the daemon stops.
+    Unpinned,
+}
+
+/// Loads one hook's program and attaches it through a pinned link, or keeps the pinned
+/// link of an earlier start when it runs the same program on the same maps.
+fn attach_pinned(program: &mut TracePoint, hook: &Hook) -> Result<Attached> {
+    program
+        .load()
+        .with_context(|| format!("the kernel refused the {} program", hook.program))?;
+    let ours = prog_identity(program.fd()?.as_fd())
+        .with_context(|| format!("cannot read back the loaded {} program", hook.program))?;
+    let link_path = link_pin(hook.program);
+    let old: Option<FdLink> = match PinnedLink::from_pin(&link_path) {
+        Ok(link) => Some(link.into()),
+        Err(_) if !link_path.exists() => None,
+        Err(e) => {
+            tracing::warn!(
+                "{} is not a usable link ({e}): replacing it",
+                link_path.display()
+            );
+            None
+        }
+    };
+    if let Some(old) = &old {
+        if pinned_runs(old, hook, &ours) {
+            // Ours stays unused: the attached one is identical.
+            program.unload()?;
+            return Ok(Attached::Reused);
+        }
+    }
+    let attach = |program: &mut TracePoint| {
+        program.attach(hook.category, hook.name).with_context(|| {
+            format!(
+                "cannot attach to tracepoint {}:{}",
+                hook.category, hook.name
+            )
+        })
+    };
+    let id = attach(program)?;
+    let link = match program
+        .take_link(id)
+        .map_err(anyhow::Error::from)
+        .and_then(|l| FdLink::try_from(l).map_err(anyhow::Error::from))
+    {
+        Ok(link) => link,
+        Err(e) => {
+            // Tracepoints are bpf_link-based from Linux 5.15: older kernels attach
+            // through perf ioctls, which cannot be pinned (and the failed conversion
+            // detached it).
+            tracing::warn!(
+                "cannot pin the {} attachment ({e}): it detaches when the daemon stops",
+                hook.program
+            );
+            attach(program)?;
+            return Ok(Attached::Unpinned);
+        }
+    };
+    // The new program runs before the old pins go: no gap where nothing records.
+    let prog_path = prog_pin(hook.program);
+    remove_pin(&link_path)?;
+    remove_pin(&prog_path)?;
+    link.pin(&link_path)
+        .with_context(|| format!("cannot pin {}", link_path.display()))?;
+    program
+        .pin(&prog_path)
+        .with_context(|| format!("cannot pin {}", prog_path.display()))?;
+    // Dropping the old link's last descriptor detaches it (its pin is gone).
+    Ok(if old.is_some() {
+        Attached::Replaced
+    } else {
+        Attached::Pinned
+    })
+}
+
+/// Loads the program with its maps pinned under [`PIN_DIR`] (reusing maps already
+/// there) and attaches it to the tracepoints through pinned links (reusing links
+/// already there when they run the same program).
+///
+/// Events still in the ring from before this start are discarded: they describe what
+/// the map already holds, and the caller reconciles with the map and one sock_diag
+/// dump before it reads the ring.
+pub fn load_and_attach(sizes: Sizes) -> Result<Loaded> {
+    ensure_filesystems()?;
+    let mut usable = Vec::new();
+    for hook in &HOOKS {
+        match check_hook(hook) {
+            Ok(()) => usable.push(hook),
+            Err(e) if hook.required => return Err(e),
+            Err(e) => tracing::warn!(
+                "{e:#}: activity and owners will be learned from sock_diag at deadlines only"
+            ),
+        }
+    }
+    let foreign = pins::foreign_layouts();
+    if !foreign.is_empty() {
+        let shown: Vec<String> = foreign.iter().map(|p| p.display().to_string()).collect();
+        bail!(
+            "{PIN_ROOT} holds pins of another connwatch version ({}), whose programs may still be attached; this build uses layout {LAYOUT_VERSION} in {}: run `connwatch cleanup` (it detaches them and forgets their ages), then start again",
+            shown.join(", "),
+            PIN_DIR.as_str()
+        );
+    }
+    let pin_dir = PIN_DIR.as_str();
+    // Root's alone: the maps say who talks to whom.
+    for dir in [PIN_ROOT, pin_dir] {
+        fs::create_dir_all(dir).with_context(|| format!("cannot create {dir}"))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot restrict {dir} to root"))?;
+    }
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(pin_dir);
+    if let Some(n) = sizes.max_conns {
+        loader.map_max_entries(MAP_CONNS, n);
+    }
+    if let Some(n) = sizes.ring_bytes {
+        loader.map_max_entries(MAP_EVENTS, n);
+    }
+    let mut ebpf = loader
+        .load(object()?)
+        .context("cannot load the eBPF object (is this root, with CAP_BPF and CAP_PERFMON?)")?;
+    let mut how = Vec::new();
+    for hook in usable {
+        let program: &mut TracePoint = ebpf
+            .program_mut(hook.program)
+            .with_context(|| format!("the eBPF object has no {} program", hook.program))?
+            .try_into()?;
+        how.push((hook.program, attach_pinned(program, hook)?));
+    }
+    let named = |want: Attached| -> Vec<&str> {
+        how.iter()
+            .filter(|(_, a)| *a == want)
+            .map(|(p, _)| *p)
+            .collect()
+    };
+    for (what, a) in [
+        (
+            "kept the attached programs of an earlier start",
+            Attached::Reused,
+        ),
+        ("attached and pinned", Attached::Pinned),
+        (
+            "replaced the pinned programs of another build",
+            Attached::Replaced,
+        ),
+        ("attached without a pin", Attached::Unpinned),
+    ] {
+        let n = named(a);
+        if !n.is_empty() {
+            tracing::info!("{what}: {}", n.join(", "));
+        }
+    }
+    let conns_map = ebpf.take_map(MAP_CONNS).context("no connection map")?;
+    if let (Map::HashMap(data), Some(want)) = (&conns_map, sizes.max_conns) {
+        // A pinned map outlives restarts, and its size with it.
+        if let Ok(have) = data.info().map(|i| i.max_entries()) {
+            if have != want {
+                tracing::warn!(
+                    "the pinned connection map holds {have} entries, not the {want} asked for: `connwatch cleanup` (which forgets the ages) resizes it"
+                );
+            }
+        }
+    }
+    let conns = ConnMap::try_from(conns_map)?;
+    let mut events = RingBuf::try_from(ebpf.take_map(MAP_EVENTS).context("no event ring")?)?;
+    let mut stale = 0u64;
+    while events.next().is_some() {
+        stale += 1;
+    }
+    if stale > 0 {
+        tracing::info!(
+            "discarded {stale} kernel events recorded before this start: the pinned map already holds what they say"
+        );
+    }
+    let stats = PerCpuArray::try_from(ebpf.take_map(MAP_STATS).context("no stats map")?)?;
+    Ok(Loaded {
+        ebpf,
+        conns,
+        events,
+        stats,
+    })
+}
+
+pub fn read_stats(stats: &PerCpuArray<MapData, u64>) -> Result<Stats> {
+    let sum = |i: u32| -> Result<u64> { Ok(stats.get(&i, 0)?.iter().sum()) };
+    Ok(Stats {
+        events: sum(stat::EVENTS)?,
+        map_full: sum(stat::MAP_FULL)?,
+        ring_full: sum(stat::RING_FULL)?,
+    })
+}

@@ -1,0 +1,13 @@
+//! Everything that talks to the kernel: loading and attaching the eBPF side, its pins,
+//! the tracepoint layouts, the sock_diag client, `/proc` and the process's
+//! capabilities. Nothing here decides; the engine above does.
+
+pub mod fs;
+pub mod layout;
+pub mod load;
+pub mod pins;
+pub mod privilege;
+pub mod procfs;
+pub mod sock_diag;
+
+pub use load::{load_and_attach, read_stats, ConnMap, Loaded, Sizes, Stats};

@@ -1,0 +1,276 @@
+//! What connwatch keeps in bpffs: the maps (so ages survive restarts and `list` reads
+//! them without a daemon), the programs and their links (so sockets born while no
+//! daemon runs are still recorded). The pin directory carries the layout version of
+//! the shared types, so a daemon never reads a map of another layout.
+
+use std::fs;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
+
+use anyhow::{Context, Result};
+use aya::maps::{Map, MapData};
+use aya::programs::links::FdLink;
+use connwatch_common::{LAYOUT_VERSION, MAP_CONNS};
+
+use crate::kernel::layout::Hook;
+use crate::kernel::load::ConnMap;
+
+/// Where every layout's pins live; `cleanup` empties it.
+pub const PIN_ROOT: &str = "/sys/fs/bpf/connwatch";
+
+/// Where this build's maps, programs and links are pinned: [`PIN_ROOT`] and the
+/// layout version, e.g. `/sys/fs/bpf/connwatch/layout-1`.
+pub static PIN_DIR: LazyLock<String> =
+    LazyLock::new(|| format!("{PIN_ROOT}/layout-{LAYOUT_VERSION}"));
+
+/// Pins of another layout (an older or newer connwatch): their paths. A daemon must
+/// not run beside them: their programs would go on recording into maps it cannot read.
+pub fn foreign_layouts() -> Vec<PathBuf> {
+    let Ok(dir) = fs::read_dir(PIN_ROOT) else {
+        return Vec::new();
+    };
+    let ours = Path::new(PIN_DIR.as_str());
+    let mut found: Vec<PathBuf> = dir
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p != ours)
+        .collect();
+    found.sort();
+    found
+}
+
+/// Where a program's attachment (its bpf_link) is pinned: while the pin exists the
+/// program stays attached, so sockets born while no daemon runs are still recorded.
+pub fn link_pin(program: &str) -> PathBuf {
+    Path::new(PIN_DIR.as_str()).join(format!("link_{program}"))
+}
+
+/// Where the program behind a pinned link is pinned, so a restarted daemon can tell
+/// whether that program is the one it would load (same instructions, same maps).
+pub fn prog_pin(program: &str) -> PathBuf {
+    Path::new(PIN_DIR.as_str()).join(format!("prog_{program}"))
+}
+
+/// The kernel's identity of a loaded program: its id, its tag (a hash of its
+/// instructions) and the maps it uses.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct ProgIdentity {
+    id: u32,
+    tag: [u8; 8],
+    map_ids: Vec<u32>,
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` on a program descriptor, map ids included. Done by hand:
+/// aya fetches map ids through `BPF_PROG_GET_FD_BY_ID`, which needs CAP_SYS_ADMIN,
+/// where this needs nothing beyond the descriptor.
+pub(crate) fn prog_identity(fd: BorrowedFd<'_>) -> std::io::Result<ProgIdentity> {
+    // The leading fields of `struct bpf_prog_info` (include/uapi/linux/bpf.h), stable ABI.
+    #[repr(C)]
+    #[derive(Default)]
+    struct Info {
+        ty: u32,
+        id: u32,
+        tag: [u8; 8],
+        jited_prog_len: u32,
+        xlated_prog_len: u32,
+        jited_prog_insns: u64,
+        xlated_prog_insns: u64,
+        load_time: u64,
+        created_by_uid: u32,
+        nr_map_ids: u32,
+        map_ids: u64,
+    }
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    let get = |info: &mut Info| -> std::io::Result<()> {
+        let attr = InfoAttr {
+            bpf_fd: fd.as_raw_fd() as u32,
+            info_len: std::mem::size_of::<Info>() as u32,
+            info: info as *mut Info as u64,
+        };
+        // SAFETY: the kernel writes at most info_len bytes into `info`, and at most
+        // nr_map_ids ids where map_ids points.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_OBJ_GET_INFO_BY_FD,
+                &attr as *const InfoAttr,
+                std::mem::size_of::<InfoAttr>(),
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    let mut info = Info::default();
+    get(&mut info)?;
+    let mut map_ids = vec![0u32; info.nr_map_ids as usize];
+    let mut again = Info {
+        nr_map_ids: info.nr_map_ids,
+        map_ids: map_ids.as_mut_ptr() as u64,
+        ..Info::default()
+    };
+    get(&mut again)?;
+    map_ids.truncate(again.nr_map_ids.min(info.nr_map_ids) as usize);
+    map_ids.sort_unstable();
+    Ok(ProgIdentity {
+        id: info.id,
+        tag: info.tag,
+        map_ids,
+    })
+}
+
+/// Opens a pinned object (`BPF_OBJ_GET`): needs only permission on the pin.
+fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
+    #[repr(C)]
+    struct ObjAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    const BPF_OBJ_GET: libc::c_long = 7;
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let attr = ObjAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: BPF_OBJ_GET reads a NUL-terminated path and returns a new descriptor.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &attr as *const ObjAttr,
+            std::mem::size_of::<ObjAttr>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor the kernel just gave us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+pub(crate) fn remove_pin(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("cannot remove {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Whether the pinned link of an earlier start runs the program just loaded (same
+/// instructions and maps). Anything missing or different answers no.
+pub(crate) fn pinned_runs(old_link: &FdLink, hook: &Hook, ours: &ProgIdentity) -> bool {
+    let Ok(link) = old_link.info() else {
+        return false;
+    };
+    let Ok(fd) = obj_get(&prog_pin(hook.program)) else {
+        return false;
+    };
+    match prog_identity(fd.as_fd()) {
+        Ok(pinned) => {
+            pinned.id == link.program_id()
+                && pinned.tag == ours.tag
+                && pinned.map_ids == ours.map_ids
+        }
+        Err(_) => false,
+    }
+}
+
+/// What a stopping daemon leaves pinned, in one sentence for its last log line.
+pub fn left_behind() -> String {
+    let dir_name = PIN_DIR.as_str();
+    let Ok(dir) = fs::read_dir(dir_name) else {
+        return format!("nothing is left pinned ({dir_name} is gone)");
+    };
+    let mut maps = Vec::new();
+    let mut links = Vec::new();
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(program) = name.strip_prefix("link_") {
+            links.push(program.to_string());
+        } else if !name.starts_with("prog_") {
+            maps.push(name);
+        }
+    }
+    maps.sort();
+    links.sort();
+    let attached = if links.is_empty() {
+        "no program stays attached: sockets born from now on are not recorded until the next start"
+            .to_string()
+    } else {
+        format!(
+            "its programs stay attached through pinned links ({}): sockets born from now on are still recorded",
+            links.join(", ")
+        )
+    };
+    format!(
+        "left pinned in {dir_name}: the maps {} (`connwatch list` still reads them); {attached}; `connwatch cleanup` removes it all",
+        maps.join(", ")
+    )
+}
+
+/// Removes every pinned object of every layout: the links first (which detaches the
+/// programs), then the programs and the maps (and the ages in them).
+pub fn cleanup() -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    let root = Path::new(PIN_ROOT);
+    if !root.exists() {
+        return Ok(removed);
+    }
+    let list = |dir: &Path| -> Result<Vec<PathBuf>> {
+        fs::read_dir(dir)
+            .with_context(|| format!("cannot read {}", dir.display()))?
+            .map(|e| e.map(|e| e.path()).map_err(anyhow::Error::from))
+            .collect()
+    };
+    let mut dirs = Vec::new();
+    let mut paths = Vec::new();
+    for path in list(root)? {
+        if path.is_dir() {
+            paths.extend(list(&path)?);
+            dirs.push(path);
+        } else {
+            paths.push(path);
+        }
+    }
+    let rank = |p: &PathBuf| {
+        let name = p.file_name().unwrap_or_default().to_string_lossy();
+        match () {
+            _ if name.starts_with("link_") => 0,
+            _ if name.starts_with("prog_") => 1,
+            _ => 2,
+        }
+    };
+    paths.sort_by_key(|p| (rank(p), p.clone()));
+    for path in paths {
+        fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+        removed.push(path.display().to_string());
+    }
+    for dir in dirs.iter().map(PathBuf::as_path).chain([root]) {
+        fs::remove_dir(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+    }
+    Ok(removed)
+}
+
+/// Opens the pinned connection map, as `list` does while a daemon runs or after it.
+pub fn open_pinned_conns() -> Result<ConnMap> {
+    let path = Path::new(PIN_DIR.as_str()).join(MAP_CONNS);
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!(
+            "cannot open {}: has `connwatch run` been started on this host since boot?",
+            path.display()
+        )
+    })?;
+    Ok(ConnMap::try_from(Map::HashMap(data))?)
+}
