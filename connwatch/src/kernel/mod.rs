@@ -5,6 +5,7 @@
 pub mod fs;
 pub mod layout;
 pub mod load;
+pub mod netns;
 pub mod pins;
 pub mod privilege;
 pub mod procfs;
