@@ -11,10 +11,10 @@ use std::process::Command;
 use std::thread;
 use std::time::Duration;
 
-use connwatch::conn::Tuple;
+use connwatch::conn::{cookie_from_diag, SockId, Tuple};
 use connwatch::engine::destroy::{self, Outcome};
 use connwatch::kernel::sock_diag::SockDiag;
-use connwatch::kernel::{load, pins};
+use connwatch::kernel::{load, netns, pins};
 
 use connwatch::track::{Source, Tracked, Tracker};
 
@@ -244,15 +244,20 @@ fn a_reused_tuple_survives() {
     let tuple = Tuple::new(c1.local_addr().unwrap(), addr);
     let mut tracker = Tracker::new();
     drain_into(&mut loaded, &mut tracker);
-    let key = tracker
-        .key_of(&tuple)
-        .expect("the map recorded the client end");
+    let keys = tracker.keys_with_tuple(&tuple);
+    assert_eq!(keys.len(), 1, "the map recorded the client end once");
+    let key = keys[0];
     let chosen_from_map = *tracker.get(key).unwrap();
     assert_eq!(chosen_from_map.source, Source::Map);
     let first = diag.get(&tuple).unwrap().expect("sock_diag sees it");
+    let host = netns::own().unwrap();
+    assert_eq!(
+        chosen_from_map.id,
+        SockId::new(host, cookie_from_diag(first.cookie)),
+        "the kernel recorded the cookie and namespace sock_diag reports"
+    );
     let chosen_from_dump = Tracked {
         source: Source::Seeded,
-        cookie: Some(first.cookie),
         ..chosen_from_map
     };
 
@@ -283,7 +288,7 @@ fn a_reused_tuple_survives() {
 
     // And the new connection itself, once chosen, is destroyed.
     drain_into(&mut loaded, &mut tracker);
-    let key2 = tracker.key_of(&tuple).unwrap();
+    let key2 = tracker.keys_with_tuple(&tuple)[0];
     let chosen = *tracker.get(key2).unwrap();
     let outcome = destroy::execute(&mut diag, Some(&loaded.conns), key2, &chosen, true);
     assert!(matches!(outcome, Outcome::Destroyed), "{outcome:?}");

@@ -107,6 +107,44 @@ impl fmt::Display for Tuple {
     }
 }
 
+/// A socket's identity, as the kernel recorded it: its cookie (never reused while the
+/// system runs) and its network namespace. A tuple is not an identity: it repeats
+/// across namespaces and is reused over time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SockId {
+    /// The inode of the socket's network namespace.
+    pub netns: u32,
+    pub cookie: u64,
+}
+
+impl SockId {
+    pub fn new(netns: u32, cookie: u64) -> Self {
+        SockId { netns, cookie }
+    }
+}
+
+impl fmt::Display for SockId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "netns {} cookie {:#x}", self.netns, self.cookie)
+    }
+}
+
+/// The cookie as sock_diag carries it (`idiag_cookie`: two 32-bit words, low first,
+/// each in host order) and as a number.
+pub fn cookie_from_diag(bytes: [u8; 8]) -> u64 {
+    let lo = u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    let hi = u32::from_ne_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+    u64::from(lo) | (u64::from(hi) << 32)
+}
+
+/// The inverse of [`cookie_from_diag`].
+pub fn cookie_to_diag(cookie: u64) -> [u8; 8] {
+    let mut out = [0u8; 8];
+    out[..4].copy_from_slice(&(cookie as u32).to_ne_bytes());
+    out[4..].copy_from_slice(&((cookie >> 32) as u32).to_ne_bytes());
+    out
+}
+
 /// An address as policies compare it: an IPv4-mapped IPv6 address (a dual-stack
 /// socket talking IPv4) is the IPv4 address it carries.
 pub fn canonical(ip: IpAddr) -> IpAddr {
@@ -204,5 +242,14 @@ mod tests {
         let o = Owner::new(42, "a-very-long-process-name");
         assert_eq!(o.name(), "a-very-long-pro");
         assert_eq!(o.to_string(), "a-very-long-pro(42)");
+    }
+
+    #[test]
+    fn cookies_convert_both_ways() {
+        for c in [0u64, 1, 0x1234_5678_9abc_def0, u64::MAX] {
+            assert_eq!(cookie_from_diag(cookie_to_diag(c)), c);
+        }
+        let low_first = cookie_to_diag(0x0000_0002_0000_0001);
+        assert_eq!(u32::from_ne_bytes(low_first[..4].try_into().unwrap()), 1);
     }
 }

@@ -20,6 +20,7 @@ use crate::control::answer::{self, Ctx};
 use crate::control::protocol::{error, Reply, Request};
 use crate::control::{http, server};
 use crate::engine::{Engine, Reconciled};
+use crate::kernel::netns::Namespaces;
 use crate::kernel::sock_diag::SockDiag;
 use crate::kernel::{self, pins, privilege, ConnMap, Loaded, Stats};
 use crate::observe::journal::Journal;
@@ -89,19 +90,29 @@ fn drain(ring: &mut RingBuf<MapData>, engine: &mut Engine) {
     }
 }
 
+/// One dump of every network namespace, and the tracker and map brought in line with
+/// it. A namespace that cannot be dumped keeps what is known of it; the host's must be
+/// dumped.
 fn full_reconcile(
     engine: &mut Engine,
-    diag: &mut SockDiag,
+    namespaces: &mut Namespaces,
     conns: &mut ConnMap,
 ) -> Result<Reconciled> {
     let now = monotonic_ns();
-    let live = diag
-        .dump_with_activity(SockDiag::ALL_STATES)
-        .context("sock_diag dump failed")?;
-    let (done, stale) = engine.reconcile(Some(conns), &live, now);
+    let dump = namespaces.dump_all(SockDiag::ALL_STATES);
+    for (inode, e) in &dump.failed {
+        if *inode == namespaces.host {
+            anyhow::bail!("sock_diag dump of the host's sockets failed: {e:#}");
+        }
+        tracing::warn!(
+            "cannot dump network namespace {inode}: {e:#}; what is known of its sockets is kept"
+        );
+    }
+    let (done, stale) = engine.reconcile(Some(conns), &dump, now);
     for key in &stale {
         let _ = conns.remove(key);
     }
+    namespaces.retain(|ns| engine.tracker.in_netns(ns) > 0);
     Ok(done)
 }
 
@@ -156,13 +167,13 @@ pub async fn run(opts: Options) -> Result<()> {
         stats,
     } = kernel::load_and_attach(opts.sizes)?;
     privilege::drop_after_load()?;
-    let mut diag = SockDiag::open().context("cannot open a sock_diag netlink socket")?;
+    let mut namespaces = Namespaces::open()?;
     tracing::info!("policy: {}", opts.policy.describe());
     let mut engine = Engine::new(opts.policy, opts.enforce);
     // The drop counters' baseline comes before the start-up reconcile: records dropped
     // after it are reconciled again at the next stats tick, none go unnoticed.
     let mut last_stats = kernel::read_stats(&stats).unwrap_or_default();
-    let done = full_reconcile(&mut engine, &mut diag, &mut conns)?;
+    let done = full_reconcile(&mut engine, &mut namespaces, &mut conns)?;
     // Before the line that says it runs: a stop right after it must be a clean stop.
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -214,17 +225,19 @@ pub async fn run(opts: Options) -> Result<()> {
             _ = tokio::time::sleep_until(wake) => {
                 // Events first: a socket may have closed or moved its deadline.
                 drain(ring.get_mut(), &mut engine);
-                engine.fire_due(monotonic_ns(), &mut diag, Some(&conns));
+                engine.fire_due(monotonic_ns(), &mut namespaces, Some(&conns));
             }
             _ = tick.tick() => {
                 let s = kernel::read_stats(&stats).unwrap_or(last_stats);
                 if s.map_full > last_stats.map_full || s.ring_full > last_stats.ring_full {
                     report_drops(last_stats, s);
                     drain(ring.get_mut(), &mut engine);
-                    let done = full_reconcile(&mut engine, &mut diag, &mut conns)?;
+                    let done = full_reconcile(&mut engine, &mut namespaces, &mut conns)?;
                     tracing::warn!("reconciled with the kernel: {} sockets seeded, {} stale entries removed", done.seeded, done.stale);
                 }
                 last_stats = s;
+                // A namespace whose sockets are all gone is let go of.
+                namespaces.retain(|ns| engine.tracker.in_netns(ns) > 0);
             }
             _ = sighup.recv() => {
                 match reopen_log_file() {
@@ -251,7 +264,7 @@ pub async fn run(opts: Options) -> Result<()> {
                     },
                     req => answer::answer(req, &mut Ctx {
                         engine: &mut engine,
-                        diag: &mut diag,
+                        namespaces: &mut namespaces,
                         conns: Some(&conns),
                         journal: &journal,
                         kernel: kernel_now,

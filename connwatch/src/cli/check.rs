@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 
 use crate::kernel::layout::{self, Hook};
 use crate::kernel::sock_diag::{probe_destroy, DestroySupport};
-use crate::kernel::{fs, load};
+use crate::kernel::{fs, load, netns};
 
 struct Line {
     ok: bool,
@@ -103,6 +103,33 @@ fn sock_destroy() -> Result<String> {
     }
 }
 
+/// Whether every network namespace on the host can be reached: one sock_diag socket
+/// opened inside each (as the daemon does to look up and destroy their sockets).
+fn namespaces() -> Result<String> {
+    let all = netns::all();
+    let host = netns::own()?;
+    let mut failed = Vec::new();
+    for ns in all.iter().filter(|n| n.inode != host) {
+        if let Err(e) = netns::open_in(&ns.path) {
+            failed.push(format!("{} ({}): {e:#}", ns.inode, ns.path.display()));
+        }
+    }
+    if !failed.is_empty() {
+        bail!(
+            "{} of {} network namespaces cannot be reached, so their sockets are listed by the kernel program but never destroyed: {}",
+            failed.len(),
+            all.len(),
+            failed.join("; ")
+        );
+    }
+    Ok(format!(
+        "{} network namespace{} ({} other than the host's), each reachable through setns",
+        all.len(),
+        if all.len() == 1 { "" } else { "s" },
+        all.len().saturating_sub(1)
+    ))
+}
+
 /// Prints one line per check; returns whether everything needed is there.
 pub fn run() -> bool {
     let root = line("privileges", root());
@@ -124,8 +151,15 @@ pub fn run() -> bool {
             lines.push(l);
         }
         lines.push(line("SOCK_DESTROY", sock_destroy()));
+        lines.push(line("namespaces", namespaces()));
     } else {
-        for what in ["BPF", "tracefs/bpffs", "tracepoint", "SOCK_DESTROY"] {
+        for what in [
+            "BPF",
+            "tracefs/bpffs",
+            "tracepoint",
+            "SOCK_DESTROY",
+            "namespaces",
+        ] {
             lines.push(Line {
                 ok: false,
                 what,

@@ -21,6 +21,7 @@ impl PolicyArgs {
                 remote_ports: self.remote_ports.clone(),
                 local_addrs: self.local_addrs.clone(),
                 remote_addrs: self.remote_addrs.clone(),
+                netns: self.netns.clone(),
             },
             exclude_ports: self.exclude_ports.clone(),
             exclude_addrs: self.exclude_addrs.clone(),

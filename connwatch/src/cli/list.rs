@@ -115,6 +115,8 @@ mod tests {
             local: "127.0.0.1:2".into(),
             remote: "127.0.0.1:9000".into(),
             state: "ESTABLISHED".into(),
+            netns: 4026531840,
+            cookie: 1,
             age_secs: Some(60.0),
             age_at_least_secs: None,
             state_secs: Some(60.0),

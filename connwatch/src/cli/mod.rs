@@ -11,7 +11,7 @@ use crate::conn::TcpState;
 use crate::control::protocol::DEFAULT_SOCKET;
 pub use crate::observe::log::LogFormat;
 use crate::observe::view::{Filter, SortKey};
-use crate::policy::{parse_cidr, parse_duration, parse_state_timeout, PortRange};
+use crate::policy::{parse_cidr, parse_duration, parse_netns, parse_state_timeout, PortRange};
 
 mod check;
 mod dispatch;
@@ -142,6 +142,12 @@ pub struct PolicyArgs {
     #[arg(long = "remote-addr", value_name = "CIDR", value_parser = parse_cidr, help_heading = "Selectors")]
     pub remote_addrs: Vec<IpNet>,
 
+    /// Only connections in this network namespace (repeatable): `host` (connwatch's
+    /// own), an `ip netns` name, or the inode `stat -L /proc/PID/ns/net` shows. Every
+    /// namespace is watched when none is given.
+    #[arg(long = "netns", value_name = "host|NAME|INODE", value_parser = parse_netns, help_heading = "Selectors")]
+    pub netns: Vec<u32>,
+
     /// Never touch connections with this local or remote port (repeatable). Port 22
     /// is always protected, in addition to these.
     #[arg(long = "exclude-port", value_name = "P|LO-HI", value_parser = parse_port_range, help_heading = "Protections")]
@@ -266,6 +272,11 @@ pub struct FilterArgs {
     #[arg(long = "process", value_name = "NAME")]
     pub processes: Vec<String>,
 
+    /// Only connections in this network namespace (repeatable): `host`, an `ip netns`
+    /// name, or an inode number. Every namespace is shown when none is given.
+    #[arg(long = "netns", value_name = "host|NAME|INODE", value_parser = parse_netns)]
+    pub netns: Vec<u32>,
+
     /// Only connections older than this (e.g. 5m).
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     pub older_than: Option<Duration>,
@@ -279,6 +290,7 @@ impl FilterArgs {
     pub fn filter(&self, sort: SortKey, limit: Option<usize>) -> Filter {
         Filter {
             states: self.state.clone(),
+            netns: self.netns.clone(),
             ports: self.ports.clone(),
             remote_addrs: self.remote_addrs.clone(),
             processes: self.processes.clone(),

@@ -5,10 +5,11 @@ use std::fmt;
 use std::io::Write;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use crate::clock::{human, monotonic_ns};
 use crate::engine::Engine;
+use crate::kernel::netns::Namespaces;
 use crate::kernel::pins;
 use crate::kernel::sock_diag::SockDiag;
 use crate::policy::{Policy, Verdict};
@@ -56,7 +57,7 @@ impl fmt::Display for Summary {
 fn load(
     policy: Policy,
     enforce: bool,
-) -> Result<(Engine, SockDiag, Option<crate::kernel::ConnMap>, usize)> {
+) -> Result<(Engine, Namespaces, Option<crate::kernel::ConnMap>, usize)> {
     let conns = match pins::open_pinned_conns() {
         Ok(map) => Some(map),
         Err(e) => {
@@ -66,24 +67,30 @@ fn load(
             None
         }
     };
-    let mut diag = SockDiag::open().context("cannot open a sock_diag netlink socket")?;
+    let mut namespaces = Namespaces::open()?;
     let now = monotonic_ns();
-    let live = diag.dump_with_activity(SockDiag::ALL_STATES)?;
+    let dump = namespaces.dump_all(SockDiag::ALL_STATES);
+    for (inode, e) in &dump.failed {
+        if *inode == namespaces.host {
+            anyhow::bail!("sock_diag dump of the host's sockets failed: {e:#}");
+        }
+        tracing::warn!("cannot dump network namespace {inode}: {e:#}; its sockets are left alone");
+    }
     let mut engine = Engine::new(policy, enforce);
     // Stale entries are the daemon's to remove: a one-shot run only reads the map.
-    let _ = engine.reconcile(conns.as_ref(), &live, now);
-    Ok((engine, diag, conns, live.len()))
+    let _ = engine.reconcile(conns.as_ref(), &dump, now);
+    Ok((engine, namespaces, conns, dump.sockets.len()))
 }
 
 pub fn sweep(policy: Policy, enforce: bool) -> Result<Summary> {
-    let (mut engine, mut diag, conns, scanned) = load(policy, enforce)?;
+    let (mut engine, mut namespaces, conns, scanned) = load(policy, enforce)?;
     let now = monotonic_ns();
     let matched = engine
         .tracker
         .iter()
         .filter(|(k, _)| engine.deadlines.get(*k).is_some_and(|at| at <= now))
         .count();
-    engine.fire_due(now, &mut diag, conns.as_ref());
+    engine.fire_due(now, &mut namespaces, conns.as_ref());
     let c = &engine.counters;
     Ok(Summary {
         scanned,

@@ -406,6 +406,8 @@ mod tests {
             local: local.into(),
             remote: "127.0.0.1:8080".into(),
             state: "ESTABLISHED".into(),
+            netns: 4026531840,
+            cookie: 1,
             age_secs: Some(age),
             age_at_least_secs: None,
             state_secs: Some(age),

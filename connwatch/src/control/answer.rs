@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use super::protocol::{error, Reply, Request};
 use crate::clock::monotonic_ns;
 use crate::engine::Engine;
-use crate::kernel::sock_diag::SockDiag;
+use crate::kernel::netns::Namespaces;
 use crate::kernel::{ConnMap, Stats};
 use crate::observe::journal::Journal;
 use crate::observe::view::{self, Query};
@@ -18,7 +18,7 @@ use crate::observe::view::{self, Query};
 /// What answering needs from the event loop.
 pub struct Ctx<'a> {
     pub engine: &'a mut Engine,
-    pub diag: &'a mut SockDiag,
+    pub namespaces: &'a mut Namespaces,
     pub conns: Option<&'a ConnMap>,
     pub journal: &'a std::cell::RefCell<Journal>,
     pub kernel: Stats,
@@ -148,8 +148,11 @@ pub fn answer(req: Request, ctx: &mut Ctx) -> Reply {
         Request::Destroys { limit } => {
             Reply::Json(json!({"ok": true, "records": ctx.journal.borrow().recent(limit)}))
         }
-        Request::Destroy { tuple } => {
-            match ctx.engine.destroy_manual(tuple, now, ctx.diag, ctx.conns) {
+        Request::Destroy { tuple, netns } => {
+            match ctx
+                .engine
+                .destroy_manual(tuple, netns, now, ctx.namespaces, ctx.conns)
+            {
                 Ok(r) => Reply::Json(json!({
                     "ok": true,
                     "outcome": r.action.as_str(),

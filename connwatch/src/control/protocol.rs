@@ -26,6 +26,7 @@ use serde_json::{json, Value};
 use crate::conn::Tuple;
 use crate::observe::journal::RECENT;
 use crate::observe::view::{Query, Row};
+use crate::policy::parse_netns;
 
 pub const DEFAULT_SOCKET: &str = "/run/connwatch.sock";
 /// The longest request line accepted.
@@ -42,6 +43,8 @@ pub enum Request {
     },
     Destroy {
         tuple: Tuple,
+        /// The network namespace (inode) the tuple is in, where it is in several.
+        netns: Option<u32>,
     },
     Reload,
     /// A Prometheus scrape (from the metrics listener, not the socket).
@@ -63,6 +66,8 @@ struct DestroysFields {
 struct DestroyFields {
     local: String,
     remote: String,
+    /// `host`, an `ip netns` name, or an inode number.
+    netns: Option<String>,
 }
 
 fn fields<T: for<'de> Deserialize<'de>>(cmd: &str, rest: Value) -> Result<T, String> {
@@ -103,7 +108,12 @@ pub fn parse(line: &str) -> Result<Request, String> {
         "destroy" => {
             let f: DestroyFields = fields(&cmd, rest)?;
             let tuple = Tuple::new(addr("local", &f.local)?, addr("remote", &f.remote)?);
-            Ok(Request::Destroy { tuple })
+            let netns = f
+                .netns
+                .as_deref()
+                .map(|n| parse_netns(n).map_err(|e| format!("netns: {e}")))
+                .transpose()?;
+            Ok(Request::Destroy { tuple, netns })
         }
         other => Err(format!(
             "unknown cmd '{other}' (one of: status, policy, list, destroys, destroy, reload)"
@@ -188,7 +198,7 @@ mod tests {
             panic!("list")
         };
         assert_eq!(q.limit, Some(3));
-        let Ok(Request::Destroy { tuple }) =
+        let Ok(Request::Destroy { tuple, netns: None }) =
             parse(r#"{"cmd":"destroy","local":"127.0.0.1:80","remote":"[::1]:9"}"#)
         else {
             panic!("destroy")

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-use crate::conn::{Birth, Owner, TcpState, Tuple};
+use crate::conn::{Birth, Owner, SockId, TcpState, Tuple};
 
 static JSON: AtomicBool = AtomicBool::new(false);
 
@@ -90,6 +90,8 @@ pub struct Record {
     /// When it was decided (wall clock).
     pub time: SystemTime,
     pub action: Action,
+    /// The socket, as the kernel recorded it: its namespace and cookie.
+    pub id: SockId,
     pub tuple: Tuple,
     pub state: TcpState,
     pub age: Age,
@@ -130,6 +132,7 @@ impl Record {
         if let Some(o) = self.owner {
             line.push_str(&format!(" owner={o}"));
         }
+        line.push_str(&format!(" netns={}", self.id.netns));
         if let Some(d) = &self.detail {
             line.push_str(&format!(" detail=\"{d}\""));
         }
@@ -150,6 +153,8 @@ impl Record {
             "time": rfc3339(self.time),
             "unix_time": (unix * 1000.0).round() / 1000.0,
             "action": self.action.as_str(),
+            "netns": self.id.netns,
+            "cookie": self.id.cookie,
             "local": self.tuple.local.to_string(),
             "remote": self.tuple.remote.to_string(),
             "state": self.state.to_string(),
@@ -175,6 +180,8 @@ impl Record {
                     tracing::event!(
                         $level,
                         action = self.action.as_str(),
+                        netns = self.id.netns,
+                        cookie = self.id.cookie,
                         local = %self.tuple.local,
                         remote = %self.tuple.remote,
                         state = %self.state,
@@ -212,6 +219,7 @@ mod tests {
         Record {
             time: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
             action: Action::Destroyed,
+            id: crate::conn::SockId::new(4026531840, 1),
             tuple: Tuple::new(
                 "10.0.15.73:18443".parse().unwrap(),
                 "174.201.120.36:64119".parse().unwrap(),
@@ -232,17 +240,18 @@ mod tests {
         let r = record();
         assert_eq!(
             r.line(),
-            "destroyed 10.0.15.73:18443 -> 174.201.120.36:64119 state=ESTABLISHED age=301s reason=max-age"
+            "destroyed 10.0.15.73:18443 -> 174.201.120.36:64119 state=ESTABLISHED age=301s reason=max-age netns=4026531840"
         );
         let dry = Record {
             action: Action::WouldDestroy,
+            id: crate::conn::SockId::new(4026531840, 1),
             age: Age::of(Birth::Unknown { seen_ns: 0 }, 61_000_000_000),
             dry_run: true,
             ..r.clone()
         };
         assert_eq!(
             dry.line(),
-            "would destroy 10.0.15.73:18443 -> 174.201.120.36:64119 state=ESTABLISHED age=>61s reason=max-age (dry run)"
+            "would destroy 10.0.15.73:18443 -> 174.201.120.36:64119 state=ESTABLISHED age=>61s reason=max-age netns=4026531840 (dry run)"
         );
         let named = Record {
             rule: "old-db".into(),
@@ -252,7 +261,7 @@ mod tests {
         };
         assert!(named
             .line()
-            .ends_with("reason=max-age rule=old-db idle=40s owner=postgres(812)"));
+            .ends_with("reason=max-age rule=old-db idle=40s owner=postgres(812) netns=4026531840"));
     }
 
     #[test]

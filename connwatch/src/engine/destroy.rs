@@ -1,10 +1,13 @@
 //! Destroying exactly the socket the policy chose. Right before the kill the chosen
-//! socket is looked up again, in the kernel map (same generation, same state) and
-//! through an exact sock_diag lookup (same tuple, same state); the destroy then names
-//! the socket by tuple *and* cookie, so a connection that reused the tuple survives.
+//! socket is looked up again in its own network namespace, in the kernel map (same
+//! identity, same state) and through an exact sock_diag lookup (same cookie, tuple and
+//! state); the destroy then names the socket by tuple *and* the cookie the kernel
+//! recorded, so a connection that reused the tuple, or its twin in another namespace,
+//! survives.
 
 use connwatch_common::ConnInfo;
 
+use crate::conn::{cookie_from_diag, cookie_to_diag, SockId};
 use crate::kernel::sock_diag::{DestroyError, DiagSocket, SockDiag};
 use crate::kernel::ConnMap;
 use crate::track::{Source, Tracked};
@@ -20,37 +23,32 @@ pub enum Outcome {
 }
 
 /// Whether the kernel's view still shows the socket the policy chose. Pure, so each
-/// way a socket can change under a decision is unit-tested.
+/// way a socket can change under a decision is unit-tested. The lookup ran in the
+/// chosen socket's own namespace; the cookie tells it from any other socket that has
+/// (or had) its tuple.
 pub fn verify(
     chosen: &Tracked,
     entry: Option<&ConnInfo>,
     live: Option<&DiagSocket>,
 ) -> Result<(), String> {
     let live = live.ok_or("gone before the destroy")?;
+    if cookie_from_diag(live.cookie) != chosen.id.cookie {
+        return Err("tuple reused by another socket (the cookie differs)".into());
+    }
     if live.tuple != chosen.tuple {
         return Err(format!("tuple is now {}", live.tuple));
     }
     if live.state != chosen.state {
         return Err(format!("state changed to {}", live.state));
     }
-    match chosen.source {
-        Source::Map => {
-            let entry = entry.ok_or("left the connection map")?;
-            if entry.seen_ns != chosen.generation {
-                return Err("socket address reused by a newer socket".into());
-            }
-            if entry.state != chosen.state.0 {
-                return Err(format!("map state changed to {}", entry.state));
-            }
+    if chosen.source == Source::Map {
+        let entry = entry.ok_or("left the connection map")?;
+        if SockId::new(entry.netns, entry.cookie) != chosen.id {
+            return Err("socket address reused by a newer socket".into());
         }
-        Source::Seeded => {
-            if Some(live.cookie) != chosen.cookie {
-                return Err("tuple reused by a newer connection".into());
-            }
+        if entry.state != chosen.state.0 {
+            return Err(format!("map state changed to {}", entry.state));
         }
-        // The state check above is the proof: a tuple in TIME_WAIT cannot be reused
-        // while that TIME_WAIT socket lives.
-        Source::TimeWait => {}
     }
     Ok(())
 }
@@ -94,12 +92,22 @@ pub fn outcome_of(result: Result<(), DestroyError>) -> Outcome {
     }
 }
 
-/// Destroys a socket [`lookup`] found (or, in a dry run, says it would).
-pub fn kill(diag: &mut SockDiag, live: &DiagSocket, enforce: bool) -> Outcome {
+/// What `SOCK_DESTROY` names: the socket [`lookup`] found, by its tuple and bound
+/// device, and the cookie the kernel recorded for the chosen socket, so that the
+/// kernel itself refuses any other socket.
+pub fn target(chosen: &Tracked, live: &DiagSocket) -> DiagSocket {
+    DiagSocket {
+        cookie: cookie_to_diag(chosen.id.cookie),
+        ..live.clone()
+    }
+}
+
+/// Destroys the chosen socket [`lookup`] found (or, in a dry run, says it would).
+pub fn kill(diag: &mut SockDiag, chosen: &Tracked, live: &DiagSocket, enforce: bool) -> Outcome {
     if !enforce {
         return Outcome::WouldDestroy;
     }
-    outcome_of(diag.destroy(live))
+    outcome_of(diag.destroy(&target(chosen, live)))
 }
 
 /// Re-checks the chosen socket and destroys it (or, in a dry run, says it would).
@@ -111,7 +119,7 @@ pub fn execute(
     enforce: bool,
 ) -> Outcome {
     match lookup(diag, conns, key, chosen) {
-        Ok((live, _)) => kill(diag, &live, enforce),
+        Ok((live, _)) => kill(diag, chosen, &live, enforce),
         Err(outcome) => outcome,
     }
 }
@@ -119,9 +127,10 @@ pub fn execute(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conn::Birth;
-    use crate::conn::{TcpState, Tuple};
+    use crate::conn::{Birth, TcpState, Tuple};
     use connwatch_common::{tcp_state, AF_INET};
+
+    const NS: u32 = 4026531840;
 
     fn tuple() -> Tuple {
         Tuple::new(
@@ -136,27 +145,29 @@ mod tests {
             state: TcpState::ESTABLISHED,
             birth: Birth::Known(1),
             state_since_ns: 1,
-            generation: 1,
+            id: SockId::new(NS, 1),
             source,
-            cookie: (source == Source::Seeded).then_some([1; 8]),
+            cgroup_id: 0,
+            ifindex: 0,
             last_activity_ns: 0,
             owner: None,
         }
     }
 
-    fn entry(seen: u64, state: u32) -> ConnInfo {
+    fn entry(cookie: u64, state: u32) -> ConnInfo {
         let mut i = ConnInfo::zeroed();
         i.family = AF_INET;
-        i.seen_ns = seen;
+        i.netns = NS;
+        i.cookie = cookie;
         i.state = state;
         i
     }
 
-    fn live(state: TcpState, cookie: [u8; 8]) -> DiagSocket {
+    fn live(state: TcpState, cookie: u64) -> DiagSocket {
         DiagSocket {
             tuple: tuple(),
             state,
-            cookie,
+            cookie: cookie_to_diag(cookie),
             inode: 1,
             uid: 0,
             ifindex: 0,
@@ -167,28 +178,39 @@ mod tests {
     #[test]
     fn the_same_socket_passes() {
         let e = entry(1, tcp_state::ESTABLISHED);
-        let l = live(TcpState::ESTABLISHED, [9; 8]);
+        let l = live(TcpState::ESTABLISHED, 1);
         assert_eq!(verify(&chosen(Source::Map), Some(&e), Some(&l)), Ok(()));
-        let l = live(TcpState::ESTABLISHED, [1; 8]);
         assert_eq!(verify(&chosen(Source::Seeded), None, Some(&l)), Ok(()));
+        assert_eq!(
+            target(&chosen(Source::Map), &l).cookie,
+            cookie_to_diag(1),
+            "the destroy names the recorded cookie"
+        );
     }
 
     #[test]
     fn every_change_is_refused() {
         let c = chosen(Source::Map);
         let ok_entry = entry(1, tcp_state::ESTABLISHED);
-        let ok_live = live(TcpState::ESTABLISHED, [9; 8]);
+        let ok_live = live(TcpState::ESTABLISHED, 1);
+        let mut other_ns = entry(1, tcp_state::ESTABLISHED);
+        other_ns.netns = NS + 1;
         let cases = [
             (Some(ok_entry), None, "gone"),
             (None, Some(ok_live.clone()), "left the connection map"),
             (
                 Some(entry(2, tcp_state::ESTABLISHED)),
                 Some(ok_live.clone()),
-                "reused",
+                "reused by a newer socket",
+            ),
+            (
+                Some(other_ns),
+                Some(ok_live.clone()),
+                "reused by a newer socket",
             ),
             (
                 Some(ok_entry),
-                Some(live(TcpState::CLOSE_WAIT, [9; 8])),
+                Some(live(TcpState::CLOSE_WAIT, 1)),
                 "CLOSE_WAIT",
             ),
             (
@@ -196,15 +218,21 @@ mod tests {
                 Some(ok_live),
                 "map state",
             ),
+            (
+                Some(ok_entry),
+                Some(live(TcpState::ESTABLISHED, 2)),
+                "cookie differs",
+            ),
         ];
         for (e, l, want) in cases {
             let err = verify(&c, e.as_ref(), l.as_ref()).unwrap_err();
             assert!(err.contains(want), "{err} lacks {want}");
         }
-        let seeded = chosen(Source::Seeded);
-        let other = live(TcpState::ESTABLISHED, [2; 8]);
-        assert!(verify(&seeded, None, Some(&other))
-            .unwrap_err()
-            .contains("reused"));
+        for source in [Source::Seeded, Source::TimeWait] {
+            let other = live(TcpState::ESTABLISHED, 2);
+            assert!(verify(&chosen(source), None, Some(&other))
+                .unwrap_err()
+                .contains("cookie differs"));
+        }
     }
 }

@@ -2,15 +2,16 @@
 //! batched exact lookup, the re-check against the choice and the kernel's own
 //! activity timers, protections judged on the socket itself, then the destroys.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use super::destroy::{self, Outcome};
 use super::{ms, Engine};
 use crate::clock::SEC;
 use crate::conn::{Owner, Tuple};
 use crate::engine::audit::Action;
+use crate::kernel::netns::Namespaces;
 use crate::kernel::procfs;
-use crate::kernel::sock_diag::{DiagSocket, SockDiag};
+use crate::kernel::sock_diag::{DestroyError, DiagSocket, SockDiag};
 use crate::kernel::ConnMap;
 use crate::policy::{Decision, Limit, RuleId};
 use crate::track::{Source, Tracked};
@@ -35,8 +36,8 @@ impl Engine {
         Some(limit.saturating_sub(self.window_used))
     }
 
-    /// Acts on every socket whose deadline has come.
-    pub fn fire_due(&mut self, now: u64, diag: &mut SockDiag, conns: Option<&ConnMap>) {
+    /// Acts on every socket whose deadline has come, each in its own network namespace.
+    pub fn fire_due(&mut self, now: u64, namespaces: &mut Namespaces, conns: Option<&ConnMap>) {
         let mut due = self.deadlines.pop_due(now);
         if due.is_empty() {
             return;
@@ -67,18 +68,48 @@ impl Engine {
                 chosen.push(c);
             }
         }
-        if chosen.is_empty() {
-            return;
+        // One exchange per namespace: a sock_diag socket sees only its own.
+        let mut by_ns: BTreeMap<u32, Vec<(u64, Tracked, RuleId)>> = BTreeMap::new();
+        for c in chosen {
+            by_ns.entry(c.1.id.netns).or_default().push(c);
         }
+        let mut lookups = Lookups::default();
+        for (netns, group) in by_ns {
+            let pid = group.iter().find_map(|(_, t, _)| t.owner.map(|o| o.pid));
+            match namespaces.diag(netns, pid) {
+                Ok(diag) => self.fire_in(diag, group, now, conns, &mut lookups),
+                Err(e) => {
+                    let why = format!("cannot reach network namespace {netns}: {e:#}");
+                    for (_, chosen, rule) in group {
+                        let outcome = Outcome::Failed(DestroyError::Other(std::io::Error::other(
+                            why.clone(),
+                        )));
+                        self.record(&chosen, rule, now, &outcome, None);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Looks up, re-checks and destroys the due sockets of one namespace through its
+    /// sock_diag socket.
+    fn fire_in(
+        &mut self,
+        diag: &mut SockDiag,
+        chosen: Vec<(u64, Tracked, RuleId)>,
+        now: u64,
+        conns: Option<&ConnMap>,
+        lookups: &mut Lookups,
+    ) {
         let started = std::time::Instant::now();
         let tuples: Vec<Tuple> = chosen.iter().map(|(_, t, _)| t.tuple).collect();
         let found = diag.get_many(&tuples);
         let looked_up = started.elapsed();
-        let mut lookups = Lookups::default();
         let mut kills = Vec::with_capacity(chosen.len());
         for ((key, chosen, rule), found) in chosen.into_iter().zip(found) {
-            if let Some(live) = self.vet(key, &chosen, rule, found, now, conns, &mut lookups) {
-                kills.push((key, rule, live));
+            if let Some(live) = self.vet(key, &chosen, rule, found, now, conns, lookups) {
+                // Named by the cookie the kernel recorded: it refuses any other socket.
+                kills.push((key, rule, destroy::target(&chosen, &live)));
             }
         }
         let results: Vec<Outcome> = if self.enforce {

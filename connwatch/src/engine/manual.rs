@@ -4,8 +4,8 @@ use super::audit::{Action, Record};
 use super::destroy::{self, Outcome};
 use super::fire::Lookups;
 use super::{ms, Engine, MANUAL};
-use crate::conn::{Birth, Tuple};
-use crate::kernel::sock_diag::SockDiag;
+use crate::conn::{cookie_from_diag, Birth, SockId, Tuple};
+use crate::kernel::netns::Namespaces;
 use crate::kernel::ConnMap;
 use crate::policy::Policy;
 use crate::track::{Source, Tracked};
@@ -13,27 +13,52 @@ use crate::track::{Source, Tracked};
 impl Engine {
     /// Destroys one connection an operator named (through the control API): only
     /// protections and the states connwatch never touches refuse it, no rule need
-    /// choose it. It is re-checked like any other victim, and a dry run only says it
-    /// would. Returns the record, or why nothing was destroyed.
+    /// choose it. A tuple that exists in several network namespaces must be named with
+    /// its namespace (`netns`); without one, the host's is meant when nothing is known
+    /// of the tuple elsewhere. It is re-checked like any other victim, and a dry run
+    /// only says it would. Returns the record, or why nothing was destroyed.
     pub fn destroy_manual(
         &mut self,
         tuple: Tuple,
+        netns: Option<u32>,
         now: u64,
-        diag: &mut SockDiag,
+        namespaces: &mut Namespaces,
         conns: Option<&ConnMap>,
     ) -> Result<Record, String> {
-        let key = self
-            .tracker
-            .key_of(&tuple)
-            .filter(|k| self.refresh_from_map(*k, conns));
+        let mut keys = Vec::new();
+        for k in self.tracker.keys_with_tuple(&tuple) {
+            let in_ns = |t: &Tracked| netns.is_none_or(|ns| t.id.netns == ns);
+            if self.refresh_from_map(k, conns) && self.tracker.get(k).is_some_and(in_ns) {
+                keys.push(k);
+            }
+        }
+        if keys.len() > 1 {
+            let mut names: Vec<String> = keys
+                .iter()
+                .filter_map(|k| self.tracker.get(*k))
+                .map(|t| t.id.netns.to_string())
+                .collect();
+            names.sort();
+            return Err(format!(
+                "{tuple} exists in {} network namespaces ({}): name the one meant with \"netns\"",
+                keys.len(),
+                names.join(", ")
+            ));
+        }
+        let key = keys.first().copied();
         let chosen = match key.and_then(|k| self.tracker.get(k).copied()) {
             Some(t) => t,
             // Not tracked (a TIME_WAIT no limit follows, say): what the kernel says of it.
             None => {
-                let live = diag
+                let ns = netns.unwrap_or(namespaces.host);
+                let live = namespaces
+                    .diag(ns, None)
+                    .map_err(|e| format!("{e:#}"))?
                     .get(&tuple)
                     .map_err(|e| format!("cannot look the connection up: {e:#}"))?
-                    .ok_or_else(|| format!("no TCP connection {tuple}"))?;
+                    .ok_or_else(|| {
+                        format!("no TCP connection {tuple} in network namespace {ns}")
+                    })?;
                 let activity = live
                     .activity
                     .map_or(0, |a| now.saturating_sub(ms(a.quiet_ms())));
@@ -42,14 +67,18 @@ impl Engine {
                     state: live.state,
                     birth: Birth::Unknown { seen_ns: now },
                     state_since_ns: now,
-                    generation: now,
+                    id: SockId::new(ns, cookie_from_diag(live.cookie)),
                     source: Source::Seeded,
-                    cookie: Some(live.cookie),
+                    cgroup_id: 0,
+                    ifindex: live.ifindex,
                     last_activity_ns: activity,
                     owner: None,
                 }
             }
         };
+        let diag = namespaces
+            .diag(chosen.id.netns, chosen.owner.map(|o| o.pid))
+            .map_err(|e| format!("{e:#}"))?;
         if !Policy::actionable(chosen.state) {
             return Err(format!(
                 "{tuple} is in {}: connwatch never destroys a listening or opening socket",
@@ -78,7 +107,7 @@ impl Engine {
             let outcome = Outcome::Skipped(format!("protected by {p}"));
             return Err(refuse(self, &chosen, outcome, Some(Action::Protected)));
         }
-        let outcome = destroy::kill(diag, &live, self.enforce);
+        let outcome = destroy::kill(diag, &chosen, &live, self.enforce);
         if let (Some(k), Outcome::Destroyed) = (key, &outcome) {
             if chosen.source != Source::Map {
                 self.tracker.remove(k);

@@ -22,7 +22,7 @@ use std::collections::HashMap;
 
 use connwatch_common::{event_kind, ConnEvent};
 
-use crate::conn::{canonical, TcpState, Tuple};
+use crate::conn::{canonical, SockId, TcpState, Tuple};
 use crate::policy::{Limit, Policy, Protected, RuleId, Verdict};
 use crate::track::{Deadlines, Tracker};
 use audit::Record;
@@ -160,7 +160,7 @@ impl Engine {
             let groups = self
                 .policy
                 .per_ip_limits(&s)
-                .map(|(id, _)| (id, ip))
+                .map(|(id, _)| (id, s.netns, ip))
                 .collect();
             self.per_ip.set(key, s.birth.no_later_than(), groups);
             for (k, rule) in self
@@ -218,7 +218,7 @@ impl Engine {
             self.plan(key);
         }
         if let (true, Some(was)) = (to_time_wait, was) {
-            if was.generation == ev.info.seen_ns {
+            if was.id == SockId::new(ev.info.netns, ev.info.cookie) {
                 if let Some(key) = self.tracker.time_wait(&was, ev.info.state_since_ns) {
                     self.plan(key);
                 }

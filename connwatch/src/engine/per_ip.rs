@@ -1,17 +1,19 @@
 //! Per-address connection counts, kept incrementally: each socket joins or leaves its
 //! address's group as events arrive, so finding who is over a limit never means
-//! counting every socket.
+//! counting every socket. An address is counted per network namespace: the same
+//! address in two namespaces is two different peers.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use crate::policy::RuleId;
 
-type Group = (RuleId, IpAddr);
+/// A rule, a network namespace (by inode) and a remote address in it.
+pub type Group = (RuleId, u32, IpAddr);
 
 #[derive(Default)]
 pub struct PerIp {
-    /// Members of each (rule, remote address), oldest first: (birth bound, key).
+    /// Members of each (rule, namespace, remote address), oldest first: (birth bound, key).
     groups: HashMap<Group, BTreeSet<(u64, u64)>>,
     /// The groups each socket is in, with the birth it was filed under.
     member: HashMap<u64, (u64, Vec<Group>)>,
@@ -76,8 +78,8 @@ impl PerIp {
         })
     }
 
-    pub fn count(&self, rule: RuleId, ip: IpAddr) -> usize {
-        self.groups.get(&(rule, ip)).map_or(0, |s| s.len())
+    pub fn count(&self, rule: RuleId, netns: u32, ip: IpAddr) -> usize {
+        self.groups.get(&(rule, netns, ip)).map_or(0, |s| s.len())
     }
 }
 
@@ -87,14 +89,15 @@ mod tests {
 
     const IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
     const OTHER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 2));
+    const NS: u32 = 4026531840;
 
     #[test]
     fn the_newest_beyond_the_limit_are_over() {
         let mut p = PerIp::default();
         for k in 1..=4u64 {
-            p.set(k, k * 10, vec![(0, IP)]);
+            p.set(k, k * 10, vec![(0, NS, IP)]);
         }
-        p.set(9, 5, vec![(0, OTHER)]);
+        p.set(9, 5, vec![(0, NS, OTHER)]);
         let limit = |_| 2;
         assert_eq!(p.over_limit(1, limit), vec![(3, 0), (4, 0)]);
         assert_eq!(p.breaks(1, limit), None);
@@ -105,15 +108,27 @@ mod tests {
         p.remove(2);
         assert_eq!(p.breaks(3, limit), None);
         assert_eq!(p.breaks(4, limit), Some(0));
-        assert_eq!(p.count(0, IP), 3);
+        assert_eq!(p.count(0, NS, IP), 3);
     }
 
     #[test]
     fn leaving_every_group_forgets_the_socket() {
         let mut p = PerIp::default();
-        p.set(1, 10, vec![(0, IP), (1, IP)]);
+        p.set(1, 10, vec![(0, NS, IP), (1, NS, IP)]);
         p.set(1, 10, vec![]);
-        assert_eq!(p.count(0, IP), 0);
+        assert_eq!(p.count(0, NS, IP), 0);
         assert!(p.groups.is_empty() && p.member.is_empty());
+    }
+
+    #[test]
+    fn an_address_counts_per_namespace() {
+        let mut p = PerIp::default();
+        p.set(1, 10, vec![(0, NS, IP)]);
+        p.set(2, 20, vec![(0, NS + 1, IP)]);
+        let limit = |_| 1;
+        assert_eq!(p.breaks(2, limit), None, "another namespace's peer");
+        assert_eq!(p.count(0, NS, IP), 1);
+        p.set(3, 30, vec![(0, NS, IP)]);
+        assert_eq!(p.breaks(3, limit), Some(0));
     }
 }

@@ -3,8 +3,11 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use crate::conn::{TcpState, Tuple};
+use std::collections::HashSet;
+
+use crate::conn::{cookie_from_diag, cookie_to_diag, Birth, SockId, TcpState, Tuple};
 use crate::engine::Engine;
+use crate::kernel::netns::Dump;
 use crate::kernel::sock_diag::DiagSocket;
 use crate::policy::{Limit, Policy, Rule, Selector, Verdict};
 use connwatch_common::{event_kind, tcp_state, ConnEvent, ConnInfo, AF_INET};
@@ -24,10 +27,24 @@ fn key(i: usize) -> u64 {
     0xffff_8880_0000_0000 + (i as u64) * 0x1000
 }
 
+/// How many network namespaces the lives are spread over.
+const NAMESPACES: usize = 3;
+
+/// Life `i` lives in namespace `i % NAMESPACES`: lives `3k`, `3k+1` and `3k+2` are
+/// twins, the same tuple in three namespaces.
+fn netns(i: usize) -> u32 {
+    4026531840 + (i % NAMESPACES) as u32
+}
+
+fn id(i: usize) -> SockId {
+    SockId::new(netns(i), 1000 + i as u64)
+}
+
 fn tuple(i: usize) -> Tuple {
+    let j = i / NAMESPACES;
     Tuple::new(
-        SocketAddr::new(IpAddr::from([127, 0, 0, 1]), 10_000 + i as u16),
-        SocketAddr::new(IpAddr::from([127, 0, 0, 1]), 8000 + (i % 3) as u16),
+        SocketAddr::new(IpAddr::from([127, 0, 0, 1]), 10_000 + j as u16),
+        SocketAddr::new(IpAddr::from([127, 0, 0, 1]), 8000 + (j % 3) as u16),
     )
 }
 
@@ -43,11 +60,13 @@ fn info(i: usize, state: u32, born: u64, since: u64) -> ConnInfo {
     info.seen_ns = born;
     info.state_since_ns = since;
     info.state = state;
+    info.netns = netns(i);
+    info.cookie = id(i).cookie;
     info
 }
 
 /// Every event of every life, in time order, and the sockets alive at the end.
-fn events(lives: &[Life]) -> (Vec<ConnEvent>, Vec<DiagSocket>) {
+fn events(lives: &[Life]) -> (Vec<ConnEvent>, Dump) {
     let mut evs: Vec<(u64, ConnEvent)> = Vec::new();
     let mut live = Vec::new();
     for (i, l) in lives.iter().enumerate() {
@@ -92,19 +111,29 @@ fn events(lives: &[Life]) -> (Vec<ConnEvent>, Vec<DiagSocket>) {
                     ),
                 ));
             }
-            None => live.push(DiagSocket {
-                tuple: tuple(i),
-                state: TcpState(state),
-                cookie: [i as u8; 8],
-                inode: i as u32 + 1,
-                uid: 0,
-                ifindex: 0,
-                activity: None,
-            }),
+            None => live.push((
+                netns(i),
+                DiagSocket {
+                    tuple: tuple(i),
+                    state: TcpState(state),
+                    cookie: cookie_to_diag(id(i).cookie),
+                    inode: i as u32 + 1,
+                    uid: 0,
+                    ifindex: 0,
+                    activity: None,
+                },
+            )),
         }
     }
     evs.sort_by_key(|(at, e)| (*at, e.key));
-    (evs.into_iter().map(|(_, e)| e).collect(), live)
+    let all: HashSet<u32> = (0..NAMESPACES).map(netns).collect();
+    let dump = Dump {
+        sockets: live,
+        dumped: all.clone(),
+        existing: all,
+        failed: Vec::new(),
+    };
+    (evs.into_iter().map(|(_, e)| e).collect(), dump)
 }
 
 fn arb_lives() -> impl Strategy<Value = Vec<Life>> {
@@ -144,6 +173,16 @@ fn arb_policy() -> impl Strategy<Value = Policy> {
         rules,
         ..Policy::default()
     })
+}
+
+/// How many lives are still open at the end.
+fn before_len(lives: &[Life]) -> usize {
+    lives.iter().filter(|l| l.closed_after_s.is_none()).count()
+}
+
+/// The life a map key belongs to.
+fn lives_index(key: u64) -> usize {
+    ((key - 0xffff_8880_0000_0000) / 0x1000) as usize
 }
 
 /// Every tracked socket, with the deadline the engine holds for it.
@@ -189,10 +228,16 @@ proptest! {
         }
         let now = 200 * SEC;
         let _ = e.reconcile(None, &live, now);
-        let mut tracked: Vec<Tuple> = e.tracker.iter().map(|(_, t)| t.tuple).collect();
-        let mut want: Vec<Tuple> = live.iter().map(|s| s.tuple).collect();
-        tracked.sort_by_key(|t| t.local.port());
-        want.sort_by_key(|t| t.local.port());
+        let mut tracked: Vec<(SockId, Tuple)> =
+            e.tracker.iter().map(|(_, t)| (t.id, t.tuple)).collect();
+        let mut want: Vec<(SockId, Tuple)> = live
+            .sockets
+            .iter()
+            .map(|(ns, s)| (SockId::new(*ns, cookie_from_diag(s.cookie)), s.tuple))
+            .collect();
+
+        want.sort_by_key(|(id, _)| *id);
+        tracked.sort_by_key(|(id, _)| *id);
         prop_assert_eq!(tracked, want);
         deadlines_follow_the_policy(&e)?;
     }
@@ -215,6 +260,50 @@ proptest! {
         reloaded.set_policy(after);
         prop_assert_eq!(state(&reloaded), state(&fresh));
         deadlines_follow_the_policy(&reloaded)?;
+    }
+
+    /// Twins (the same tuple in other namespaces, born and closed at other times)
+    /// never stand in for each other: each tracked socket is its own life's, with its
+    /// own birth and state, and a namespace's dump never removes another's sockets.
+    #[test]
+    fn twins_never_stand_in_for_each_other(
+        lives in arb_lives(),
+        policy in arb_policy(),
+    ) {
+        let (evs, mut live) = events(&lives);
+        let mut e = Engine::new(policy, false);
+        for ev in &evs {
+            e.on_event(ev);
+        }
+        let check = |e: &Engine| -> Result<(), TestCaseError> {
+            for (k, t) in e.tracker.iter() {
+                let i = lives_index(k);
+                prop_assert_eq!(t.id, id(i));
+                prop_assert_eq!(t.tuple, tuple(i));
+                prop_assert_eq!(t.birth, Birth::Known(lives[i].born_s * SEC));
+                prop_assert_eq!(e.tracker.key_of(&t.id), Some(k));
+            }
+            Ok(())
+        };
+        check(&e)?;
+        deadlines_follow_the_policy(&e)?;
+        // Known from dumps alone: one namespace could not be dumped the second time;
+        // its sockets stay, and the others' dumps remove none of them.
+        let mut seeded = Engine::new(e.policy.clone(), false);
+        let _ = seeded.reconcile(None, &live, 200 * SEC);
+        let spared = netns(1);
+        live.dumped.remove(&spared);
+        live.sockets.retain(|(ns, _)| *ns != spared);
+        let before: Vec<(SockId, Tuple)> =
+            seeded.tracker.iter().map(|(_, t)| (t.id, t.tuple)).collect();
+        let _ = seeded.reconcile(None, &live, 201 * SEC);
+        for (id, tuple) in before {
+            let k = seeded.tracker.key_of(&id);
+            prop_assert!(k.is_some(), "{} was dropped", id);
+            prop_assert_eq!(seeded.tracker.get(k.unwrap()).map(|t| t.tuple), Some(tuple));
+        }
+        prop_assert_eq!(seeded.tracker.len(), before_len(&lives));
+        deadlines_follow_the_policy(&seeded)?;
     }
 
     /// Events delivered twice (a ring read again after a crash) change nothing.

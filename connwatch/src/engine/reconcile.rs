@@ -5,16 +5,11 @@ use std::collections::{HashMap, HashSet};
 
 use super::per_ip::PerIp;
 use super::{ms, Engine};
-use crate::clock::SEC;
-use crate::conn::{TcpState, Tuple};
-use crate::kernel::sock_diag::DiagSocket;
+use crate::conn::{cookie_from_diag, SockId, TcpState};
+use crate::kernel::netns::Dump;
 use crate::kernel::ConnMap;
 use crate::policy::Policy;
-use crate::track::{Source, Tracked};
-
-/// An unmatchable map entry (a connect still without a local port) older than this
-/// is stale: connect gives up long before.
-const UNMATCHABLE_STALE_NS: u64 = 600 * SEC;
+use crate::track::{Seed, Source, Tracked};
 
 #[derive(Default, Debug)]
 pub struct Reconciled {
@@ -24,19 +19,37 @@ pub struct Reconciled {
 }
 
 impl Engine {
-    /// Brings the tracker and the map in line with the kernel's socket table: drops
-    /// entries of sockets that are gone, and seeds sockets nothing recorded.
+    /// Brings the tracker and the map in line with the kernel's socket tables: drops
+    /// entries of sockets that are gone, and seeds sockets nothing recorded. Each
+    /// socket is judged by its own namespace's dump: a namespace that could not be
+    /// dumped loses nothing, one that no longer exists loses everything.
     ///
     /// Returns the keys of stale map entries: the caller that owns the map removes them.
     pub fn reconcile(
         &mut self,
         conns: Option<&ConnMap>,
-        live: &[DiagSocket],
+        dump: &Dump,
         now: u64,
     ) -> (Reconciled, Vec<u64>) {
         let mut done = Reconciled::default();
-        let live_tuples: HashMap<Tuple, TcpState> =
-            live.iter().map(|s| (s.tuple, s.state)).collect();
+        let live: HashMap<SockId, TcpState> = dump
+            .sockets
+            .iter()
+            .map(|(ns, s)| (SockId::new(*ns, cookie_from_diag(s.cookie)), s.state))
+            .collect();
+        // Whether a socket is known to be gone: its namespace was dumped without it (or
+        // with it in another state than TIME_WAIT, for a TIME_WAIT socket followed, and
+        // the reverse), or the namespace itself is gone.
+        let gone = |id: &SockId, time_wait: bool| {
+            if dump.dumped.contains(&id.netns) {
+                match live.get(id) {
+                    None => true,
+                    Some(s) => (*s == TcpState::TIME_WAIT) != time_wait,
+                }
+            } else {
+                !dump.existing.contains(&id.netns)
+            }
+        };
         let mut in_map = HashSet::new();
         let mut stale_keys = Vec::new();
         for item in conns.into_iter().flat_map(|c| c.iter()) {
@@ -44,19 +57,10 @@ impl Engine {
             let Some(t) = Tracked::from_info(&info) else {
                 continue;
             };
-            // An entry whose socket is not in the dump died while no program watched,
-            // unless it was made after the dump began; so did one whose tuple is now in
-            // TIME_WAIT, a state the map never holds. An entry without a local port
-            // (SYN_SENT) cannot be matched: only its age tells it is stale.
-            let stale = if t.tuple.local.port() != 0 {
-                info.seen_ns < now
-                    && live_tuples
-                        .get(&t.tuple)
-                        .is_none_or(|s| *s == TcpState::TIME_WAIT)
-            } else {
-                now.saturating_sub(info.seen_ns) > UNMATCHABLE_STALE_NS
-            };
-            if stale {
+            // An entry whose socket is not in its namespace's dump died while no
+            // program watched, unless it was made after the dump began; so did one
+            // now in TIME_WAIT, a state the map never holds.
+            if info.seen_ns < now && gone(&t.id, false) {
                 stale_keys.push(key);
                 continue;
             }
@@ -72,8 +76,8 @@ impl Engine {
             .iter()
             .filter(|(k, t)| match t.source {
                 Source::Map => !in_map.contains(k),
-                Source::Seeded => !live_tuples.contains_key(&t.tuple),
-                Source::TimeWait => live_tuples.get(&t.tuple) != Some(&TcpState::TIME_WAIT),
+                Source::Seeded => gone(&t.id, false),
+                Source::TimeWait => gone(&t.id, true),
             })
             .map(|(k, _)| k)
             .collect();
@@ -81,7 +85,7 @@ impl Engine {
             self.tracker.remove(key);
         }
         let time_wait_limited = self.policy.limits_state(TcpState::TIME_WAIT);
-        for s in live {
+        for (netns, s) in &dump.sockets {
             if !Policy::actionable(s.state)
                 || (s.state == TcpState::TIME_WAIT && !time_wait_limited)
             {
@@ -96,11 +100,15 @@ impl Engine {
                 ),
                 None => (now, 0),
             };
-            if self
-                .tracker
-                .seed(s.tuple, s.state, s.cookie, born_by, active_at)
-                .is_some()
-            {
+            let seed = Seed {
+                id: SockId::new(*netns, cookie_from_diag(s.cookie)),
+                tuple: s.tuple,
+                state: s.state,
+                ifindex: s.ifindex,
+                seen_ns: born_by,
+                last_activity_ns: active_at,
+            };
+            if self.tracker.seed(seed).is_some() {
                 done.seeded += 1;
             }
         }

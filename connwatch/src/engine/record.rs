@@ -64,6 +64,7 @@ impl Engine {
         let record = Record {
             time: std::time::SystemTime::now(),
             action,
+            id: chosen.id,
             tuple: chosen.tuple,
             state: chosen.state,
             age: Age::of(chosen.birth, now),

@@ -8,7 +8,7 @@
 //! container's namespace (and its sockets) alive. [`Namespaces::retain`] drops the
 //! sockets of namespaces that no longer hold tracked connections.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -130,9 +130,19 @@ pub fn open_in(path: &Path) -> Result<SockDiag> {
     .map_err(|_| anyhow!("the thread entering {} panicked", path.display()))?
 }
 
-/// What a dump of every namespace found: each socket with its namespace's inode, and
-/// the namespaces that could not be dumped, with why.
-pub type Dumped = (Vec<(u32, DiagSocket)>, Vec<(u32, anyhow::Error)>);
+/// One sock_diag dump of every namespace.
+#[derive(Debug, Default)]
+pub struct Dump {
+    /// Each socket found, with the inode of its namespace.
+    pub sockets: Vec<(u32, DiagSocket)>,
+    /// The namespaces dumped in full.
+    pub dumped: HashSet<u32>,
+    /// Every namespace that exists now (dumped or not): a socket recorded in any
+    /// other is gone with its namespace.
+    pub existing: HashSet<u32>,
+    /// The namespaces that exist but could not be dumped, with why.
+    pub failed: Vec<(u32, anyhow::Error)>,
+}
 
 /// One sock_diag socket per namespace in use, the host's always open.
 pub struct Namespaces {
@@ -182,27 +192,30 @@ impl Namespaces {
     }
 
     /// Dumps every namespace that can be reached, each socket with its namespace's
-    /// inode; the namespaces that could not be dumped come back with why.
-    pub fn dump_all(&mut self, states: u32) -> Dumped {
-        let mut sockets = Vec::new();
-        let mut failed = Vec::new();
-        let mut seen = vec![self.host];
-        seen.extend(
+    /// inode. A namespace that cannot be dumped is named in [`Dump::failed`].
+    pub fn dump_all(&mut self, states: u32) -> Dump {
+        let mut dump = Dump::default();
+        let mut inodes = vec![self.host];
+        inodes.extend(
             all()
                 .into_iter()
                 .map(|n| n.inode)
                 .filter(|i| *i != self.host),
         );
-        for inode in seen {
+        for inode in inodes {
+            dump.existing.insert(inode);
             let dumped = self
                 .diag(inode, None)
                 .and_then(|d| d.dump_with_activity(states));
             match dumped {
-                Ok(list) => sockets.extend(list.into_iter().map(|s| (inode, s))),
-                Err(e) => failed.push((inode, e)),
+                Ok(list) => {
+                    dump.dumped.insert(inode);
+                    dump.sockets.extend(list.into_iter().map(|s| (inode, s)));
+                }
+                Err(e) => dump.failed.push((inode, e)),
             }
         }
-        (sockets, failed)
+        dump
     }
 
     /// Keeps the sockets of the namespaces `keep` names (and the host's), closing the

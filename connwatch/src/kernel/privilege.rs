@@ -10,6 +10,9 @@
 //!   it already holds, sock_diag dumps and lookups, reading `/proc/<pid>/comm`,
 //!   re-reading a root-owned config file on SIGHUP: nothing;
 //! - destroying a socket (`SOCK_DESTROY`): CAP_NET_ADMIN;
+//! - reaching a socket in another network namespace: opening `/proc/PID/ns/net` of a
+//!   process there (CAP_SYS_PTRACE for processes of other users or with more
+//!   capabilities) and `setns` into it (CAP_SYS_ADMIN), on a short-lived thread;
 //! - finding the sockets of protected processes through `/proc/<pid>/fd`: CAP_SYS_PTRACE
 //!   (for root's processes, which hold capabilities the daemon no longer has) and
 //!   CAP_DAC_READ_SEARCH (for other users' processes, whose `fd` directories are
@@ -25,13 +28,18 @@ pub const CAP_DAC_READ_SEARCH: u32 = 2;
 pub const CAP_SETPCAP: u32 = 8;
 pub const CAP_NET_ADMIN: u32 = 12;
 pub const CAP_SYS_PTRACE: u32 = 19;
+pub const CAP_SYS_ADMIN: u32 = 21;
 
 /// The capabilities the event loop keeps, and what for.
-pub const KEEP: [(u32, &str); 3] = [
+pub const KEEP: [(u32, &str); 4] = [
     (CAP_NET_ADMIN, "destroying sockets"),
     (
+        CAP_SYS_ADMIN,
+        "entering other network namespaces (setns) to reach their sockets",
+    ),
+    (
         CAP_SYS_PTRACE,
-        "finding protected processes' sockets in /proc",
+        "opening other processes' /proc/PID/ns/net, and finding protected processes' sockets in /proc",
     ),
     (
         CAP_DAC_READ_SEARCH,

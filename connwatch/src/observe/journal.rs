@@ -72,6 +72,7 @@ mod tests {
         Record {
             time: SystemTime::now(),
             action,
+            id: crate::conn::SockId::new(4026531840, 1),
             tuple: Tuple::new(
                 "127.0.0.1:1".parse().unwrap(),
                 "127.0.0.1:2".parse().unwrap(),

@@ -309,6 +309,7 @@ mod tests {
         let r = Record {
             time: std::time::SystemTime::now(),
             action: Action::Destroyed,
+            id: crate::conn::SockId::new(4026531840, 1),
             tuple: Tuple::new(
                 "127.0.0.1:1".parse().unwrap(),
                 "127.0.0.1:2".parse().unwrap(),

@@ -12,11 +12,12 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::{human, monotonic_ns, SEC};
-use crate::conn::{canonical, Birth, Owner, TcpState, Tuple};
+use crate::conn::{canonical, cookie_from_diag, Birth, Owner, SockId, TcpState, Tuple};
 use crate::engine::Engine;
+use crate::kernel::netns::Namespaces;
 use crate::kernel::pins;
 use crate::kernel::sock_diag::{DiagSocket, SockDiag};
-use crate::policy::{parse_cidr, PortRange};
+use crate::policy::{parse_cidr, parse_netns, PortRange};
 use crate::track::Tracked;
 
 /// One connection as `list --json` and the control API give it.
@@ -25,6 +26,12 @@ pub struct Row {
     pub local: String,
     pub remote: String,
     pub state: String,
+    /// The inode of the connection's network namespace.
+    #[serde(default)]
+    pub netns: u32,
+    /// The kernel's socket cookie: with `netns`, who the connection is.
+    #[serde(default)]
+    pub cookie: u64,
     /// Seconds since the connection was born; null where its birth is unknown.
     pub age_secs: Option<f64>,
     /// Where the birth is unknown: seconds it has existed at least.
@@ -54,6 +61,7 @@ fn secs(ns: u64) -> f64 {
 /// One connection before it is shown: typed, so filters and sorts cost no parsing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Item {
+    pub id: SockId,
     pub tuple: Tuple,
     pub state: TcpState,
     /// Nanoseconds since birth: exact, or a lower bound when `age_exact` is false.
@@ -74,6 +82,8 @@ impl Item {
             local: self.tuple.local.to_string(),
             remote: self.tuple.remote.to_string(),
             state: self.state.to_string(),
+            netns: self.id.netns,
+            cookie: self.id.cookie,
             age_secs: age.filter(|_| self.age_exact),
             age_at_least_secs: age.filter(|_| !self.age_exact),
             state_secs: self.state_ns.map(secs),
@@ -105,6 +115,8 @@ pub enum SortKey {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Filter {
     pub states: Vec<TcpState>,
+    /// Network namespaces, by inode.
+    pub netns: Vec<u32>,
     /// Local or remote port.
     pub ports: Vec<PortRange>,
     pub remote_addrs: Vec<IpNet>,
@@ -128,6 +140,9 @@ pub struct Query {
     pub remote_addr: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub process: Vec<String>,
+    /// Network namespaces: `host`, `ip netns` names or inodes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub netns: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub older_than_secs: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -153,6 +168,7 @@ impl Query {
             port: f.ports.iter().map(|p| p.to_string()).collect(),
             remote_addr: f.remote_addrs.iter().map(|n| n.to_string()).collect(),
             process: f.processes.clone(),
+            netns: f.netns.iter().map(|n| n.to_string()).collect(),
             older_than_secs: f.older_than.map(|d| d.as_secs_f64()),
             idle_longer_than_secs: f.idle_longer_than.map(|d| d.as_secs_f64()),
             sort: Some(f.sort),
@@ -181,6 +197,11 @@ impl Query {
                 .map(|a| parse_cidr(a).map_err(|e| format!("remote_addr: {e}")))
                 .collect::<Result<_, _>>()?,
             processes: self.process.clone(),
+            netns: self
+                .netns
+                .iter()
+                .map(|n| parse_netns(n).map_err(|e| format!("netns: {e}")))
+                .collect::<Result<_, _>>()?,
             older_than: duration_secs("older_than_secs", self.older_than_secs)?,
             idle_longer_than: duration_secs("idle_longer_than_secs", self.idle_longer_than_secs)?,
             sort: self.sort.unwrap_or_default(),
@@ -197,6 +218,7 @@ impl Filter {
             Some(d) => have.is_some_and(|ns| ns >= d.as_nanos() as u64),
         };
         (self.states.is_empty() || self.states.contains(&it.state))
+            && (self.netns.is_empty() || self.netns.contains(&it.id.netns))
             && (self.ports.is_empty()
                 || self.ports.iter().any(|r| r.contains(lp) || r.contains(rp)))
             && (self.remote_addrs.is_empty() || {
@@ -284,12 +306,17 @@ fn human_bucket(s: u64) -> String {
 
 /// Joins the kernel's sockets with what the map says of them, listeners left out:
 /// what `list` knows without a daemon.
-pub fn local_items(live: &[DiagSocket], entries: &HashMap<Tuple, Tracked>, now: u64) -> Vec<Item> {
+pub fn local_items(
+    live: &[(u32, DiagSocket)],
+    entries: &HashMap<SockId, Tracked>,
+    now: u64,
+) -> Vec<Item> {
     let ms = |n: u32| u64::from(n) * 1_000_000;
     live.iter()
-        .filter(|s| s.state != TcpState::LISTEN)
-        .map(|s| {
-            let entry = entries.get(&s.tuple);
+        .filter(|(_, s)| s.state != TcpState::LISTEN)
+        .map(|(netns, s)| {
+            let id = SockId::new(*netns, cookie_from_diag(s.cookie));
+            let entry = entries.get(&id);
             let (age_ns, age_exact) = match (entry.map(|e| e.birth), s.activity) {
                 (Some(Birth::Known(at)), _) => (Some(now.saturating_sub(at)), true),
                 (Some(Birth::Unknown { seen_ns }), _) => (Some(now.saturating_sub(seen_ns)), false),
@@ -312,6 +339,7 @@ pub fn local_items(live: &[DiagSocket], entries: &HashMap<Tuple, Tracked>, now: 
                 (None, None) => None,
             };
             Item {
+                id,
                 tuple: s.tuple,
                 state: s.state,
                 age_ns,
@@ -332,20 +360,24 @@ pub fn read_local() -> Result<Vec<Item>> {
         Ok(map) => {
             for (_, info) in map.iter().flatten() {
                 if let Some(t) = Tracked::from_info(&info) {
-                    entries.insert(t.tuple, t);
+                    entries.insert(t.id, t);
                 }
             }
         }
         Err(e) => eprintln!("connwatch: ages unknown: {e:#}"),
     }
-    let live = SockDiag::open()?.dump_with_activity(SockDiag::ALL_STATES)?;
-    Ok(local_items(&live, &entries, monotonic_ns()))
+    let dump = Namespaces::open()?.dump_all(SockDiag::ALL_STATES);
+    for (inode, e) in &dump.failed {
+        eprintln!("connwatch: network namespace {inode} not listed: {e:#}");
+    }
+    Ok(local_items(&dump.sockets, &entries, monotonic_ns()))
 }
 
 /// A tracked socket as `list` shows it, at `now`.
 pub fn item_of(key: u64, t: &Tracked, now: u64) -> Item {
     let s = t.subject();
     Item {
+        id: t.id,
         tuple: t.tuple,
         state: t.state,
         age_ns: Some(now.saturating_sub(t.birth.no_later_than())),
@@ -378,21 +410,28 @@ pub fn census(engine: &Engine, now: u64) -> (BTreeMap<&'static str, u64>, Vec<u6
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conn::cookie_to_diag;
     use connwatch_common::{ConnInfo, AF_INET, FLAG_BIRTH_UNKNOWN};
 
-    fn sock(lport: u16, state: TcpState) -> DiagSocket {
-        DiagSocket {
-            tuple: Tuple::new(
-                format!("127.0.0.1:{lport}").parse().unwrap(),
-                "127.0.0.1:9000".parse().unwrap(),
-            ),
-            state,
-            cookie: [0; 8],
-            inode: 0,
-            uid: 0,
-            ifindex: 0,
-            activity: None,
-        }
+    const NS: u32 = 4026531840;
+    const POD: u32 = 4026532999;
+
+    fn sock(lport: u16, state: TcpState) -> (u32, DiagSocket) {
+        (
+            NS,
+            DiagSocket {
+                tuple: Tuple::new(
+                    format!("127.0.0.1:{lport}").parse().unwrap(),
+                    "127.0.0.1:9000".parse().unwrap(),
+                ),
+                state,
+                cookie: cookie_to_diag(u64::from(lport)),
+                inode: 0,
+                uid: 0,
+                ifindex: 0,
+                activity: None,
+            },
+        )
     }
 
     fn entry(lport: u16, birth: u64, flags: u32) -> ConnInfo {
@@ -407,16 +446,23 @@ mod tests {
         i.state_since_ns = birth;
         i.state = TcpState::ESTABLISHED.0;
         i.flags = flags;
+        i.netns = NS;
+        i.cookie = u64::from(lport);
         i
     }
 
     fn items() -> Vec<Item> {
+        // The twin of port 2's connection in another namespace: same tuple, another
+        // socket, nothing recorded of it.
+        let (_, mut twin) = sock(2, TcpState::ESTABLISHED);
+        twin.cookie = cookie_to_diag(99);
         let live = [
             sock(1, TcpState::ESTABLISHED),
             sock(2, TcpState::ESTABLISHED),
             sock(3, TcpState::ESTABLISHED),
             sock(4, TcpState::LISTEN),
             sock(5, TcpState::CLOSE_WAIT),
+            (POD, twin),
         ];
         let mut map = HashMap::new();
         let mut owned = entry(2, 40 * SEC, 0);
@@ -429,14 +475,35 @@ mod tests {
             entry(3, 30 * SEC, FLAG_BIRTH_UNKNOWN),
         ] {
             let t = Tracked::from_info(&e).unwrap();
-            map.insert(t.tuple, t);
+            map.insert(t.id, t);
         }
         local_items(&live, &map, 100 * SEC)
     }
 
     #[test]
+    fn a_twin_in_another_namespace_gets_nothing_of_the_host_connection() {
+        let items = items();
+        let twin = items.iter().find(|i| i.id.netns == POD).unwrap();
+        assert_eq!(twin.age_ns, None);
+        assert_eq!(twin.owner, None);
+        let host = items
+            .iter()
+            .find(|i| i.id.netns == NS && i.tuple == twin.tuple)
+            .unwrap();
+        assert_eq!(host.owner.map(|o| o.pid), Some(77));
+        let only_pod = Filter {
+            netns: vec![POD],
+            ..Filter::default()
+        };
+        assert_eq!(only_pod.apply(items.into_iter()).1, 1);
+    }
+
+    #[test]
     fn joins_ages_and_leaves_unknown_ones_unknown() {
-        let f = Filter::default();
+        let f = Filter {
+            netns: vec![NS],
+            ..Filter::default()
+        };
         let (items, matched) = f.apply(items().into_iter());
         assert_eq!(matched, 4, "listeners are left out");
         let rows: Vec<Row> = items.iter().map(Item::row).collect();
@@ -460,7 +527,7 @@ mod tests {
     #[test]
     fn filters_sorts_and_limits() {
         let run = |f: Filter| -> Vec<String> {
-            f.apply(items().into_iter())
+            f.apply(items().into_iter().filter(|i| i.id.netns == NS))
                 .0
                 .iter()
                 .map(|i| i.tuple.local.port().to_string())
@@ -516,6 +583,7 @@ mod tests {
             ports: vec!["80".parse().unwrap()],
             remote_addrs: vec![parse_cidr("10.0.0.0/8").unwrap()],
             processes: vec!["nginx".into()],
+            netns: vec![4026531840],
             older_than: Some(Duration::from_secs(60)),
             idle_longer_than: None,
             sort: SortKey::Remote,

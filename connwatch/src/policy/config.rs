@@ -26,7 +26,7 @@ use toml::Spanned;
 
 use crate::policy::PolicySpec;
 use crate::policy::{
-    parse_cidr, parse_duration, parse_timeout_state, Limit, PortRange, Rule, Selector,
+    parse_cidr, parse_duration, parse_netns, parse_timeout_state, Limit, PortRange, Rule, Selector,
 };
 
 /// A rejected config file: where, and what is wrong.
@@ -69,6 +69,7 @@ struct FileSettings {
     remote_port: Ports,
     local_addr: Texts,
     remote_addr: Texts,
+    netns: Texts,
     exclude_port: Ports,
     exclude_addr: Texts,
     exclude_process: Option<Vec<String>>,
@@ -90,6 +91,7 @@ struct FileRule {
     remote_port: Ports,
     local_addr: Texts,
     remote_addr: Texts,
+    netns: Texts,
     max_age: Option<Spanned<String>>,
     idle: Option<Spanned<String>>,
     /// With `timeout`: a state timeout.
@@ -161,6 +163,13 @@ impl Reader<'_> {
             .collect()
     }
 
+    fn namespaces(&self, field: &str, v: &Texts) -> Result<Vec<u32>, ConfigError> {
+        v.iter()
+            .flatten()
+            .map(|n| self.value(field, n, |s| parse_netns(s)))
+            .collect()
+    }
+
     fn selector(&self, r: &FileRule, prefix: &str) -> Result<Selector, ConfigError> {
         Ok(Selector {
             ports: self.ports(&format!("{prefix}port"), &r.port)?,
@@ -168,6 +177,7 @@ impl Reader<'_> {
             remote_ports: self.ports(&format!("{prefix}remote-port"), &r.remote_port)?,
             local_addrs: self.cidrs(&format!("{prefix}local-addr"), &r.local_addr)?,
             remote_addrs: self.cidrs(&format!("{prefix}remote-addr"), &r.remote_addr)?,
+            netns: self.namespaces(&format!("{prefix}netns"), &r.netns)?,
         })
     }
 
@@ -248,6 +258,7 @@ impl Reader<'_> {
             remote_ports: self.ports("remote-port", &f.remote_port)?,
             local_addrs: self.cidrs("local-addr", &f.local_addr)?,
             remote_addrs: self.cidrs("remote-addr", &f.remote_addr)?,
+            netns: self.namespaces("netns", &f.netns)?,
         };
         let mut rules = Vec::new();
         for r in &f.rule {

@@ -12,7 +12,8 @@ mod spec;
 
 pub use config::{load as load_config, parse as parse_config, ConfigError};
 pub use parse::{
-    parse_cidr, parse_duration, parse_state_timeout, parse_timeout_state, PortRange, TIMEOUT_STATES,
+    parse_cidr, parse_duration, parse_netns, parse_state_timeout, parse_timeout_state, PortRange,
+    TIMEOUT_STATES,
 };
 pub use source::PolicySource;
 pub use spec::PolicySpec;
@@ -67,10 +68,18 @@ pub struct Selector {
     pub remote_ports: Vec<PortRange>,
     pub local_addrs: Vec<IpNet>,
     pub remote_addrs: Vec<IpNet>,
+    /// Network namespaces, by inode (`--netns host|NAME|INODE`, resolved at load).
+    pub netns: Vec<u32>,
 }
 
 impl Selector {
-    pub fn matches(&self, t: &Tuple) -> bool {
+    /// Whether the socket is one this selector is about.
+    pub fn matches(&self, s: &Subject) -> bool {
+        (self.netns.is_empty() || self.netns.contains(&s.netns)) && self.matches_tuple(&s.tuple)
+    }
+
+    /// The endpoint part of [`Selector::matches`].
+    pub fn matches_tuple(&self, t: &Tuple) -> bool {
         let (lp, rp) = (t.local.port(), t.remote.port());
         (self.ports.is_empty() || port_in(&self.ports, lp) || port_in(&self.ports, rp))
             && (self.local_ports.is_empty() || port_in(&self.local_ports, lp))
@@ -204,6 +213,8 @@ impl Budget {
 /// What the policy looks at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Subject {
+    /// The inode of the socket's network namespace.
+    pub netns: u32,
     pub tuple: Tuple,
     pub state: TcpState,
     pub birth: Birth,
@@ -351,7 +362,7 @@ impl Policy {
         }
         let mut best = Verdict::Never;
         for (id, rule) in self.rules.iter().enumerate() {
-            if !rule.selector.matches(&s.tuple) {
+            if !rule.selector.matches(s) {
                 continue;
             }
             let at = |ns: u64, d: &Duration| ns.saturating_add(d.as_nanos() as u64);
@@ -402,7 +413,7 @@ impl Policy {
         self.rules
             .iter()
             .enumerate()
-            .filter(move |(_, r)| eligible && r.selector.matches(&s.tuple))
+            .filter(move |(_, r)| eligible && r.selector.matches(s))
             .filter_map(|(id, r)| match r.limit {
                 Limit::MaxConnsPerIp(n) => Some((id, n)),
                 _ => None,
@@ -433,6 +444,7 @@ mod tests {
 
     fn subject(local: &str, remote: &str, state: TcpState, birth: Birth) -> Subject {
         Subject {
+            netns: 1,
             tuple: Tuple::new(
                 local.parse::<SocketAddr>().unwrap(),
                 remote.parse::<SocketAddr>().unwrap(),
@@ -592,19 +604,19 @@ mod tests {
             ..Selector::default()
         };
         let t = |l: &str, r: &str| Tuple::new(l.parse().unwrap(), r.parse().unwrap());
-        assert!(sel.matches(&t("1.1.1.1:8080", "10.9.9.9:5")));
+        assert!(sel.matches_tuple(&t("1.1.1.1:8080", "10.9.9.9:5")));
         assert!(
-            !sel.matches(&t("1.1.1.1:5", "10.9.9.9:8080")),
+            !sel.matches_tuple(&t("1.1.1.1:5", "10.9.9.9:8080")),
             "remote port is not local"
         );
-        assert!(!sel.matches(&t("1.1.1.1:8080", "11.9.9.9:5")));
+        assert!(!sel.matches_tuple(&t("1.1.1.1:8080", "11.9.9.9:5")));
         let either = Selector {
             ports: vec!["8080".parse().unwrap()],
             ..Selector::default()
         };
-        assert!(either.matches(&t("[::1]:40000", "[::1]:8080")));
-        assert!(either.matches(&t("[::1]:8080", "[::1]:40000")));
-        assert!(!either.matches(&t("[::1]:9090", "[::1]:40000")));
+        assert!(either.matches_tuple(&t("[::1]:40000", "[::1]:8080")));
+        assert!(either.matches_tuple(&t("[::1]:8080", "[::1]:40000")));
+        assert!(!either.matches_tuple(&t("[::1]:9090", "[::1]:40000")));
     }
 
     #[test]
@@ -746,6 +758,7 @@ mod tests {
                 ])),
             )
                 .prop_map(move |(b, h, lp, rp, st, birth, act, owner)| Subject {
+                    netns: 1,
                     tuple: Tuple::new(
                         SocketAddr::new(IpAddr::from([192, 168, 0, 1]), lp),
                         SocketAddr::new(IpAddr::from([10, 0, b, h]), rp),
@@ -801,7 +814,7 @@ mod tests {
                 let p = Policy { rules, ..Policy::default() };
                 if let Some(id) = p.due(&s, now * SEC) {
                     let r = p.rule(id);
-                    prop_assert!(r.selector.matches(&s.tuple));
+                    prop_assert!(r.selector.matches(&s));
                     let applies = match r.limit {
                         Limit::Idle(_) => s.state == TcpState::ESTABLISHED,
                         Limit::StateTimeout(st, _) => st == s.state,

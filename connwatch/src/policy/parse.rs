@@ -9,6 +9,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use crate::conn::TcpState;
+use crate::kernel::netns;
 
 /// An inclusive range of ports, parsed from `P` or `LO-HI`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,6 +121,14 @@ pub fn parse_timeout_state(text: &str) -> Result<TcpState, String> {
         )),
         None => Err(format!("'{text}' is not a TCP state (one of: {})", names())),
     }
+}
+
+/// Resolves `--netns` (and the config's `netns`): `host` (the daemon's own), an
+/// `ip netns` name (from /run/netns, resolved when the policy is read), or an inode.
+pub fn parse_netns(text: &str) -> Result<u32, String> {
+    let host =
+        netns::own().map_err(|e| format!("cannot read this process's network namespace: {e}"))?;
+    netns::resolve(text, host)
 }
 
 #[cfg(test)]

@@ -52,6 +52,7 @@ impl PolicySpec {
                 remote_ports: pick(sel.remote_ports, base.remote_ports),
                 local_addrs: pick(sel.local_addrs, base.local_addrs),
                 remote_addrs: pick(sel.remote_addrs, base.remote_addrs),
+                netns: pick(sel.netns, base.netns),
             },
             exclude_ports: pick(over.exclude_ports, self.exclude_ports),
             exclude_addrs: pick(over.exclude_addrs, self.exclude_addrs),
@@ -93,11 +94,13 @@ impl PolicySpec {
         };
         let mut rules = Vec::new();
         if !self.block.is_empty() {
-            // A blocked address is blocked on every port: no selector narrows it.
+            // A blocked address is blocked on every port: only the namespaces watched
+            // narrow it.
             rules.push(Rule {
                 name: "blocked".into(),
                 selector: Selector {
                     remote_addrs: self.block.clone(),
+                    netns: self.selector.netns.clone(),
                     ..Selector::default()
                 },
                 limit: Limit::Block,

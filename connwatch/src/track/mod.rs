@@ -5,4 +5,4 @@ pub mod deadlines;
 pub mod tracker;
 
 pub use deadlines::Deadlines;
-pub use tracker::{Source, Tracked, Tracker};
+pub use tracker::{Seed, Source, Tracked, Tracker};

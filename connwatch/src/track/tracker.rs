@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use connwatch_common::{event_kind, ConnEvent, ConnInfo, FLAG_BIRTH_UNKNOWN};
 
-use crate::conn::{Birth, Owner};
+use crate::conn::{Birth, Owner, SockId};
 use crate::conn::{TcpState, Tuple};
 use crate::policy::Subject;
 
@@ -27,11 +27,14 @@ pub struct Tracked {
     pub state: TcpState,
     pub birth: Birth,
     pub state_since_ns: u64,
-    /// The map entry's creation time: tells this socket from a later one at the same key.
-    pub generation: u64,
+    /// Who the socket is: its cookie and network namespace, as the kernel recorded
+    /// them (the map) or reported them (a dump). Every join and destroy uses it.
+    pub id: SockId,
     pub source: Source,
-    /// The sock_diag cookie of a seeded socket, which a destroy must find again.
-    pub cookie: Option<[u8; 8]>,
+    /// The cgroup v2 id of the process that opened or used it; 0 when unknown.
+    pub cgroup_id: u64,
+    /// The device the socket is bound to (`SO_BINDTODEVICE`, an IPv6 scope); 0 if none.
+    pub ifindex: u32,
     /// Last data in either direction as the kernel program stamped it (coarse); 0 if none.
     pub last_activity_ns: u64,
     pub owner: Option<Owner>,
@@ -50,9 +53,10 @@ impl Tracked {
                 Birth::Known(info.birth_ns)
             },
             state_since_ns: info.state_since_ns,
-            generation: info.seen_ns,
+            id: SockId::new(info.netns, info.cookie),
             source: Source::Map,
-            cookie: None,
+            cgroup_id: info.cgroup_id,
+            ifindex: info.bound_dev_if,
             last_activity_ns: info.last_rx_ns.max(info.last_tx_ns),
             owner: (info.pid != 0).then_some(Owner {
                 pid: info.pid,
@@ -63,6 +67,7 @@ impl Tracked {
 
     pub fn subject(&self) -> Subject {
         Subject {
+            netns: self.id.netns,
             tuple: self.tuple,
             state: self.state,
             birth: self.birth,
@@ -73,20 +78,32 @@ impl Tracked {
     }
 }
 
+/// A socket a sock_diag dump found, as [`Tracker::seed`] takes it.
+#[derive(Clone, Copy, Debug)]
+pub struct Seed {
+    pub id: SockId,
+    pub tuple: Tuple,
+    pub state: TcpState,
+    pub ifindex: u32,
+    /// First seen then: it is at least this old.
+    pub seen_ns: u64,
+    /// Last data either way, from tcp_info; 0 if unknown.
+    pub last_activity_ns: u64,
+}
+
 /// Keys of seeded sockets count up from 1; kernel socket addresses, the keys of map
 /// sockets, are far above (the kernel half of the address space), so they never meet.
 const FIRST_SEED_KEY: u64 = 1;
 
-/// A tuple identifies one connection only once both ports are set and it is not a
-/// listener; before that (SYN_SENT has local port 0) it is not indexed.
-fn indexable(t: &Tuple) -> bool {
-    t.local.port() != 0 && t.remote.port() != 0
-}
-
 #[derive(Default)]
 pub struct Tracker {
     conns: HashMap<u64, Tracked>,
-    by_tuple: HashMap<Tuple, u64>,
+    /// Each socket's key by its identity: one socket is known once, however it was
+    /// learned (the map, a dump, a TIME_WAIT follow-up).
+    by_id: HashMap<SockId, u64>,
+    /// How many sockets each network namespace holds: a namespace with none is one
+    /// the daemon need not keep a sock_diag socket in.
+    per_netns: HashMap<u32, usize>,
     next_seed_key: u64,
 }
 
@@ -110,8 +127,38 @@ impl Tracker {
         self.conns.get(&key)
     }
 
-    pub fn key_of(&self, tuple: &Tuple) -> Option<u64> {
-        self.by_tuple.get(tuple).copied()
+    /// How many tracked sockets live in namespace `netns`.
+    pub fn in_netns(&self, netns: u32) -> usize {
+        self.per_netns.get(&netns).copied().unwrap_or(0)
+    }
+
+    fn count_in(&mut self, netns: u32, up: bool) {
+        let n = self.per_netns.entry(netns).or_default();
+        if up {
+            *n += 1;
+        } else {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_netns.remove(&netns);
+            }
+        }
+    }
+
+    pub fn key_of(&self, id: &SockId) -> Option<u64> {
+        self.by_id.get(id).copied()
+    }
+
+    /// The keys of the tracked sockets with this tuple: one per network namespace that
+    /// has such a connection. A walk: only a manual destroy asks.
+    pub fn keys_with_tuple(&self, tuple: &Tuple) -> Vec<u64> {
+        let mut keys: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, t)| t.tuple == *tuple)
+            .map(|(k, _)| *k)
+            .collect();
+        keys.sort_unstable();
+        keys
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (u64, &Tracked)> {
@@ -123,27 +170,31 @@ impl Tracker {
     pub fn upsert(&mut self, key: u64, mut t: Tracked) -> Vec<u64> {
         let mut touched = vec![key];
         if let Some(old) = self.conns.get(&key) {
-            if self.by_tuple.get(&old.tuple) == Some(&key) {
-                self.by_tuple.remove(&old.tuple);
+            let old_id = old.id;
+            if self.by_id.get(&old_id) == Some(&key) {
+                self.by_id.remove(&old_id);
             }
         }
-        if indexable(&t.tuple) {
-            if let Some(other) = self.by_tuple.insert(t.tuple, key) {
-                if other != key {
-                    // The same connection known twice: a seeded entry now seen by the
-                    // kernel program. Keep the earlier sighting as the age bound.
-                    if let Some(old) = self.conns.remove(&other) {
-                        if let (Birth::Unknown { seen_ns: a }, Birth::Unknown { seen_ns: b }) =
-                            (old.birth, t.birth)
-                        {
-                            t.birth = Birth::Unknown { seen_ns: a.min(b) };
-                        }
+        if let Some(other) = self.by_id.insert(t.id, key) {
+            if other != key {
+                // The same connection known twice: a seeded entry now seen by the
+                // kernel program. Keep the earlier sighting as the age bound.
+                if let Some(old) = self.conns.remove(&other) {
+                    self.count_in(old.id.netns, false);
+                    if let (Birth::Unknown { seen_ns: a }, Birth::Unknown { seen_ns: b }) =
+                        (old.birth, t.birth)
+                    {
+                        t.birth = Birth::Unknown { seen_ns: a.min(b) };
                     }
-                    touched.push(other);
                 }
+                touched.push(other);
             }
         }
-        self.conns.insert(key, t);
+        let netns = t.id.netns;
+        if let Some(old) = self.conns.insert(key, t) {
+            self.count_in(old.id.netns, false);
+        }
+        self.count_in(netns, true);
         touched
     }
 
@@ -154,7 +205,7 @@ impl Tracker {
             return false;
         };
         match self.conns.get(&key) {
-            Some(t) if t.generation == info.seen_ns => {
+            Some(t) if t.id == fresh.id => {
                 let merged = Tracked {
                     birth: t.birth,
                     owner: fresh.owner.or(t.owner),
@@ -191,7 +242,6 @@ impl Tracker {
             state: TcpState::TIME_WAIT,
             state_since_ns: since_ns,
             source: Source::TimeWait,
-            cookie: None,
             ..*was
         })
     }
@@ -199,7 +249,7 @@ impl Tracker {
     /// Records a socket the map does not hold, under a key of its own, unless its
     /// connection is known already.
     fn insert_outside_map(&mut self, t: Tracked) -> Option<u64> {
-        if !indexable(&t.tuple) || self.by_tuple.contains_key(&t.tuple) {
+        if self.by_id.contains_key(&t.id) {
             return None;
         }
         let key = self.next_seed_key;
@@ -210,8 +260,9 @@ impl Tracker {
 
     pub fn remove(&mut self, key: u64) -> Option<Tracked> {
         let t = self.conns.remove(&key)?;
-        if self.by_tuple.get(&t.tuple) == Some(&key) {
-            self.by_tuple.remove(&t.tuple);
+        self.count_in(t.id.netns, false);
+        if self.by_id.get(&t.id) == Some(&key) {
+            self.by_id.remove(&t.id);
         }
         Some(t)
     }
@@ -223,7 +274,7 @@ impl Tracker {
             if self
                 .conns
                 .get(&ev.key)
-                .is_some_and(|t| t.generation == ev.info.seen_ns)
+                .is_some_and(|t| t.id == SockId::new(ev.info.netns, ev.info.cookie))
             {
                 self.remove(ev.key);
             }
@@ -238,23 +289,17 @@ impl Tracker {
     /// Records a socket found by a sock_diag dump that nothing else knows; its birth is
     /// unknown, so it counts as born no later than `seen_ns`, and as active last at
     /// `last_activity_ns` (0 if unknown).
-    pub fn seed(
-        &mut self,
-        tuple: Tuple,
-        state: TcpState,
-        cookie: [u8; 8],
-        seen_ns: u64,
-        last_activity_ns: u64,
-    ) -> Option<u64> {
+    pub fn seed(&mut self, s: Seed) -> Option<u64> {
         self.insert_outside_map(Tracked {
-            tuple,
-            state,
-            birth: Birth::Unknown { seen_ns },
-            state_since_ns: seen_ns,
-            generation: seen_ns,
+            tuple: s.tuple,
+            state: s.state,
+            birth: Birth::Unknown { seen_ns: s.seen_ns },
+            state_since_ns: s.seen_ns,
+            id: s.id,
             source: Source::Seeded,
-            cookie: Some(cookie),
-            last_activity_ns,
+            cgroup_id: 0,
+            ifindex: s.ifindex,
+            last_activity_ns: s.last_activity_ns,
             owner: None,
         })
     }
@@ -266,8 +311,11 @@ mod tests {
     use connwatch_common::{tcp_state, AF_INET};
 
     const SK: u64 = 0xffff_8880_0000_1000;
+    const HOST: u32 = 4026531840;
+    const POD: u32 = 4026532999;
 
-    fn info(state: u32, sport: u16, seen: u64, flags: u32) -> ConnInfo {
+    /// A map entry of socket `cookie` in namespace `netns`.
+    fn info_in(netns: u32, state: u32, sport: u16, cookie: u64, flags: u32) -> ConnInfo {
         let mut i = ConnInfo::zeroed();
         i.family = AF_INET;
         i.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
@@ -275,20 +323,30 @@ mod tests {
         i.sport = sport;
         i.dport = 8080;
         i.state = state;
-        i.seen_ns = seen;
-        i.birth_ns = if flags == 0 { seen } else { 0 };
-        i.state_since_ns = seen;
+        i.seen_ns = cookie;
+        i.birth_ns = if flags == 0 { cookie } else { 0 };
+        i.state_since_ns = cookie;
         i.flags = flags;
+        i.netns = netns;
+        i.cookie = cookie;
         i
     }
 
-    fn ev(kind: u32, info: ConnInfo) -> ConnEvent {
+    fn info(state: u32, sport: u16, cookie: u64, flags: u32) -> ConnInfo {
+        info_in(HOST, state, sport, cookie, flags)
+    }
+
+    fn ev_at(key: u64, kind: u32, info: ConnInfo) -> ConnEvent {
         ConnEvent {
-            key: SK,
+            key,
             kind,
             oldstate: 0,
             info,
         }
+    }
+
+    fn ev(kind: u32, info: ConnInfo) -> ConnEvent {
+        ev_at(SK, kind, info)
     }
 
     #[test]
@@ -298,11 +356,11 @@ mod tests {
         assert_eq!(t.len(), 1);
         let est = info(tcp_state::ESTABLISHED, 40000, 5, 0);
         assert_eq!(t.apply(&ev(event_kind::STATE, est)), vec![SK]);
-        let tuple = Tuple::from_info(&est).unwrap();
-        assert_eq!(t.key_of(&tuple), Some(SK));
+        let id = SockId::new(HOST, 5);
+        assert_eq!(t.key_of(&id), Some(SK));
         assert_eq!(t.get(SK).unwrap().birth, Birth::Known(5));
         t.apply(&ev(event_kind::CLOSED, est));
-        assert!(t.is_empty() && t.key_of(&tuple).is_none());
+        assert!(t.is_empty() && t.key_of(&id).is_none());
     }
 
     #[test]
@@ -312,33 +370,62 @@ mod tests {
             event_kind::OPENED,
             info(tcp_state::ESTABLISHED, 40000, 9, 0),
         ));
-        // A CLOSED for the socket that held this address before (generation 3).
+        // A CLOSED for the socket that held this address before (cookie 3).
         t.apply(&ev(event_kind::CLOSED, info(tcp_state::CLOSE, 40000, 3, 0)));
-        assert_eq!(t.get(SK).unwrap().generation, 9);
+        assert_eq!(t.get(SK).unwrap().id.cookie, 9);
+    }
+
+    #[test]
+    fn twins_in_two_namespaces_are_two_sockets() {
+        let mut t = Tracker::new();
+        let host = info_in(HOST, tcp_state::ESTABLISHED, 40000, 11, 0);
+        let pod = info_in(POD, tcp_state::ESTABLISHED, 40000, 12, 0);
+        assert_eq!(Tuple::from_info(&host), Tuple::from_info(&pod));
+        t.apply(&ev_at(SK, event_kind::OPENED, host));
+        t.apply(&ev_at(SK + 64, event_kind::OPENED, pod));
+        assert_eq!(t.len(), 2, "neither evicts the other");
+        assert_eq!(t.key_of(&SockId::new(HOST, 11)), Some(SK));
+        assert_eq!(t.key_of(&SockId::new(POD, 12)), Some(SK + 64));
+        let tuple = Tuple::from_info(&host).unwrap();
+        assert_eq!(t.keys_with_tuple(&tuple), vec![SK, SK + 64]);
+        assert_eq!((t.in_netns(HOST), t.in_netns(POD)), (1, 1));
+        // The pod's close removes the pod's socket only.
+        t.apply(&ev_at(SK + 64, event_kind::CLOSED, pod));
+        assert_eq!(t.keys_with_tuple(&tuple), vec![SK]);
+        assert_eq!((t.in_netns(HOST), t.in_netns(POD)), (1, 0));
     }
 
     #[test]
     fn discovery_replaces_a_seed_and_keeps_the_earlier_sighting() {
         let mut t = Tracker::new();
-        let est = info(tcp_state::ESTABLISHED, 40000, 0, 0);
-        let tuple = Tuple::from_info(&est).unwrap();
-        let seed = t
-            .seed(tuple, TcpState::ESTABLISHED, [7; 8], 100, 0)
+        let est = info(tcp_state::ESTABLISHED, 40000, 500, FLAG_BIRTH_UNKNOWN);
+        let seed = Seed {
+            id: SockId::new(HOST, 500),
+            tuple: Tuple::from_info(&est).unwrap(),
+            state: TcpState::ESTABLISHED,
+            ifindex: 0,
+            seen_ns: 100,
+            last_activity_ns: 0,
+        };
+        let seeded = t.seed(seed).unwrap();
+        assert_eq!(t.seed(seed), None, "seeded twice");
+        // The same tuple in another namespace is another socket.
+        let twin = t
+            .seed(Seed {
+                id: SockId::new(POD, 501),
+                ..seed
+            })
             .unwrap();
-        assert_eq!(
-            t.seed(tuple, TcpState::ESTABLISHED, [7; 8], 100, 0),
-            None,
-            "seeded twice"
-        );
         let touched = t.apply(&ev(
             event_kind::DISCOVERED,
             info(tcp_state::CLOSE_WAIT, 40000, 500, FLAG_BIRTH_UNKNOWN),
         ));
-        assert_eq!(touched, vec![SK, seed]);
-        assert!(t.get(seed).is_none());
+        assert_eq!(touched, vec![SK, seeded]);
+        assert!(t.get(seeded).is_none());
         let now = t.get(SK).unwrap();
         assert_eq!(now.birth, Birth::Unknown { seen_ns: 100 });
         assert_eq!(now.source, Source::Map);
-        assert_eq!(t.len(), 1);
+        assert!(t.get(twin).is_some(), "the twin is untouched");
+        assert_eq!(t.len(), 2);
     }
 }
