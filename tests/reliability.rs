@@ -172,11 +172,14 @@ fn signal(d: &Daemon, sig: i32) {
 }
 
 /// The pinned map's entries, by tuple.
+/// The map's entries of this namespace's sockets, by tuple (unique within it).
 fn map_entries() -> HashMap<Tuple, ConnInfo> {
+    let host = host_netns();
     pins::open_pinned_conns()
         .expect("the pinned map")
         .iter()
         .flatten()
+        .filter(|(_, info)| info.netns == host)
         .filter_map(|(_, info)| Some((Tuple::from_info(&info)?, info)))
         .collect()
 }
@@ -342,10 +345,11 @@ fn kill_9_and_restart_keep_every_age_and_every_deadline() {
     // `list` shows the same ages, as of some moment while it ran.
     let list_from = monotonic_ns();
     let rows = list_json();
-    let listed: HashMap<(String, String), f64> = rows
+    // Joined by identity: the namespace and cookie the kernel recorded.
+    let listed: HashMap<(u64, u64), f64> = rows
         .iter()
         .filter_map(|r| {
-            let key = (r["local"].as_str()?.into(), r["remote"].as_str()?.into());
+            let key = (r["netns"].as_u64()?, r["cookie"].as_u64()?);
             Some((key, r["age_secs"].as_f64()?))
         })
         .collect();
@@ -353,7 +357,7 @@ fn kill_9_and_restart_keep_every_age_and_every_deadline() {
     let mut checked = 0;
     let mut off = Vec::new();
     for (t, info) in after.iter().filter(|(t, _)| touches(t, port_n)) {
-        if let Some(age) = listed.get(&(t.local.to_string(), t.remote.to_string())) {
+        if let Some(age) = listed.get(&(u64::from(info.netns), info.cookie)) {
             let lo = list_from.saturating_sub(info.birth_ns) as f64 / 1e9 - 0.01;
             let hi = list_to.saturating_sub(info.birth_ns) as f64 / 1e9 + 0.01;
             if !(lo..=hi).contains(age) {
@@ -364,11 +368,9 @@ fn kill_9_and_restart_keep_every_age_and_every_deadline() {
             checked += 1;
         }
     }
-    // The map itself was compared exactly above. `list` joins a sock_diag dump (this
-    // network namespace) with the map (every namespace's sockets) by tuple: on a machine
-    // where other namespaces run loopback loads, a tuple can repeat (RELIABILITY.md).
+    // The map itself was compared exactly above; every listed age must agree with it.
     eprintln!("list: {checked} ages checked, {} off: {off:?}", off.len());
-    assert!(off.len() <= 2, "{} ages listed wrong: {off:?}", off.len());
+    assert!(off.is_empty(), "{} ages listed wrong: {off:?}", off.len());
     assert!(checked >= 4 * HALF - 100, "only {checked} listed with ages");
 
     // The wave: kill -9 once the first step is under way, start again at once.

@@ -346,3 +346,94 @@ pub fn abort_on_close(s: &TcpStream) {
         );
     }
 }
+
+/// A network namespace of the test's own (`ip netns add`), with loopback up, deleted
+/// when dropped. Sockets made inside [`TestNetns::enter`] live in it for good.
+pub struct TestNetns {
+    pub name: String,
+    /// Its inode: what the kernel program records and `list --json` shows.
+    pub inode: u32,
+}
+
+impl TestNetns {
+    pub fn new(tag: &str) -> TestNetns {
+        let name = format!("cwt-{tag}-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip")
+                .args(args)
+                .output()
+                .expect("ip (iproute2)");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        ip(&["netns", "add", &name]);
+        ip(&["netns", "exec", &name, "ip", "link", "set", "lo", "up"]);
+        use std::os::unix::fs::MetadataExt;
+        let inode = std::fs::metadata(format!("/run/netns/{name}"))
+            .expect("ip netns add made a bind mount")
+            .ino() as u32;
+        TestNetns { name, inode }
+    }
+
+    /// Runs `f` on a thread inside the namespace: the sockets it makes are the
+    /// namespace's.
+    pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::open(format!("/run/netns/{}", self.name)).unwrap();
+        thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: setns on a namespace descriptor we own; only this thread moves.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .unwrap()
+        })
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// This process's network namespace: the host's, for the daemon.
+pub fn host_netns() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/net").unwrap().ino() as u32
+}
+
+/// `connwatch list --json` with these arguments.
+pub fn list_rows(args: &[&str]) -> Vec<serde_json::Value> {
+    let out = Command::new(BIN)
+        .arg("list")
+        .arg("--json")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "list: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// One request to the daemon's control socket, and its reply.
+pub fn api(request: &serde_json::Value) -> serde_json::Value {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect("/run/connwatch.sock")
+        .expect("the control socket accepts");
+    writeln!(s, "{request}").unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap()
+}

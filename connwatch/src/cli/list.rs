@@ -6,6 +6,7 @@
 //! deadline. Without one, the view is built here from the kernel
 //! ([`crate::observe::view::read_local`]).
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use serde::Deserialize;
 use crate::clock::human;
 use crate::control::client::Client;
 use crate::control::protocol::list_request;
+use crate::kernel::netns;
 use crate::observe::view::{read_local, Filter, Item, Query, Row};
 
 /// `4m12s`, `>4m12s` for a lower bound, `-` when unknown.
@@ -41,8 +43,14 @@ pub fn show_next(r: &Row) -> String {
 }
 
 /// The rows as a table for people.
-pub fn table(rows: &[Row], out: &mut impl Write) -> std::io::Result<()> {
+pub fn table(
+    rows: &[Row],
+    netns_name: &dyn Fn(u32) -> String,
+    out: &mut impl Write,
+) -> std::io::Result<()> {
     let w = |f: &dyn Fn(&Row) -> usize, min: usize| rows.iter().map(f).max().unwrap_or(0).max(min);
+    let namespaces: Vec<String> = rows.iter().map(|r| netns_name(r.netns)).collect();
+    let nw = namespaces.iter().map(|n| n.len()).max().unwrap_or(0).max(5);
     let lw = w(&|r| r.local.len(), 5);
     let rw = w(&|r| r.remote.len(), 6);
     let owners: Vec<String> = rows
@@ -55,14 +63,15 @@ pub fn table(rows: &[Row], out: &mut impl Write) -> std::io::Result<()> {
     let pw = owners.iter().map(|o| o.len()).max().unwrap_or(0).max(7);
     writeln!(
         out,
-        "{:<11} {:<lw$} {:<rw$} {:>8} {:>8} {:>8} {:<pw$} NEXT",
-        "STATE", "LOCAL", "REMOTE", "AGE", "IN-STATE", "IDLE", "PROCESS"
+        "{:<11} {:<nw$} {:<lw$} {:<rw$} {:>8} {:>8} {:>8} {:<pw$} NEXT",
+        "STATE", "NETNS", "LOCAL", "REMOTE", "AGE", "IN-STATE", "IDLE", "PROCESS"
     )?;
-    for (r, owner) in rows.iter().zip(&owners) {
+    for ((r, owner), ns) in rows.iter().zip(&owners).zip(&namespaces) {
         writeln!(
             out,
-            "{:<11} {:<lw$} {:<rw$} {:>8} {:>8} {:>8} {:<pw$} {}",
+            "{:<11} {:<nw$} {:<lw$} {:<rw$} {:>8} {:>8} {:>8} {:<pw$} {}",
             r.state,
+            ns,
             r.local,
             r.remote,
             show_age(r.age_secs, r.age_at_least_secs),
@@ -73,6 +82,26 @@ pub fn table(rows: &[Row], out: &mut impl Write) -> std::io::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// How the NETNS column names a namespace: `host` for connwatch's own, its `ip netns`
+/// name where it has one, else its inode.
+pub fn netns_namer() -> impl Fn(u32) -> String {
+    let host = netns::own().ok();
+    let names: HashMap<u32, String> = netns::all()
+        .into_iter()
+        .filter_map(|n| Some((n.inode, n.name?)))
+        .collect();
+    move |inode| {
+        if Some(inode) == host {
+            "host".to_string()
+        } else {
+            names
+                .get(&inode)
+                .cloned()
+                .unwrap_or_else(|| inode.to_string())
+        }
+    }
 }
 
 /// The rows, from the daemon when one answers, else from the kernel.
@@ -97,7 +126,7 @@ pub fn run(filter: &Filter, json: bool, socket: &std::path::Path) -> Result<()> 
         writeln!(out)?;
         return Ok(());
     }
-    if let Err(e) = table(&rows, &mut out) {
+    if let Err(e) = table(&rows, &netns_namer(), &mut out) {
         if e.kind() != std::io::ErrorKind::BrokenPipe {
             bail!(e);
         }
@@ -130,12 +159,20 @@ mod tests {
         row.next_rule = Some("max-age".into());
         row.next_in_secs = Some(252.0);
         let mut out = Vec::new();
-        table(&[row.clone()], &mut out).unwrap();
+        let name = |n: u32| {
+            if n == 4026531840 {
+                "host".into()
+            } else {
+                n.to_string()
+            }
+        };
+        table(&[row.clone()], &name, &mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(
             text.contains("nginx(77)") && text.contains("max-age in 4m12s"),
             "{text}"
         );
+        assert!(text.contains("NETNS") && text.contains(" host "), "{text}");
         row.protected = Some("port 22".into());
         assert_eq!(show_next(&row), "never (port 22)");
         assert_eq!(show_age(None, Some(7_380.0)), ">2h3m");

@@ -8,10 +8,11 @@ use std::os::unix::fs::PermissionsExt;
 use anyhow::{bail, Context, Result};
 use aya::maps::{HashMap, Map, MapData, PerCpuArray, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::TracePoint;
-use aya::{Ebpf, EbpfLoader};
+use aya::programs::{BtfTracePoint, ProgramError, TracePoint};
+use aya::{Btf, Ebpf, EbpfLoader};
 use connwatch_common::{stat, ConnInfo, LAYOUT_VERSION, MAP_CONNS, MAP_EVENTS, MAP_STATS};
 
+use crate::kernel::btf::SockOffsets;
 use crate::kernel::fs::ensure_filesystems;
 use crate::kernel::layout::{check_hook, Hook, HOOKS};
 use crate::kernel::pins::{
@@ -69,11 +70,81 @@ pub enum Attached {
     Unpinned,
 }
 
+/// A hook's program: a classic tracepoint, or the BTF-typed one that reads
+/// `struct sock` itself.
+enum Prog<'a> {
+    Classic(&'a mut TracePoint),
+    Typed(&'a mut BtfTracePoint),
+}
+
+impl Prog<'_> {
+    fn load(&mut self, hook: &Hook, btf: &Btf) -> Result<(), ProgramError> {
+        match self {
+            Prog::Classic(p) => p.load(),
+            Prog::Typed(p) => p.load(hook.name, btf),
+        }
+    }
+
+    fn fd(&self) -> Result<&aya::programs::ProgramFd, ProgramError> {
+        match self {
+            Prog::Classic(p) => p.fd(),
+            Prog::Typed(p) => p.fd(),
+        }
+    }
+
+    fn unload(&mut self) -> Result<(), ProgramError> {
+        match self {
+            Prog::Classic(p) => p.unload(),
+            Prog::Typed(p) => p.unload(),
+        }
+    }
+
+    fn pin(&mut self, path: &std::path::Path) -> Result<(), aya::pin::PinError> {
+        match self {
+            Prog::Classic(p) => p.pin(path),
+            Prog::Typed(p) => p.pin(path),
+        }
+    }
+
+    /// Attaches the program and takes its link as a pinnable bpf_link: Err(why) when
+    /// the kernel attached it without one (classic tracepoints before 5.15), in which
+    /// case it has been attached again, unpinned.
+    fn attach(&mut self, hook: &Hook) -> Result<Result<FdLink, anyhow::Error>> {
+        let what = || {
+            format!(
+                "cannot attach to tracepoint {}:{}",
+                hook.category, hook.name
+            )
+        };
+        match self {
+            Prog::Typed(p) => {
+                let id = p.attach().with_context(what)?;
+                Ok(Ok(p.take_link(id)?.into()))
+            }
+            Prog::Classic(p) => {
+                let id = p.attach(hook.category, hook.name).with_context(what)?;
+                match p
+                    .take_link(id)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|l| FdLink::try_from(l).map_err(anyhow::Error::from))
+                {
+                    Ok(link) => Ok(Ok(link)),
+                    Err(e) => {
+                        // The failed conversion detached it: attach again, unpinned.
+                        p.attach(hook.category, hook.name).with_context(what)?;
+                        Ok(Err(e))
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Loads one hook's program and attaches it through a pinned link, or keeps the pinned
 /// link of an earlier start when it runs the same program on the same maps.
-fn attach_pinned(program: &mut TracePoint, hook: &Hook) -> Result<Attached> {
+fn attach_pinned(mut program: Prog, hook: &Hook, btf: &Btf) -> Result<Attached> {
     program
-        .load()
+        .load(hook, btf)
         .with_context(|| format!("the kernel refused the {} program", hook.program))?;
     let ours = prog_identity(program.fd()?.as_fd())
         .with_context(|| format!("cannot read back the loaded {} program", hook.program))?;
@@ -96,30 +167,15 @@ fn attach_pinned(program: &mut TracePoint, hook: &Hook) -> Result<Attached> {
             return Ok(Attached::Reused);
         }
     }
-    let attach = |program: &mut TracePoint| {
-        program.attach(hook.category, hook.name).with_context(|| {
-            format!(
-                "cannot attach to tracepoint {}:{}",
-                hook.category, hook.name
-            )
-        })
-    };
-    let id = attach(program)?;
-    let link = match program
-        .take_link(id)
-        .map_err(anyhow::Error::from)
-        .and_then(|l| FdLink::try_from(l).map_err(anyhow::Error::from))
-    {
+    let link = match program.attach(hook)? {
         Ok(link) => link,
         Err(e) => {
             // Tracepoints are bpf_link-based from Linux 5.15: older kernels attach
-            // through perf ioctls, which cannot be pinned (and the failed conversion
-            // detached it).
+            // through perf ioctls, which cannot be pinned.
             tracing::warn!(
                 "cannot pin the {} attachment ({e}): it detaches when the daemon stops",
                 hook.program
             );
-            attach(program)?;
             return Ok(Attached::Unpinned);
         }
     };
@@ -175,8 +231,17 @@ pub fn load_and_attach(sizes: Sizes) -> Result<Loaded> {
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
             .with_context(|| format!("cannot restrict {dir} to root"))?;
     }
+    // The set-state program reads `struct sock` at the offsets this kernel's BTF gives.
+    let btf = Btf::from_sys_fs().context(
+        "cannot read this kernel's BTF (/sys/kernel/btf/vmlinux; CONFIG_DEBUG_INFO_BTF)",
+    )?;
+    let offsets = SockOffsets::from_sys_fs()?;
+    let globals = offsets.globals();
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(pin_dir);
+    for (name, value) in &globals {
+        loader.override_global(name, value, true);
+    }
     if let Some(n) = sizes.max_conns {
         loader.map_max_entries(MAP_CONNS, n);
     }
@@ -188,11 +253,15 @@ pub fn load_and_attach(sizes: Sizes) -> Result<Loaded> {
         .context("cannot load the eBPF object (is this root, with CAP_BPF and CAP_PERFMON?)")?;
     let mut how = Vec::new();
     for hook in usable {
-        let program: &mut TracePoint = ebpf
+        let program = ebpf
             .program_mut(hook.program)
-            .with_context(|| format!("the eBPF object has no {} program", hook.program))?
-            .try_into()?;
-        how.push((hook.program, attach_pinned(program, hook)?));
+            .with_context(|| format!("the eBPF object has no {} program", hook.program))?;
+        let program = if hook.typed {
+            Prog::Typed(program.try_into()?)
+        } else {
+            Prog::Classic(program.try_into()?)
+        };
+        how.push((hook.program, attach_pinned(program, hook, &btf)?));
     }
     let named = |want: Attached| -> Vec<&str> {
         how.iter()

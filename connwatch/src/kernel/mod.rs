@@ -2,6 +2,7 @@
 //! the tracepoint layouts, the sock_diag client, `/proc` and the process's
 //! capabilities. Nothing here decides; the engine above does.
 
+pub mod btf;
 pub mod fs;
 pub mod layout;
 pub mod load;
