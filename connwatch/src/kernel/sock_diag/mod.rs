@@ -10,6 +10,7 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use anyhow::Context;
+use bytes::BytesMut;
 use netlink_packet_core::{
     NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NetlinkSerializable, NLM_F_ACK,
     NLM_F_DUMP, NLM_F_REQUEST,
@@ -34,6 +35,7 @@ const NO_COOKIE: [u8; 8] = [0xff; 8];
 
 /// Receive buffer size. The kernel builds dump datagrams of at most 32 KiB (it sizes them
 /// after the largest read it has seen, capped there), so 64 KiB always holds a whole one.
+/// The buffer is allocated once and reused for every datagram.
 const RECV_BUF_LEN: usize = 64 * 1024;
 
 /// The receive buffer asked for: room for a batch of replies, each of which costs the
@@ -49,7 +51,8 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct SockDiag {
     sock: Socket,
     seq: u32,
-    buf: Vec<u8>,
+    /// Holds the datagram last received, and nothing else: its length is the datagram's.
+    buf: BytesMut,
 }
 
 impl SockDiag {
@@ -67,15 +70,10 @@ impl SockDiag {
 
     /// Opens a sock_diag socket. Needs no privilege; destroying needs `CAP_NET_ADMIN`.
     pub fn open() -> io::Result<SockDiag> {
-        let mut sock = Socket::new(NETLINK_SOCK_DIAG)?;
-        sock.bind_auto()?;
-        sock.connect(&NetlinkAddr::new(0, 0))?;
-        set_recv_timeout(&sock, REPLY_TIMEOUT)?;
-        set_rcvbuf(&sock, SOCKET_RCVBUF);
         Ok(SockDiag {
-            sock,
+            sock: connect()?,
             seq: 0,
-            buf: vec![0; RECV_BUF_LEN],
+            buf: BytesMut::with_capacity(RECV_BUF_LEN),
         })
     }
 
@@ -342,8 +340,8 @@ impl SockDiag {
     /// Starts over on a fresh socket after a failed exchange, so that stray replies of
     /// the abandoned one are not read as answers to the next.
     fn reopen(&mut self) {
-        if let Ok(fresh) = SockDiag::open() {
-            self.sock = fresh.sock;
+        if let Ok(fresh) = connect() {
+            self.sock = fresh;
         }
     }
 
@@ -388,9 +386,12 @@ impl SockDiag {
         mut take: impl FnMut(u32, NetlinkPayload<SockDiagMessage>) -> bool,
     ) -> io::Result<()> {
         loop {
+            self.buf.clear();
+            self.buf.reserve(RECV_BUF_LEN);
             // MSG_TRUNC makes recv report the datagram's real length, so a datagram larger
-            // than the buffer is an error rather than silently cut messages.
-            let len = match self.sock.recv(&mut &mut self.buf[..], libc::MSG_TRUNC) {
+            // than the buffer is an error rather than silently cut messages. What fits is
+            // appended to the buffer, so its length is what was received.
+            let len = match self.sock.recv(&mut self.buf, libc::MSG_TRUNC) {
                 Ok(len) => len,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -408,8 +409,8 @@ impl SockDiag {
                 )));
             }
             let mut offset = 0;
-            while offset < len {
-                let rest = &self.buf[offset..len];
+            while offset < self.buf.len() {
+                let rest = &self.buf[offset..];
                 let raw = NetlinkBuffer::new_checked(rest).map_err(invalid_data)?;
                 let msg_len = raw.length() as usize;
                 let msg_seq = raw.sequence_number();
@@ -423,6 +424,16 @@ impl SockDiag {
             }
         }
     }
+}
+
+/// A sock_diag socket, bound, connected to the kernel and set up for [`SockDiag`].
+fn connect() -> io::Result<Socket> {
+    let mut sock = Socket::new(NETLINK_SOCK_DIAG)?;
+    sock.bind_auto()?;
+    sock.connect(&NetlinkAddr::new(0, 0))?;
+    set_recv_timeout(&sock, REPLY_TIMEOUT)?;
+    set_rcvbuf(&sock, SOCKET_RCVBUF);
+    Ok(sock)
 }
 
 /// An inet_diag request for TCP sockets of `family` in `states` (bitmask `1 << state`).
