@@ -9,7 +9,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
@@ -98,32 +99,83 @@ pub async fn ask(jobs: &mpsc::Sender<Job>, req: Request) -> Reply {
     rx.await.unwrap_or_else(|_| error("the daemon is stopping"))
 }
 
+/// What a connection sent next.
+enum Line {
+    /// A request line, with its newline if it had one (the last line of a stream may not).
+    Request(BytesMut),
+    /// More than [`MAX_REQUEST`] bytes without a newline.
+    TooLong,
+    /// The end of the stream, or a failed read.
+    End,
+}
+
+/// The room made in the buffer for each read.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// A connection's request lines: what was read and not yet handed out, in one buffer
+/// reused for the life of the connection.
+struct Lines {
+    buf: BytesMut,
+    /// How much of `buf` is known to hold no newline, so that a long line arriving in
+    /// pieces is searched once.
+    scanned: usize,
+}
+
+impl Lines {
+    fn new() -> Lines {
+        Lines {
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            scanned: 0,
+        }
+    }
+
+    /// Splits the next line off the buffer, reading from `read` until it holds a whole one.
+    async fn next(&mut self, read: &mut (impl AsyncRead + Unpin)) -> Line {
+        loop {
+            if let Some(at) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
+                let end = self.scanned + at;
+                self.scanned = 0;
+                if end > MAX_REQUEST {
+                    return Line::TooLong;
+                }
+                return Line::Request(self.buf.split_to(end + 1));
+            }
+            self.scanned = self.buf.len();
+            if self.buf.len() > MAX_REQUEST {
+                return Line::TooLong;
+            }
+            self.buf.reserve(READ_CHUNK);
+            match read.read_buf(&mut self.buf).await {
+                Ok(0) if self.buf.is_empty() => return Line::End,
+                Ok(0) => {
+                    self.scanned = 0;
+                    return Line::Request(self.buf.split());
+                }
+                Ok(_) => {}
+                Err(_) => return Line::End,
+            }
+        }
+    }
+}
+
 async fn connection(stream: UnixStream, jobs: mpsc::Sender<Job>) {
-    let (read, mut write) = stream.into_split();
-    let mut reader = tokio::io::BufReader::new(read);
-    let mut buf = Vec::new();
+    let (mut read, mut write) = stream.into_split();
+    let mut lines = Lines::new();
     loop {
-        buf.clear();
-        let n = match (&mut reader)
-            .take(MAX_REQUEST as u64 + 1)
-            .read_until(b'\n', &mut buf)
-            .await
-        {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        let too_long = n > MAX_REQUEST && buf.last() != Some(&b'\n');
-        let reply = if too_long {
-            error(format!("request longer than {MAX_REQUEST} bytes"))
-        } else {
-            match std::str::from_utf8(&buf) {
-                Err(_) => error("malformed request: not UTF-8"),
+        let (reply, too_long) = match lines.next(&mut read).await {
+            Line::End => return,
+            Line::TooLong => (
+                error(format!("request longer than {MAX_REQUEST} bytes")),
+                true,
+            ),
+            Line::Request(line) => match std::str::from_utf8(&line) {
+                Err(_) => (error("malformed request: not UTF-8"), false),
                 Ok(line) if line.trim().is_empty() => continue,
                 Ok(line) => match parse(line.trim()) {
-                    Ok(req) => ask(&jobs, req).await,
-                    Err(e) => error(e),
+                    Ok(req) => (ask(&jobs, req).await, false),
+                    Err(e) => (error(e), false),
                 },
-            }
+            },
         };
         let mut line = reply.to_line();
         line.push('\n');
@@ -133,6 +185,140 @@ async fn connection(stream: UnixStream, jobs: mpsc::Sender<Job>) {
         if too_long {
             // The rest of the line cannot be told from the next request.
             return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// Writes `input` to a connection served by [`connection`] (closing the write side
+    /// after it if `close` says so) and returns every reply line up to the server's end
+    /// of the stream. Each request is answered with its own debug form.
+    async fn exchange(input: Vec<u8>, close: bool) -> Vec<String> {
+        exchange_in_pieces(input, usize::MAX, close).await
+    }
+
+    /// [`exchange`], writing `input` `piece` bytes at a time and letting the server read
+    /// each before the next.
+    async fn exchange_in_pieces(input: Vec<u8>, piece: usize, close: bool) -> Vec<String> {
+        let (client, server) = UnixStream::pair().unwrap();
+        let (jobs, mut queue) = mpsc::channel::<Job>(4);
+        tokio::spawn(async move {
+            while let Some(job) = queue.recv().await {
+                let _ = job.reply.send(Reply::Json(
+                    json!({"ok": true, "req": format!("{:?}", job.req)}),
+                ));
+            }
+        });
+        let served = tokio::spawn(connection(server, jobs));
+        let (mut read, mut write) = client.into_split();
+        let writer = tokio::spawn(async move {
+            // The server may close first (a request too long): a failed write is expected.
+            for piece in input.chunks(piece) {
+                if write.write_all(piece).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_micros(100)).await;
+            }
+            if close {
+                let _ = write.shutdown().await;
+            } else {
+                // Keep the write side open until the server has closed its end.
+                std::future::pending::<()>().await;
+            }
+        });
+        let mut out = String::new();
+        read.read_to_string(&mut out).await.unwrap();
+        writer.abort();
+        served.await.unwrap();
+        out.lines().map(str::to_owned).collect()
+    }
+
+    fn error_of(line: &str) -> String {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["ok"], false, "{line}");
+        v["error"].as_str().unwrap().to_owned()
+    }
+
+    #[tokio::test]
+    async fn requests_are_answered_in_order_and_blank_lines_skipped() {
+        let input = b"{\"cmd\":\"status\"}\n\n  \r\n{\"cmd\":\"reload\"}\r\n{\"cmd\":\"policy\"}";
+        let replies = exchange(input.to_vec(), true).await;
+        assert_eq!(
+            replies,
+            [
+                r#"{"ok":true,"req":"Status"}"#,
+                r#"{"ok":true,"req":"Reload"}"#,
+                r#"{"ok":true,"req":"Policy"}"#,
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn requests_arriving_in_pieces_are_put_together() {
+        let input = b"{\"cmd\":\"status\"}\n\n{\"cmd\":\"reload\"}\n{\"cmd\":\"policy\"}";
+        for piece in [1, 3, 17] {
+            let replies = exchange_in_pieces(input.to_vec(), piece, true).await;
+            assert_eq!(
+                replies,
+                [
+                    r#"{"ok":true,"req":"Status"}"#,
+                    r#"{"ok":true,"req":"Reload"}"#,
+                    r#"{"ok":true,"req":"Policy"}"#,
+                ],
+                "{piece}-byte pieces"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn malformed_requests_are_answered_and_the_connection_kept() {
+        let input = b"\xff\xfe\nnope\n{\"cmd\":\"status\"}\n";
+        let replies = exchange(input.to_vec(), true).await;
+        assert_eq!(replies.len(), 3, "{replies:?}");
+        assert_eq!(error_of(&replies[0]), "malformed request: not UTF-8");
+        assert!(
+            error_of(&replies[1]).starts_with("malformed request: not JSON"),
+            "{}",
+            replies[1]
+        );
+        assert_eq!(replies[2], r#"{"ok":true,"req":"Status"}"#);
+    }
+
+    #[tokio::test]
+    async fn a_request_of_the_longest_length_is_read() {
+        let mut line = br#"{"cmd":"status"}"#.to_vec();
+        line.resize(MAX_REQUEST, b' ');
+        line.push(b'\n');
+        line.extend_from_slice(b"{\"cmd\":\"reload\"}\n");
+        let replies = exchange(line, true).await;
+        assert_eq!(
+            replies,
+            [
+                r#"{"ok":true,"req":"Status"}"#,
+                r#"{"ok":true,"req":"Reload"}"#
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_too_long_is_refused_and_the_connection_closed() {
+        for (close, newline) in [(true, true), (false, false), (true, false)] {
+            let mut input = b"{\"cmd\":\"status\"}\n".to_vec();
+            input.resize(input.len() + MAX_REQUEST + 1, b' ');
+            if newline {
+                input.extend_from_slice(b"\n{\"cmd\":\"reload\"}\n");
+            }
+            let replies = exchange(input, close).await;
+            assert_eq!(replies.len(), 2, "{replies:?}");
+            assert_eq!(replies[0], r#"{"ok":true,"req":"Status"}"#);
+            assert_eq!(
+                error_of(&replies[1]),
+                format!("request longer than {MAX_REQUEST} bytes")
+            );
         }
     }
 }

@@ -10,17 +10,14 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use anyhow::Context;
+use bytes::BytesMut;
 use netlink_packet_core::{
-    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NETLINK_HEADER_LEN, NLM_F_ACK,
+    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NetlinkSerializable, NLM_F_ACK,
     NLM_F_DUMP, NLM_F_REQUEST,
 };
-use netlink_packet_sock_diag::constants::{
-    AF_INET, AF_INET6, IPPROTO_TCP, SOCK_DESTROY, SOCK_DIAG_BY_FAMILY,
-};
-use netlink_packet_sock_diag::inet::{
-    ExtensionFlags, InetRequest, InetRequestBuffer, SocketId, StateFlags,
-};
-use netlink_packet_sock_diag::SockDiagMessage;
+use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
+use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
+use netlink_packet_sock_diag::{SockDiagDestroy, SockDiagMessage};
 use netlink_sys::protocols::NETLINK_SOCK_DIAG;
 use netlink_sys::{Socket, SocketAddr as NetlinkAddr};
 
@@ -38,6 +35,7 @@ const NO_COOKIE: [u8; 8] = [0xff; 8];
 
 /// Receive buffer size. The kernel builds dump datagrams of at most 32 KiB (it sizes them
 /// after the largest read it has seen, capped there), so 64 KiB always holds a whole one.
+/// The buffer is allocated once and reused for every datagram.
 const RECV_BUF_LEN: usize = 64 * 1024;
 
 /// The receive buffer asked for: room for a batch of replies, each of which costs the
@@ -53,7 +51,8 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct SockDiag {
     sock: Socket,
     seq: u32,
-    buf: Vec<u8>,
+    /// Holds the datagram last received, and nothing else: its length is the datagram's.
+    buf: BytesMut,
 }
 
 impl SockDiag {
@@ -71,15 +70,10 @@ impl SockDiag {
 
     /// Opens a sock_diag socket. Needs no privilege; destroying needs `CAP_NET_ADMIN`.
     pub fn open() -> io::Result<SockDiag> {
-        let mut sock = Socket::new(NETLINK_SOCK_DIAG)?;
-        sock.bind_auto()?;
-        sock.connect(&NetlinkAddr::new(0, 0))?;
-        set_recv_timeout(&sock, REPLY_TIMEOUT)?;
-        set_rcvbuf(&sock, SOCKET_RCVBUF);
         Ok(SockDiag {
-            sock,
+            sock: connect()?,
             seq: 0,
-            buf: vec![0; RECV_BUF_LEN],
+            buf: BytesMut::with_capacity(RECV_BUF_LEN),
         })
     }
 
@@ -101,7 +95,7 @@ impl SockDiag {
     ) -> anyhow::Result<Vec<DiagSocket>> {
         let mut sockets = Vec::new();
         for (family, name) in [(AF_INET, "IPv4"), (AF_INET6, "IPv6")] {
-            self.dump_family(family, states, extensions, &mut sockets)
+            self.dump_family(family, states, extensions.clone(), &mut sockets)
                 .with_context(|| format!("sock_diag dump of {name} TCP sockets"))?;
         }
         Ok(sockets)
@@ -120,12 +114,8 @@ impl SockDiag {
             SocketId::new_v4()
         };
         let seq = self.send(
-            SOCK_DIAG_BY_FAMILY,
             NLM_F_REQUEST | NLM_F_DUMP,
-            family,
-            states,
-            extensions,
-            id,
+            inet_request(family, states, extensions, id),
         )?;
         self.replies(seq, |payload| match payload {
             NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
@@ -163,15 +153,9 @@ impl SockDiag {
     pub fn destroy(&mut self, sock: &DiagSocket) -> Result<(), DestroyError> {
         let (family, id) =
             socket_id(&sock.tuple, sock.ifindex, sock.cookie).map_err(DestroyError::Other)?;
+        let request = inet_request(family, Self::ALL_STATES, ExtensionFlags::empty(), id);
         let seq = self
-            .send(
-                SOCK_DESTROY,
-                NLM_F_REQUEST | NLM_F_ACK,
-                family,
-                Self::ALL_STATES,
-                ExtensionFlags::empty(),
-                id,
-            )
+            .send(NLM_F_REQUEST | NLM_F_ACK, SockDiagDestroy::new(request))
             .map_err(DestroyError::Other)?;
         let code = self
             .replies(seq, |payload| match payload {
@@ -185,63 +169,33 @@ impl SockDiag {
         }
     }
 
-    /// Sends one inet_diag request for TCP and returns its sequence number.
-    fn send(
-        &mut self,
-        message_type: u16,
-        flags: u16,
-        family: u8,
-        states: u32,
-        extensions: ExtensionFlags,
-        socket_id: SocketId,
-    ) -> io::Result<u32> {
+    /// Sends one request and returns its sequence number.
+    fn send<M>(&mut self, flags: u16, message: M) -> io::Result<u32>
+    where
+        M: NetlinkSerializable + Into<NetlinkPayload<M>>,
+    {
         let mut bytes = Vec::new();
-        let seq = self.encode(
-            &mut bytes,
-            message_type,
-            flags,
-            family,
-            states,
-            extensions,
-            socket_id,
-        );
+        let seq = self.encode(&mut bytes, flags, message);
         self.send_bytes(&bytes)?;
         Ok(seq)
     }
 
-    /// Appends one inet_diag request for TCP to `out`; returns its sequence number.
-    #[allow(clippy::too_many_arguments)]
-    fn encode(
-        &mut self,
-        out: &mut Vec<u8>,
-        message_type: u16,
-        flags: u16,
-        family: u8,
-        states: u32,
-        extensions: ExtensionFlags,
-        socket_id: SocketId,
-    ) -> u32 {
+    /// Appends one request to `out`; returns its sequence number. The message type is
+    /// the payload's own: `SOCK_DIAG_BY_FAMILY` for a [`SockDiagMessage`], `SOCK_DESTROY`
+    /// for a [`SockDiagDestroy`].
+    fn encode<M>(&mut self, out: &mut Vec<u8>, flags: u16, message: M) -> u32
+    where
+        M: NetlinkSerializable + Into<NetlinkPayload<M>>,
+    {
         self.seq = self.seq.wrapping_add(1);
         let mut header = NetlinkHeader::default();
         header.flags = flags;
         header.sequence_number = self.seq;
-        let request = SockDiagMessage::InetRequest(InetRequest {
-            family,
-            protocol: IPPROTO_TCP,
-            extensions,
-            states: StateFlags::empty(),
-            socket_id,
-        });
-        let mut packet = NetlinkMessage::new(header, request.into());
+        let mut packet = NetlinkMessage::new(header, message.into());
         packet.finalize();
-        // finalize() always stamps SOCK_DIAG_BY_FAMILY; SOCK_DESTROY carries the same body.
-        packet.header.message_type = message_type;
         let start = out.len();
         out.resize(start + packet.buffer_len(), 0);
         packet.serialize(&mut out[start..]);
-        // `StateFlags` has no NEW_SYN_RECV bit and `from_bits_truncate` would drop it, so the
-        // mask goes into the encoded request through the crate's own field setter instead.
-        InetRequestBuffer::new(&mut out[start + NETLINK_HEADER_LEN..]).set_states(states);
         // The next message starts on a 4-byte boundary (NLMSG_ALIGN).
         out.resize((out.len() + 3) & !3, 0);
         self.seq
@@ -270,13 +224,8 @@ impl SockDiag {
                     SocketAddr::V4(_) => 0,
                 };
                 let (family, id) = socket_id(tuple, interface, NO_COOKIE)?;
-                Ok((
-                    SOCK_DIAG_BY_FAMILY,
-                    NLM_F_REQUEST,
-                    family,
-                    ExtensionFlags::INFO,
-                    id,
-                ))
+                let request = inet_request(family, Self::ALL_STATES, ExtensionFlags::INFO, id);
+                Ok((NLM_F_REQUEST, request))
             },
             |tuple, payload| match payload {
                 NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
@@ -300,8 +249,8 @@ impl SockDiag {
             socks,
             |sock| {
                 let (family, id) = socket_id(&sock.tuple, sock.ifindex, sock.cookie)?;
-                let flags = NLM_F_REQUEST | NLM_F_ACK;
-                Ok((SOCK_DESTROY, flags, family, ExtensionFlags::empty(), id))
+                let request = inet_request(family, Self::ALL_STATES, ExtensionFlags::empty(), id);
+                Ok((NLM_F_REQUEST | NLM_F_ACK, SockDiagDestroy::new(request)))
             },
             |_, payload| match payload {
                 NetlinkPayload::Error(e) => Some(match e.raw_code() {
@@ -317,13 +266,16 @@ impl SockDiag {
     /// Sends one request per item, [`SockDiag::BATCH`] to a message, and gathers the answer to
     /// each, in order: `answer` reads a reply (None for one that is not an answer),
     /// `failed` stands in for an answer that never came.
-    fn batched<I, T>(
+    fn batched<I, M, T>(
         &mut self,
         items: &[I],
-        request: impl Fn(&I) -> io::Result<(u16, u16, u8, ExtensionFlags, SocketId)>,
+        request: impl Fn(&I) -> io::Result<(u16, M)>,
         mut answer: impl FnMut(&I, NetlinkPayload<SockDiagMessage>) -> Option<T>,
         failed: impl Fn(&I, String) -> T,
-    ) -> Vec<T> {
+    ) -> Vec<T>
+    where
+        M: NetlinkSerializable + Into<NetlinkPayload<M>>,
+    {
         let mut answers = Vec::with_capacity(items.len());
         for chunk in items.chunks(Self::BATCH) {
             let mut bytes = Vec::with_capacity(chunk.len() * 80);
@@ -331,9 +283,8 @@ impl SockDiag {
             let mut by_seq = std::collections::HashMap::with_capacity(chunk.len());
             for (i, item) in chunk.iter().enumerate() {
                 match request(item) {
-                    Ok((kind, flags, family, ext, id)) => {
-                        let seq =
-                            self.encode(&mut bytes, kind, flags, family, Self::ALL_STATES, ext, id);
+                    Ok((flags, message)) => {
+                        let seq = self.encode(&mut bytes, flags, message);
                         by_seq.insert(seq, i);
                     }
                     Err(e) => results[i] = Some(failed(item, e.to_string())),
@@ -389,8 +340,8 @@ impl SockDiag {
     /// Starts over on a fresh socket after a failed exchange, so that stray replies of
     /// the abandoned one are not read as answers to the next.
     fn reopen(&mut self) {
-        if let Ok(fresh) = SockDiag::open() {
-            self.sock = fresh.sock;
+        if let Ok(fresh) = connect() {
+            self.sock = fresh;
         }
     }
 
@@ -435,9 +386,12 @@ impl SockDiag {
         mut take: impl FnMut(u32, NetlinkPayload<SockDiagMessage>) -> bool,
     ) -> io::Result<()> {
         loop {
+            self.buf.clear();
+            self.buf.reserve(RECV_BUF_LEN);
             // MSG_TRUNC makes recv report the datagram's real length, so a datagram larger
-            // than the buffer is an error rather than silently cut messages.
-            let len = match self.sock.recv(&mut &mut self.buf[..], libc::MSG_TRUNC) {
+            // than the buffer is an error rather than silently cut messages. What fits is
+            // appended to the buffer, so its length is what was received.
+            let len = match self.sock.recv(&mut self.buf, libc::MSG_TRUNC) {
                 Ok(len) => len,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -455,8 +409,8 @@ impl SockDiag {
                 )));
             }
             let mut offset = 0;
-            while offset < len {
-                let rest = &self.buf[offset..len];
+            while offset < self.buf.len() {
+                let rest = &self.buf[offset..];
                 let raw = NetlinkBuffer::new_checked(rest).map_err(invalid_data)?;
                 let msg_len = raw.length() as usize;
                 let msg_seq = raw.sequence_number();
@@ -470,6 +424,35 @@ impl SockDiag {
             }
         }
     }
+}
+
+/// A sock_diag socket, bound, connected to the kernel and set up for [`SockDiag`].
+fn connect() -> io::Result<Socket> {
+    let mut sock = Socket::new(NETLINK_SOCK_DIAG)?;
+    sock.bind_auto()?;
+    sock.connect(&NetlinkAddr::new(0, 0))?;
+    set_recv_timeout(&sock, REPLY_TIMEOUT)?;
+    set_rcvbuf(&sock, SOCKET_RCVBUF);
+    Ok(sock)
+}
+
+/// An inet_diag request for TCP sockets of `family` in `states` (bitmask `1 << state`).
+///
+/// `StateFlags` has no bit for `NEW_SYN_RECV` (12), so the mask is kept as given
+/// (`from_bits_retain`) rather than cut down to the states the crate names.
+fn inet_request(
+    family: u8,
+    states: u32,
+    extensions: ExtensionFlags,
+    socket_id: SocketId,
+) -> SockDiagMessage {
+    SockDiagMessage::InetRequest(InetRequest {
+        family,
+        protocol: IPPROTO_TCP,
+        extensions,
+        states: StateFlags::from_bits_retain(states),
+        socket_id,
+    })
 }
 
 /// Enlarges the receive buffer: past the system limit where privileged, else to it.
@@ -530,6 +513,54 @@ mod tests {
         assert!(format!("{err:#}").starts_with("sock_diag get 127.0.0.1:1 -> [::1]:2: "));
     }
 
+    /// The requests as the kernel reads them: lookups are `SOCK_DIAG_BY_FAMILY` (20),
+    /// destroys `SOCK_DESTROY` (21), both for TCP with the whole state mask (the
+    /// `NEW_SYN_RECV` bit included), each on a 4-byte boundary with its own sequence number.
+    #[test]
+    fn requests_carry_their_type_and_every_state() {
+        let mut diag = SockDiag::open().unwrap();
+        let tuple = Tuple::new((V6, 1).into(), (V6, 2).into());
+        let (family, id) = socket_id(&tuple, 3, NO_COOKIE).unwrap();
+        let lookup = inet_request(
+            family,
+            SockDiag::ALL_STATES,
+            ExtensionFlags::INFO,
+            id.clone(),
+        );
+        let destroy = inet_request(family, SockDiag::ALL_STATES, ExtensionFlags::empty(), id);
+        let mut out = Vec::new();
+        let first = diag.encode(&mut out, NLM_F_REQUEST, lookup);
+        let second = diag.encode(
+            &mut out,
+            NLM_F_REQUEST | NLM_F_ACK,
+            SockDiagDestroy::new(destroy),
+        );
+        assert_eq!(second, first.wrapping_add(1));
+        assert_eq!(out.len(), 2 * 72);
+        let u16_at = |at: usize| u16::from_ne_bytes(out[at..at + 2].try_into().unwrap());
+        let u32_at = |at: usize| u32::from_ne_bytes(out[at..at + 4].try_into().unwrap());
+        for (start, kind, flags, seq, ext) in [
+            (0, 20, NLM_F_REQUEST, first, ExtensionFlags::INFO.bits()),
+            (72, 21, NLM_F_REQUEST | NLM_F_ACK, second, 0),
+        ] {
+            assert_eq!(u32_at(start), 72, "length");
+            assert_eq!(u16_at(start + 4), kind, "message type");
+            assert_eq!(u16_at(start + 6), flags, "flags");
+            assert_eq!(u32_at(start + 8), seq, "sequence number");
+            assert_eq!(out[start + 16], AF_INET6, "family");
+            assert_eq!(out[start + 17], IPPROTO_TCP, "protocol");
+            assert_eq!(out[start + 18], ext, "extensions");
+            assert_eq!(u32_at(start + 20), SockDiag::ALL_STATES, "states");
+            assert_ne!(u32_at(start + 20) & (1 << 12), 0, "NEW_SYN_RECV");
+            // The socket id: ports (big-endian), addresses, interface, cookie.
+            assert_eq!(out[start + 24..start + 28], [0, 1, 0, 2]);
+            assert_eq!(out[start + 28..start + 44], Ipv6Addr::LOCALHOST.octets());
+            assert_eq!(out[start + 44..start + 60], Ipv6Addr::LOCALHOST.octets());
+            assert_eq!(u32_at(start + 60), 3, "interface");
+            assert_eq!(out[start + 64..start + 72], NO_COOKIE);
+        }
+    }
+
     /// The client end of a connection it closed first lingers in TIME_WAIT; on Linux 6.18
     /// SOCK_DESTROY removes it (tcp_abort deschedules the timewait socket). Older kernels
     /// refuse non-full sockets with EOPNOTSUPP, which `NotSupported` reports.
@@ -545,15 +576,8 @@ mod tests {
         let mut diag = SockDiag::open().unwrap();
         // A request whose reply is never read: the next lookup must skip it.
         let (family, id) = socket_id(&server_tuple, 0, NO_COOKIE).unwrap();
-        diag.send(
-            SOCK_DIAG_BY_FAMILY,
-            NLM_F_REQUEST,
-            family,
-            SockDiag::ALL_STATES,
-            ExtensionFlags::empty(),
-            id,
-        )
-        .unwrap();
+        let request = inet_request(family, SockDiag::ALL_STATES, ExtensionFlags::empty(), id);
+        diag.send(NLM_F_REQUEST, request).unwrap();
         let got = diag.get(&client_tuple).unwrap().expect("client end");
         assert_eq!(got.tuple, client_tuple);
     }
