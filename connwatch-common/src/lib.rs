@@ -7,7 +7,7 @@
 
 /// Bumped whenever [`ConnInfo`] or [`ConnEvent`] change shape; part of the pin path so a
 /// new daemon never reads an old map with the wrong layout.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Names of the maps, as the eBPF object declares them and bpffs pins them.
 pub const MAP_CONNS: &str = "CW_CONNS";
@@ -40,8 +40,9 @@ pub mod tcp_state {
 }
 
 /// Field offsets of the `sock:inet_sock_set_state` tracepoint record (kernel 5.6+, where
-/// `protocol` is a u16). The daemon checks them against the tracepoint's format file
-/// before it loads the program, so a kernel that moved them is refused, not misread.
+/// `protocol` is a u16). The set-state program no longer reads the record (it is a
+/// BTF-typed tracepoint on the same event, reading `struct sock` itself); these stay for
+/// tools that read the classic record and for the daemon's format check.
 pub mod set_state_offsets {
     pub const SKADDR: usize = 8;
     pub const OLDSTATE: usize = 16;
@@ -55,6 +56,66 @@ pub mod set_state_offsets {
     pub const SADDR_V6: usize = 40;
     pub const DADDR_V6: usize = 56;
 }
+
+/// Names of the read-only globals through which the daemon hands the set-state program
+/// the running kernel's struct layout, read from its BTF at load time (the program has
+/// no CO-RE). Every offset is in bytes from the start of `struct sock`, except
+/// [`NET_INUM`], which is from the start of `struct net`. The program does nothing
+/// until [`READY`] is set to 1, so an object loaded without them records nothing
+/// rather than garbage.
+pub mod sock_globals {
+    /// `u32`, 1 once the offsets below are set.
+    pub const READY: &str = "CW_BTF_READY";
+    /// `sock.__sk_common.skc_daddr` (`__be32`).
+    pub const DADDR: &str = "CW_OFF_SKC_DADDR";
+    /// `sock.__sk_common.skc_rcv_saddr` (`__be32`).
+    pub const RCV_SADDR: &str = "CW_OFF_SKC_RCV_SADDR";
+    /// `sock.__sk_common.skc_dport` (`__be16`, network order).
+    pub const DPORT: &str = "CW_OFF_SKC_DPORT";
+    /// `sock.__sk_common.skc_num` (`u16`, host order).
+    pub const NUM: &str = "CW_OFF_SKC_NUM";
+    /// `sock.__sk_common.skc_family` (`u16`).
+    pub const FAMILY: &str = "CW_OFF_SKC_FAMILY";
+    /// `sock.__sk_common.skc_bound_dev_if` (`int`).
+    pub const BOUND_DEV_IF: &str = "CW_OFF_SKC_BOUND_DEV_IF";
+    /// `sock.__sk_common.skc_net.net` (`struct net *`).
+    pub const NET: &str = "CW_OFF_SKC_NET";
+    /// `sock.__sk_common.skc_v6_daddr` (`struct in6_addr`).
+    pub const V6_DADDR: &str = "CW_OFF_SKC_V6_DADDR";
+    /// `sock.__sk_common.skc_v6_rcv_saddr` (`struct in6_addr`).
+    pub const V6_RCV_SADDR: &str = "CW_OFF_SKC_V6_RCV_SADDR";
+    /// `sock.sk_protocol` (`u16`; a bitfield before 5.6, which is refused).
+    pub const PROTOCOL: &str = "CW_OFF_SK_PROTOCOL";
+    /// `net.ns.inum` (`unsigned int`), from the start of `struct net`.
+    pub const NET_INUM: &str = "CW_OFF_NET_INUM";
+
+    /// `u32`, not an offset: 0 (the default) lets the ring buffer wake its reader for
+    /// every event it finds the reader waiting for; N > 0 wakes the reader only when the
+    /// unread data crosses N bytes (far fewer self-interrupts under churn), in which case
+    /// the reader must also drain on a timer.
+    pub const RB_WAKEUP_BYTES: &str = "CW_RB_WAKEUP_BYTES";
+
+    /// Every offset global ([`READY`] and [`RB_WAKEUP_BYTES`] excluded).
+    pub const OFFSETS: [&str; 11] = [
+        DADDR,
+        RCV_SADDR,
+        DPORT,
+        NUM,
+        FAMILY,
+        BOUND_DEV_IF,
+        NET,
+        V6_DADDR,
+        V6_RCV_SADDR,
+        PROTOCOL,
+        NET_INUM,
+    ];
+}
+
+/// The set-state program: a BTF-typed tracepoint (`tp_btf/inet_sock_set_state`, args
+/// `const struct sock *sk, int oldstate, int newstate`), attached as
+/// `aya::programs::BtfTracePoint` with `load(SET_STATE_BTF_TRACEPOINT, &btf)`.
+pub const SET_STATE_PROGRAM: &str = "inet_sock_set_state";
+pub const SET_STATE_BTF_TRACEPOINT: &str = "inet_sock_set_state";
 
 /// Field offsets of `tcp:tcp_probe` (every segment reaching an established socket;
 /// `skaddr` since about 6.9), checked against the format file like the ones above.
@@ -77,9 +138,17 @@ pub const ACTIVITY_GRANULE_NS: u64 = 1_000_000_000;
 
 /// `ConnInfo::flags`: the socket existed before connwatch saw it, so its birth is unknown.
 pub const FLAG_BIRTH_UNKNOWN: u32 = 1;
+/// `ConnInfo::flags`: an accepted child (born entering SYN_RECV, or first seen leaving it).
+pub const FLAG_INBOUND: u32 = 2;
+/// `ConnInfo::flags`: a connect()ed socket (CLOSE -> SYN_SENT, or first seen leaving
+/// SYN_SENT). Listeners carry neither direction flag.
+pub const FLAG_OUTBOUND: u32 = 4;
 
 /// One tracked TCP socket: the value of the connection map, keyed by the kernel's socket
-/// address. Times are `CLOCK_MONOTONIC` nanoseconds (`bpf_ktime_get_ns`).
+/// address (stable for the socket's life, reused after it). The socket's identity is
+/// (`cookie`, `netns`): the cookie is the one sock_diag reports (`idiag_cookie`, and
+/// `ss -e` as `sk:`), the namespace is the inode of its network namespace. Times are
+/// `CLOCK_MONOTONIC` nanoseconds (`bpf_ktime_get_ns`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnInfo {
@@ -103,10 +172,19 @@ pub struct ConnInfo {
     pub _pad0: u16,
     pub state: u32,
     pub flags: u32,
-    /// Owning process where known (0 = unknown), and its command name.
+    /// Owning process where known (0 = unknown).
     pub pid: u32,
-    pub _pad1: u32,
+    /// Inode number of the socket's network namespace (`stat -L -c %i /proc/PID/ns/net`).
+    pub netns: u32,
+    /// The owning process's command name.
     pub comm: [u8; 16],
+    /// The kernel's socket cookie (`bpf_get_socket_cookie`, sock_diag's `idiag_cookie`).
+    pub cookie: u64,
+    /// The owning process's cgroup v2 id where the owner was learned; 0 = unknown.
+    pub cgroup_id: u64,
+    /// `SO_BINDTODEVICE` / scope interface index (`skc_bound_dev_if`); 0 = none.
+    pub bound_dev_if: u32,
+    pub _pad1: u32,
 }
 
 impl ConnInfo {
@@ -126,8 +204,12 @@ impl ConnInfo {
             state: 0,
             flags: 0,
             pid: 0,
-            _pad1: 0,
+            netns: 0,
             comm: [0; 16],
+            cookie: 0,
+            cgroup_id: 0,
+            bound_dev_if: 0,
+            _pad1: 0,
         }
     }
 }
@@ -162,7 +244,10 @@ pub mod stat {
     pub const MAP_FULL: u32 = 1;
     /// An event could not be sent: the ring buffer was full.
     pub const RING_FULL: u32 = 2;
-    pub const COUNT: u32 = 3;
+    /// An entry at a socket's address belonged to another socket (another cookie), whose
+    /// close went unseen: it was replaced.
+    pub const REPLACED: u32 = 3;
+    pub const COUNT: u32 = 4;
 }
 
 #[cfg(feature = "user")]
@@ -178,9 +263,52 @@ mod tests {
     use super::*;
     use core::mem::size_of;
 
+    use core::mem::offset_of;
+
     #[test]
     fn layouts_have_no_padding() {
-        assert_eq!(size_of::<ConnInfo>(), 5 * 8 + 32 + 4 * 2 + 4 * 4 + 16);
+        // 5 times, 2 addresses, 3 u16 + pad, state/flags/pid/netns, comm, cookie,
+        // cgroup id, bound_dev_if + pad: the sum of the fields is the size.
+        assert_eq!(
+            size_of::<ConnInfo>(),
+            5 * 8 + 32 + 4 * 2 + 4 * 4 + 16 + 8 + 8 + 4 + 4
+        );
+        assert_eq!(size_of::<ConnInfo>(), 136);
+        assert_eq!(size_of::<ConnInfo>() % 8, 0);
         assert_eq!(size_of::<ConnEvent>(), 8 + 4 + 4 + size_of::<ConnInfo>());
+        assert_eq!(size_of::<ConnEvent>(), 152);
+    }
+
+    #[test]
+    fn identity_fields_are_where_the_layout_says() {
+        assert_eq!(offset_of!(ConnInfo, pid), 88);
+        assert_eq!(offset_of!(ConnInfo, netns), 92);
+        assert_eq!(offset_of!(ConnInfo, comm), 96);
+        assert_eq!(offset_of!(ConnInfo, cookie), 112);
+        assert_eq!(offset_of!(ConnInfo, cgroup_id), 120);
+        assert_eq!(offset_of!(ConnInfo, bound_dev_if), 128);
+        assert_eq!(offset_of!(ConnEvent, info), 16);
+    }
+
+    #[test]
+    fn direction_flags_are_distinct_bits() {
+        let all = [FLAG_BIRTH_UNKNOWN, FLAG_INBOUND, FLAG_OUTBOUND];
+        for (i, a) in all.iter().enumerate() {
+            assert_eq!(a.count_ones(), 1);
+            for b in &all[i + 1..] {
+                assert_eq!(a & b, 0);
+            }
+        }
+    }
+
+    #[test]
+    fn global_names_are_distinct() {
+        for (i, a) in sock_globals::OFFSETS.iter().enumerate() {
+            assert_ne!(*a, sock_globals::READY);
+            assert_ne!(*a, sock_globals::RB_WAKEUP_BYTES);
+            for b in &sock_globals::OFFSETS[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
     }
 }
