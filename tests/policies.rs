@@ -347,6 +347,56 @@ fn a_protected_process_keeps_its_connections() {
     d.stop();
 }
 
+/// `enforce` in the config file, reloaded, turns destroying off and on again; the log
+/// warns at each change. (`--enforce` on the command line would hold it on.)
+#[test]
+fn a_reload_applies_enforce_both_ways() {
+    let _x = exclusive();
+    let dir = std::env::temp_dir().join(format!("connwatch-enforce-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("connwatch.toml");
+    let l = listen("127.0.0.1");
+    let p = port(&l);
+    let write = |enforce: bool| {
+        std::fs::write(
+            &path,
+            format!("max-age = \"1s\"\nremote-port = [{p}]\nenforce = {enforce}\n"),
+        )
+        .unwrap()
+    };
+    write(true);
+    let d = Daemon::start(&["--config", path.to_str().unwrap()]);
+    let hup = || {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(d.child.id() as i32, libc::SIGHUP) };
+    };
+    Conn::open(&l)
+        .died_within(Duration::from_secs(4))
+        .expect("enforce = true in the file destroys");
+
+    write(false);
+    hup();
+    d.wait_for("the reloaded policy is a dry run", Duration::from_secs(2));
+    let spared = Conn::open(&l);
+    let line = d.wait_for(
+        &format!("would destroy {}", spared.tuple()),
+        Duration::from_secs(4),
+    );
+    assert!(line.contains("(dry run)"), "{line}");
+    thread::sleep(Duration::from_millis(500));
+    assert!(!spared.is_dead(), "a dry run destroyed a connection");
+
+    write(true);
+    hup();
+    d.wait_for("the reloaded policy enforces", Duration::from_secs(2));
+    let doomed = Conn::open(&l);
+    doomed
+        .died_within(Duration::from_secs(4))
+        .expect("enforcing again after the reload");
+    d.stop();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// SIGHUP: an invalid file is reported with its line and the daemon keeps its policy;
 /// a valid one takes effect.
 #[test]

@@ -171,7 +171,6 @@ fn signal(d: &Daemon, sig: i32) {
     assert_eq!(unsafe { libc::kill(d.child.id() as i32, sig) }, 0);
 }
 
-/// The pinned map's entries, by tuple.
 /// The map's entries of this namespace's sockets, by tuple (unique within it).
 fn map_entries() -> HashMap<Tuple, ConnInfo> {
     let host = host_netns();
@@ -752,6 +751,7 @@ fn after_attaching_the_daemon_keeps_only_what_it_needs_and_it_suffices() {
     let want = format!(
         "{:016x}",
         1u64 << privilege::CAP_NET_ADMIN
+            | 1 << privilege::CAP_SYS_ADMIN
             | 1 << privilege::CAP_SYS_PTRACE
             | 1 << privilege::CAP_DAC_READ_SEARCH
     );
@@ -765,6 +765,15 @@ fn after_attaching_the_daemon_keeps_only_what_it_needs_and_it_suffices() {
     let root_pair = protected_pair(&by_root, b"cw-protroot\0", None);
     let nobody_pair = protected_pair(&by_nobody, b"cw-protnobody\0", Some(65534));
     let victim = Conn::open(&victims);
+    // And one in a network namespace of its own: reached with the kept set alone.
+    let pod = TestNetns::new("priv");
+    let victim_port = victims.local_addr().unwrap().port();
+    let (_pod_listener, in_pod) = pod.enter(|| {
+        let l = TcpListener::bind(("127.0.0.1", victim_port)).unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        (l, Conn::new(c, s))
+    });
     let opened = Instant::now();
     // SIGHUP after the drop: the config is read again.
     signal(&d, libc::SIGHUP);
@@ -773,6 +782,10 @@ fn after_attaching_the_daemon_keeps_only_what_it_needs_and_it_suffices() {
     assert!(
         victim.died_within(Duration::from_secs(4)).is_some(),
         "CAP_NET_ADMIN alone did not destroy the victim"
+    );
+    assert!(
+        in_pod.died_within(Duration::from_secs(4)).is_some(),
+        "the kept set did not reach into another network namespace"
     );
     thread::sleep((opened + Duration::from_secs(4)).saturating_duration_since(Instant::now()));
     let mut diag = SockDiag::open().unwrap();

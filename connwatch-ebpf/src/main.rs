@@ -1,20 +1,31 @@
-//! connwatch's kernel side: a tracepoint that records each TCP socket's birth and
-//! state in a map and reports lifecycle changes through a ring buffer, and three that
-//! stamp activity and the owning process on the entry. It decides nothing; the daemon
-//! does.
+//! connwatch's kernel side: a BTF-typed tracepoint that records each TCP socket's
+//! identity (cookie, network namespace), birth and state in a map and reports lifecycle
+//! changes through a ring buffer, and three classic tracepoints that stamp activity and
+//! the owning process on the entry. It decides nothing; the daemon does.
+//!
+//! The set-state program reads `struct sock` directly. aya-ebpf has no CO-RE, so the
+//! daemon reads the member offsets from the running kernel's BTF and hands them in as
+//! the read-only globals below (`EbpfLoader::override_global`). The globals live in
+//! `.rodata`, which aya freezes, so the verifier sees every offset as a constant: the
+//! loads are checked against `struct sock`'s BTF and run as plain (fault-guarded)
+//! loads, with no helper call.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::{map, tracepoint},
+    cty::c_void,
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_socket_cookie, bpf_ktime_get_ns,
+    },
+    macros::{btf_tracepoint, map, tracepoint},
     maps::{HashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    programs::{BtfTracePointContext, TracePointContext},
 };
 use connwatch_common::{
-    event_kind, length_offsets, probe_offsets, set_state_offsets as off, stat, tcp_state,
-    ConnEvent, ConnInfo, ACTIVITY_GRANULE_NS, AF_INET, AF_INET6, DEFAULT_MAX_CONNS,
-    DEFAULT_RING_BYTES, FLAG_BIRTH_UNKNOWN, IPPROTO_TCP,
+    event_kind, length_offsets, probe_offsets, stat, tcp_state, ConnEvent, ConnInfo,
+    ACTIVITY_GRANULE_NS, AF_INET, AF_INET6, DEFAULT_MAX_CONNS, DEFAULT_RING_BYTES,
+    FLAG_BIRTH_UNKNOWN, FLAG_INBOUND, FLAG_OUTBOUND, IPPROTO_TCP,
 };
 
 // Pinned by name: a restarted daemon finds the same maps, and the ages in them.
@@ -27,12 +38,88 @@ static EVENTS: RingBuf = RingBuf::pinned(DEFAULT_RING_BYTES, 0);
 #[map(name = "CW_STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
 
+// The running kernel's layout, set by the daemon from BTF (names in
+// `connwatch_common::sock_globals`). Offsets are from the start of `struct sock`, except
+// CW_OFF_NET_INUM (from `struct net`). Until CW_BTF_READY is 1 the program records nothing.
+#[unsafe(no_mangle)]
+static CW_BTF_READY: u32 = 0;
+#[unsafe(no_mangle)]
+static CW_OFF_SKC_DADDR: u32 = 0;
+#[unsafe(no_mangle)]
+static CW_OFF_SKC_RCV_SADDR: u32 = 0;
+#[unsafe(no_mangle)]
+static CW_OFF_SKC_DPORT: u32 = 0;
+#[unsafe(no_mangle)]
+static CW_OFF_SKC_NUM: u32 = 0;
+#[unsafe(no_mangle)]
+static CW_OFF_SKC_FAMILY: u32 = 0;
+#[unsafe(no_mangle)]
+static CW_OFF_SKC_BOUND_DEV_IF: u32 = 0;
+#[unsafe(no_mangle)]
+static CW_OFF_SKC_NET: u32 = 0;
+#[unsafe(no_mangle)]
+static CW_OFF_SKC_V6_DADDR: u32 = 0;
+#[unsafe(no_mangle)]
+static CW_OFF_SKC_V6_RCV_SADDR: u32 = 0;
+#[unsafe(no_mangle)]
+static CW_OFF_SK_PROTOCOL: u32 = 0;
+#[unsafe(no_mangle)]
+static CW_OFF_NET_INUM: u32 = 0;
+/// Ring buffer wakeups: 0 (default) wakes the reader on every event the kernel finds it
+/// waiting for, as before. N > 0 wakes it only when unread data crosses N bytes, so a
+/// reader that sets it must also drain on a timer.
+#[unsafe(no_mangle)]
+static CW_RB_WAKEUP_BYTES: u32 = 0;
+
 const BPF_ANY: u64 = 0;
 const BPF_NOEXIST: u64 = 1;
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
 
-#[tracepoint]
-pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    let _ = record(&ctx);
+/// A global set at load time; volatile so the compiler keeps the load for the verifier
+/// to fold.
+#[inline(always)]
+fn global(g: &'static u32) -> usize {
+    // SAFETY: a plain static.
+    unsafe { core::ptr::read_volatile(g) as usize }
+}
+
+/// Reads a `T` at `off` bytes into a kernel object.
+///
+/// # Safety
+/// `base` is a BTF-typed kernel pointer and `off` a constant the verifier can check
+/// against that type.
+#[cfg(not(feature = "probe-read"))]
+#[inline(always)]
+unsafe fn load<T: Copy>(base: *const u8, off: usize) -> T {
+    core::ptr::read_volatile(base.add(off).cast::<T>())
+}
+
+/// As above, through `bpf_probe_read_kernel` (for comparison; slower).
+#[cfg(feature = "probe-read")]
+#[inline(always)]
+unsafe fn load<T: Copy>(base: *const u8, off: usize) -> T {
+    aya_ebpf::helpers::bpf_probe_read_kernel(base.add(off).cast::<T>())
+        .unwrap_or(core::mem::zeroed())
+}
+
+/// A socket changed state: `inet_sock_set_state(const struct sock *sk, int oldstate,
+/// int newstate)`, called with the socket locked (or not yet visible).
+///
+/// Runs the kernel does not make because this program was already running on the CPU
+/// (recursion) are counted by the kernel itself: `recursion_misses` in the program's
+/// info (`bpftool prog show`, `bpf_prog_info`, Linux 5.12+), at no cost here.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> u32 {
+    if global(&CW_BTF_READY) != 1 {
+        return 0;
+    }
+    let sk: *const u8 = ctx.arg(0);
+    let oldstate: i32 = ctx.arg(1);
+    let newstate: i32 = ctx.arg(2);
+    // SAFETY: sk is the tracepoint's BTF-typed socket; offsets come from BTF.
+    unsafe { record(sk, oldstate as u32, newstate as u32) };
     0
 }
 
@@ -114,9 +201,11 @@ fn set_owner(info: &mut ConnInfo) {
     if let Ok(comm) = bpf_get_current_comm() {
         info.comm = comm;
     }
+    // SAFETY: no arguments; the cgroup v2 id of the current task (0 without cgroup v2).
+    info.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
 }
 
-/// What one state change says of a socket: its state since now, and its tuple.
+/// What one state change says of a socket: its state since now, its tuple and device.
 struct Seen {
     state: u32,
     at: u64,
@@ -125,6 +214,7 @@ struct Seen {
     sport: u16,
     dport: u16,
     family: u16,
+    bound_dev_if: u32,
 }
 
 impl Seen {
@@ -137,6 +227,7 @@ impl Seen {
         info.sport = self.sport;
         info.dport = self.dport;
         info.family = self.family;
+        info.bound_dev_if = self.bound_dev_if;
     }
 }
 
@@ -148,100 +239,183 @@ fn count(index: u32) {
     }
 }
 
+/// Bytes one event takes in the ring buffer: the record and its 8-byte header.
+const EVENT_BYTES: u64 = (core::mem::size_of::<ConnEvent>() + 8) as u64;
+
+/// Writes the event straight into the ring buffer (no copy on the stack).
 #[inline(always)]
 fn send(key: u64, kind: u32, oldstate: u32, info: &ConnInfo) {
-    let event = ConnEvent {
-        key,
-        kind,
-        oldstate,
-        info: *info,
-    };
-    if EVENTS.output::<ConnEvent>(&event, 0).is_err() {
-        count(stat::RING_FULL);
+    match EVENTS.reserve::<ConnEvent>(0) {
+        Some(mut entry) => {
+            entry.write(ConnEvent {
+                key,
+                kind,
+                oldstate,
+                info: *info,
+            });
+            let wake = global(&CW_RB_WAKEUP_BYTES) as u64;
+            let flags = if wake == 0 {
+                0
+            } else {
+                // Unread bytes, this record's included (reserved already).
+                let avail = EVENTS.query(BPF_RB_AVAIL_DATA);
+                if avail >= wake && avail.saturating_sub(EVENT_BYTES) < wake {
+                    BPF_RB_FORCE_WAKEUP
+                } else {
+                    BPF_RB_NO_WAKEUP
+                }
+            };
+            entry.submit(flags);
+        }
+        None => count(stat::RING_FULL),
     }
 }
 
-fn record(ctx: &TracePointContext) -> Result<(), i32> {
-    // SAFETY: offsets of this tracepoint's record, checked by the daemon against the
-    // format file before the program is loaded; read_at bounds the read itself.
-    let protocol: u16 = unsafe { ctx.read_at(off::PROTOCOL)? };
+/// The socket's cookie: the kernel gives it one on first ask, the same number sock_diag
+/// reports.
+#[inline(always)]
+unsafe fn cookie_of(sk: *const u8) -> u64 {
+    bpf_get_socket_cookie(sk as *mut c_void)
+}
+
+/// The socket's tuple, family and bound device, as they are now; None for a family
+/// other than IPv4/IPv6.
+#[inline(always)]
+unsafe fn seen(sk: *const u8, state: u32, at: u64) -> Option<Seen> {
+    let family: u16 = load(sk, global(&CW_OFF_SKC_FAMILY));
+    let mut saddr = [0u8; 16];
+    let mut daddr = [0u8; 16];
+    if family == AF_INET {
+        let s: [u8; 4] = load(sk, global(&CW_OFF_SKC_RCV_SADDR));
+        let d: [u8; 4] = load(sk, global(&CW_OFF_SKC_DADDR));
+        saddr[..4].copy_from_slice(&s);
+        daddr[..4].copy_from_slice(&d);
+    } else if family == AF_INET6 {
+        let s = global(&CW_OFF_SKC_V6_RCV_SADDR);
+        let d = global(&CW_OFF_SKC_V6_DADDR);
+        let s: [u64; 2] = [load(sk, s), load(sk, s + 8)];
+        let d: [u64; 2] = [load(sk, d), load(sk, d + 8)];
+        saddr = core::mem::transmute::<[u64; 2], [u8; 16]>(s);
+        daddr = core::mem::transmute::<[u64; 2], [u8; 16]>(d);
+    } else {
+        return None;
+    }
+    let dport: u16 = load(sk, global(&CW_OFF_SKC_DPORT));
+    let bound_dev_if: i32 = load(sk, global(&CW_OFF_SKC_BOUND_DEV_IF));
+    Some(Seen {
+        state,
+        at,
+        saddr,
+        daddr,
+        // skc_num is host order, skc_dport network order: both host order here, as the
+        // classic tracepoint gave them.
+        sport: load(sk, global(&CW_OFF_SKC_NUM)),
+        dport: u16::from_be(dport),
+        family,
+        bound_dev_if: bound_dev_if as u32,
+    })
+}
+
+/// The inode of the socket's network namespace: sk->__sk_common.skc_net.net->ns.inum.
+#[inline(always)]
+unsafe fn netns_of(sk: *const u8) -> u32 {
+    let net: *const u8 = load(sk, global(&CW_OFF_SKC_NET));
+    if net.is_null() {
+        return 0;
+    }
+    load(net, global(&CW_OFF_NET_INUM))
+}
+
+/// # Safety
+/// `sk` is the tracepoint's BTF-typed socket pointer.
+#[inline(always)]
+unsafe fn record(sk: *const u8, oldstate: u32, newstate: u32) {
+    let protocol: u16 = load(sk, global(&CW_OFF_SK_PROTOCOL));
     if protocol != IPPROTO_TCP {
-        return Ok(());
+        return;
     }
     count(stat::EVENTS);
-    let key: u64 = unsafe { ctx.read_at(off::SKADDR)? };
-    let oldstate: i32 = unsafe { ctx.read_at(off::OLDSTATE)? };
-    let newstate: i32 = unsafe { ctx.read_at(off::NEWSTATE)? };
-    let (oldstate, newstate) = (oldstate as u32, newstate as u32);
-    let now = unsafe { bpf_ktime_get_ns() };
+    let key = sk as u64;
+    let now = bpf_ktime_get_ns();
+    let cookie = cookie_of(sk);
 
     if newstate == tcp_state::CLOSE {
-        // SAFETY: the entry is copied out before it is removed.
-        if let Some(info) = unsafe { CONNS.get(&key) } {
+        // The entry is copied out before it is removed. One at this address with another
+        // cookie is a dead socket's whose close went unseen: reported closed all the same.
+        if let Some(info) = CONNS.get(&key) {
             let mut info = *info;
             info.state = newstate;
             info.state_since_ns = now;
             let _ = CONNS.remove(&key);
+            if info.cookie != cookie {
+                count(stat::REPLACED);
+            }
             send(key, event_kind::CLOSED, oldstate, &info);
         }
-        return Ok(());
+        return;
     }
 
     // The tuple is re-read on every change: at SYN_SENT the local port is still 0.
-    let family: u16 = unsafe { ctx.read_at(off::FAMILY)? };
-    let mut saddr = [0u8; 16];
-    let mut daddr = [0u8; 16];
-    if family == AF_INET {
-        let s: [u8; 4] = unsafe { ctx.read_at(off::SADDR)? };
-        let d: [u8; 4] = unsafe { ctx.read_at(off::DADDR)? };
-        saddr[..4].copy_from_slice(&s);
-        daddr[..4].copy_from_slice(&d);
-    } else if family == AF_INET6 {
-        saddr = unsafe { ctx.read_at(off::SADDR_V6)? };
-        daddr = unsafe { ctx.read_at(off::DADDR_V6)? };
-    } else {
-        return Ok(());
-    }
-    let seen = Seen {
-        state: newstate,
-        at: now,
-        saddr,
-        daddr,
-        sport: unsafe { ctx.read_at(off::SPORT)? },
-        dport: unsafe { ctx.read_at(off::DPORT)? },
-        family,
+    let Some(seen) = seen(sk, newstate, now) else {
+        return;
     };
 
     // A socket is born when it leaves CLOSE (connect, listen) or when an accepted child
     // enters SYN_RECV. An entry already at its address belongs to a dead socket whose
     // close went unseen (the program was detached): the new socket replaces it.
     let born = oldstate == tcp_state::CLOSE || newstate == tcp_state::SYN_RECV;
+    let mut replaced = false;
     if !born {
         if let Some(entry) = CONNS.get_ptr_mut(&key) {
             // SAFETY: a map value pointer; concurrent updates of one socket's state are
             // serialised by the socket lock the kernel holds around this tracepoint.
-            let info = unsafe { &mut *entry };
-            seen.write_to(info);
-            send(key, event_kind::STATE, oldstate, info);
-            return Ok(());
+            let info = &mut *entry;
+            if info.cookie == cookie {
+                seen.write_to(info);
+                send(key, event_kind::STATE, oldstate, info);
+                return;
+            }
+            // Another socket's entry at this address: this one is first seen now.
+            count(stat::REPLACED);
+            replaced = true;
         }
     }
 
     // A new socket, or one first seen now: that one predates the program.
     let mut info = ConnInfo::zeroed();
+    info.cookie = cookie;
+    info.netns = netns_of(sk);
     info.birth_ns = if born { now } else { 0 };
-    info.flags = if born { 0 } else { FLAG_BIRTH_UNKNOWN };
     info.seen_ns = now;
+    info.flags = if born {
+        if newstate == tcp_state::SYN_RECV {
+            FLAG_INBOUND
+        } else if newstate == tcp_state::SYN_SENT {
+            FLAG_OUTBOUND
+        } else {
+            0
+        }
+    } else if oldstate == tcp_state::SYN_SENT {
+        FLAG_BIRTH_UNKNOWN | FLAG_OUTBOUND
+    } else if oldstate == tcp_state::SYN_RECV {
+        FLAG_BIRTH_UNKNOWN | FLAG_INBOUND
+    } else {
+        FLAG_BIRTH_UNKNOWN
+    };
     seen.write_to(&mut info);
     // connect() and listen() run in the owner's process; everything else here may run
     // in softirq, where the current task is unrelated.
     if oldstate == tcp_state::CLOSE {
         set_owner(&mut info);
     }
-    let flags = if born { BPF_ANY } else { BPF_NOEXIST };
+    let flags = if born || replaced {
+        BPF_ANY
+    } else {
+        BPF_NOEXIST
+    };
     if CONNS.insert(&key, &info, flags).is_err() {
         count(stat::MAP_FULL);
-        return Ok(());
+        return;
     }
     let kind = if born {
         event_kind::OPENED
@@ -249,7 +423,6 @@ fn record(ctx: &TracePointContext) -> Result<(), i32> {
         event_kind::DISCOVERED
     };
     send(key, kind, oldstate, &info);
-    Ok(())
 }
 
 #[cfg(not(test))]

@@ -52,10 +52,18 @@ fn reload(
     metrics: Option<&Metrics>,
     via: &str,
 ) -> Result<String> {
-    let done = source.read(engine.enforce).map(|spec| {
+    let done = source.read().map(|spec| {
         let policy = spec.build();
         let description = policy.describe();
         engine.set_policy(policy);
+        if spec.enforce != engine.enforce {
+            engine.enforce = spec.enforce;
+            if spec.enforce {
+                tracing::warn!("the reloaded policy enforces: connections it chooses are destroyed from now on");
+            } else {
+                tracing::warn!("the reloaded policy is a dry run: nothing is destroyed from now on (`enforce = false` in the file, and no --enforce)");
+            }
+        }
         description
     });
     if let Some(m) = metrics {

@@ -35,17 +35,18 @@ impl PolicyArgs {
         }
     }
 
-    /// Where the policy comes from: the config file and these flags over it.
-    pub fn source(&self) -> PolicySource {
+    /// Where the policy comes from: the config file and these flags over it,
+    /// `--enforce` as given.
+    pub fn source(&self, enforce: bool) -> PolicySource {
         PolicySource {
             config: self.config.clone(),
-            flags: self.flags_spec(false),
+            flags: self.flags_spec(enforce),
         }
     }
 
     /// The config file (if any) with the flags over it, `--enforce` as given.
     pub fn spec(&self, enforce: bool) -> Result<PolicySpec> {
-        self.source().read(enforce)
+        self.source(enforce).read()
     }
 }
 
@@ -76,7 +77,7 @@ pub fn main(cli: Cli) -> Result<i32> {
                     max_conns: args.max_conns,
                     ring_bytes: args.ring_bytes,
                 },
-                source: args.policy.source(),
+                source: args.policy.source(args.enforce),
                 api_socket: args.api_socket,
                 metrics_addr: args.metrics_addr,
             }))?;

@@ -11,7 +11,9 @@ use crate::conn::TcpState;
 use crate::control::protocol::DEFAULT_SOCKET;
 pub use crate::observe::log::LogFormat;
 use crate::observe::view::{Filter, SortKey};
-use crate::policy::{parse_cidr, parse_duration, parse_netns, parse_state_timeout, PortRange};
+use crate::policy::{
+    parse_cidr, parse_duration, parse_netns, parse_process_name, parse_state_timeout, PortRange,
+};
 
 mod check;
 mod dispatch;
@@ -159,9 +161,12 @@ pub struct PolicyArgs {
 
     /// Never touch connections owned by a process of this name (repeatable). Always
     /// protected, in addition: sshd, systemd, init, containerd, dockerd, kubelet, k3s.
+    /// The name is the kernel's (`comm`, as `ps -o comm` shows it): at most 15 bytes,
+    /// and a longer one is refused since it could never match.
     #[arg(
         long = "exclude-process",
         value_name = "NAME",
+        value_parser = parse_process_name,
         help_heading = "Protections"
     )]
     pub exclude_processes: Vec<String>,

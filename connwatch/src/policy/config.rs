@@ -26,7 +26,8 @@ use toml::Spanned;
 
 use crate::policy::PolicySpec;
 use crate::policy::{
-    parse_cidr, parse_duration, parse_netns, parse_timeout_state, Limit, PortRange, Rule, Selector,
+    parse_cidr, parse_duration, parse_netns, parse_process_name, parse_timeout_state, Limit,
+    PortRange, Rule, Selector,
 };
 
 /// A rejected config file: where, and what is wrong.
@@ -72,7 +73,7 @@ struct FileSettings {
     netns: Texts,
     exclude_port: Ports,
     exclude_addr: Texts,
-    exclude_process: Option<Vec<String>>,
+    exclude_process: Texts,
     block: Texts,
     max_conns_per_ip: Option<Spanned<u32>>,
     max_kills_per_second: Option<Spanned<u32>>,
@@ -292,7 +293,12 @@ impl Reader<'_> {
             selector,
             exclude_ports: self.ports("exclude-port", &f.exclude_port)?,
             exclude_addrs: self.cidrs("exclude-addr", &f.exclude_addr)?,
-            exclude_processes: f.exclude_process.clone().unwrap_or_default(),
+            exclude_processes: f
+                .exclude_process
+                .iter()
+                .flatten()
+                .map(|n| self.value("exclude-process", n, |s| parse_process_name(s)))
+                .collect::<Result<_, _>>()?,
             block: self.cidrs("block", &f.block)?,
             max_conns_per_ip: positive("max-conns-per-ip", &f.max_conns_per_ip)?,
             max_kills_per_second: positive("max-kills-per-second", &f.max_kills_per_second)?,
@@ -338,11 +344,28 @@ pub fn load(path: &Path) -> Result<PolicySpec, ConfigError> {
         line: None,
         message,
     };
+    use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).map_err(|e| fail(format!("cannot read: {e}")))?;
-    if meta.permissions().mode() & 0o002 != 0 {
-        return Err(fail(
-            "is writable by every user: refusing it (chmod o-w it)".into(),
-        ));
+    // Whoever can write the policy can have connwatch destroy any connection.
+    let mode = meta.permissions().mode() & 0o7777;
+    let shown = path.display();
+    if mode & 0o022 != 0 {
+        let who = if mode & 0o002 != 0 {
+            "every user"
+        } else {
+            "its group"
+        };
+        return Err(fail(format!(
+            "mode {mode:04o} makes it writable by {who}: refusing it (run `chmod go-w {shown}`)"
+        )));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(fail(format!(
+            "is owned by uid {}, not root: refusing it (run `chown root {shown}`)",
+            meta.uid()
+        )));
     }
     let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
     parse(path, &text)
@@ -464,7 +487,7 @@ timeout = "30s"
     }
 
     #[test]
-    fn a_world_writable_file_is_refused() {
+    fn a_file_others_can_write_is_refused() {
         use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!("connwatch-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -473,10 +496,25 @@ timeout = "30s"
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert_eq!(load(&path).unwrap().idle, Some(Duration::from_secs(60)));
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
-        assert!(load(&path)
-            .unwrap_err()
-            .to_string()
-            .contains("writable by every user"));
+        let e = load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("0666") && e.contains("writable by every user") && e.contains("chmod go-w"),
+            "{e}"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o664)).unwrap();
+        let e = load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("0664") && e.contains("writable by its group"),
+            "{e}"
+        );
+        // Owned by another user: refused, naming the owner (root only can chown).
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+            let e = load(&path).unwrap_err().to_string();
+            assert!(e.contains("uid 65534") && e.contains("chown root"), "{e}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -12,8 +12,8 @@ mod spec;
 
 pub use config::{load as load_config, parse as parse_config, ConfigError};
 pub use parse::{
-    parse_cidr, parse_duration, parse_netns, parse_state_timeout, parse_timeout_state, PortRange,
-    TIMEOUT_STATES,
+    parse_cidr, parse_duration, parse_netns, parse_process_name, parse_state_timeout,
+    parse_timeout_state, PortRange, COMM_LEN, TIMEOUT_STATES,
 };
 pub use source::PolicySource;
 pub use spec::PolicySpec;

@@ -73,7 +73,38 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     if d.is_zero() {
         return Err(format!("'{text}' is zero: a limit must be positive"));
     }
+    // Deadlines are nanoseconds in a u64: about 584 years.
+    if d.as_nanos() > u128::from(u64::MAX) {
+        return Err(format!(
+            "'{text}' is longer than connwatch can count (at most {})",
+            humantime::format_duration(Duration::from_nanos(u64::MAX))
+        ));
+    }
     Ok(d)
+}
+
+/// The longest process name the kernel keeps (`comm`, `TASK_COMM_LEN` less its NUL).
+pub const COMM_LEN: usize = 15;
+
+/// Parses a process name for `--exclude-process` (and the config's): the kernel keeps
+/// only the first 15 bytes of a name, so a longer one could never match and is refused.
+pub fn parse_process_name(text: &str) -> Result<String, String> {
+    let name = text.trim();
+    if name.is_empty() {
+        return Err("a process name must not be empty".into());
+    }
+    if name.len() > COMM_LEN {
+        let mut cut = COMM_LEN;
+        while !name.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        return Err(format!(
+            "'{name}' is {} bytes, but the kernel keeps only the first {COMM_LEN} bytes of a process name, so it could never match: write '{}'",
+            name.len(),
+            &name[..cut]
+        ));
+    }
+    Ok(name.to_string())
 }
 
 /// Parses a CIDR block (`10.0.0.0/8`, `2001:db8::/32`) or a single address.
@@ -187,5 +218,31 @@ mod tests {
         assert!(parse_state_timeout("close-wait=soon")
             .unwrap_err()
             .contains("soon"));
+    }
+
+    #[test]
+    fn durations_too_long_to_count_are_refused() {
+        assert!(parse_duration("500y").is_ok());
+        for text in ["585y", "600y", "100000y"] {
+            let e = parse_duration(text).unwrap_err();
+            assert!(e.contains(text) && e.contains("at most 584years"), "{e}");
+        }
+    }
+
+    #[test]
+    fn process_names_longer_than_the_kernel_keeps_are_refused() {
+        assert_eq!(parse_process_name("haproxy"), Ok("haproxy".into()));
+        assert_eq!(
+            parse_process_name("exactly15bytes!"),
+            Ok("exactly15bytes!".into())
+        );
+        let e = parse_process_name("a-very-long-process-name").unwrap_err();
+        assert!(
+            e.contains("a-very-long-process-name")
+                && e.contains("15 bytes")
+                && e.contains("'a-very-long-pro'"),
+            "{e}"
+        );
+        assert!(parse_process_name(" ").is_err());
     }
 }

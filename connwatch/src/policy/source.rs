@@ -11,21 +11,20 @@ use crate::policy::{config, PolicySpec};
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PolicySource {
     pub config: Option<PathBuf>,
-    /// What the flags say; laid over the file's settings at every read.
+    /// What the flags say (`--enforce` included); laid over the file's settings at
+    /// every read.
     pub flags: PolicySpec,
 }
 
 impl PolicySource {
-    /// Reads the file again and lays the flags over it, `enforce` standing for the
-    /// command line's `--enforce`.
-    pub fn read(&self, enforce: bool) -> Result<PolicySpec> {
+    /// Reads the file again and lays the flags over it. The result enforces when
+    /// `--enforce` was given or the file says `enforce = true`: so a reload can turn
+    /// enforcing on or off through the file only when the flag was not given.
+    pub fn read(&self) -> Result<PolicySpec> {
         let file = match &self.config {
             Some(path) => config::load(path)?,
             None => PolicySpec::default(),
         };
-        Ok(file.overlay(PolicySpec {
-            enforce,
-            ..self.flags.clone()
-        }))
+        Ok(file.overlay(self.flags.clone()))
     }
 }

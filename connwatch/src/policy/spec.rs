@@ -37,6 +37,16 @@ fn pick<T>(over: Vec<T>, base: Vec<T>) -> Vec<T> {
     }
 }
 
+/// `base` and then what `more` adds to it, each once.
+fn union<T: PartialEq>(mut base: Vec<T>, more: Vec<T>) -> Vec<T> {
+    for x in more {
+        if !base.contains(&x) {
+            base.push(x);
+        }
+    }
+    base
+}
+
 impl PolicySpec {
     /// `over` (the flags) on top of `self` (the file): what the flags set wins.
     pub fn overlay(self, over: PolicySpec) -> PolicySpec {
@@ -54,9 +64,10 @@ impl PolicySpec {
                 remote_addrs: pick(sel.remote_addrs, base.remote_addrs),
                 netns: pick(sel.netns, base.netns),
             },
-            exclude_ports: pick(over.exclude_ports, self.exclude_ports),
-            exclude_addrs: pick(over.exclude_addrs, self.exclude_addrs),
-            exclude_processes: pick(over.exclude_processes, self.exclude_processes),
+            // Protections only ever add up: a flag never drops the file's.
+            exclude_ports: union(self.exclude_ports, over.exclude_ports),
+            exclude_addrs: union(self.exclude_addrs, over.exclude_addrs),
+            exclude_processes: union(self.exclude_processes, over.exclude_processes),
             block: pick(over.block, self.block),
             max_conns_per_ip: over.max_conns_per_ip.or(self.max_conns_per_ip),
             max_kills_per_second: over.max_kills_per_second.or(self.max_kills_per_second),
@@ -205,6 +216,32 @@ mod tests {
         assert_eq!(merged.selector.ports, vec!["8080".parse().unwrap()]);
         let p = merged.build();
         assert_eq!(p.rules.iter().filter(|r| r.name == "db").count(), 1);
+    }
+
+    #[test]
+    fn protections_from_flags_add_to_the_file() {
+        let file = PolicySpec {
+            exclude_processes: vec!["postgres".into()],
+            exclude_ports: vec!["5432".parse().unwrap()],
+            ..PolicySpec::default()
+        };
+        let flags = PolicySpec {
+            exclude_processes: vec!["haproxy".into(), "postgres".into()],
+            exclude_addrs: vec!["10.0.0.0/8".parse().unwrap()],
+            ..PolicySpec::default()
+        };
+        let p = file.overlay(flags).build();
+        for name in ["postgres", "haproxy", "sshd"] {
+            assert_eq!(
+                p.protect.processes.iter().filter(|n| *n == name).count(),
+                1,
+                "{name}: {:?}",
+                p.protect.processes
+            );
+        }
+        assert!(p.protect.ports.contains(&"5432".parse().unwrap()));
+        assert!(p.protect.ports.contains(&"22".parse().unwrap()));
+        assert_eq!(p.protect.addrs, vec!["10.0.0.0/8".parse().unwrap()]);
     }
 
     #[test]
