@@ -188,7 +188,7 @@ fn log_lines_have_the_documented_form() {
     );
     // The client end was learned at connect(), in this process: the owner is named.
     if decided.starts_with(&client_side) {
-        let owner = format!("({})", std::process::id());
+        let owner = format!("({}) netns={}", std::process::id(), host_netns());
         assert!(
             decided.contains(" owner=") && decided.ends_with(&owner),
             "{line}"
