@@ -308,3 +308,151 @@ fn a_manual_destroy_of_twins_names_the_namespace() {
     assert!(!on_host.is_dead(), "the host's twin lives");
     d.stop();
 }
+
+/// A cgroup of the test's own in the host's cgroup v2 tree, removed when dropped; its
+/// last path part has the shape Docker gives its containers' cgroups.
+struct TestCgroup {
+    dir: std::path::PathBuf,
+    /// As connwatch shows it: the path below the cgroup2 mount.
+    path: String,
+}
+
+impl TestCgroup {
+    fn new() -> TestCgroup {
+        let root = connwatch::kernel::cgroup::cgroup2_root();
+        let id = format!("{:064x}", std::process::id());
+        let rel = format!("cwtest-{}/docker-{id}.scope", std::process::id());
+        let dir = root.join(&rel);
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("cannot make a cgroup at {}: {e}", dir.display()));
+        TestCgroup {
+            dir,
+            path: format!("/{rel}"),
+        }
+    }
+
+    /// A bash, moved into this cgroup before it connects to `port` and waits.
+    fn bash_connecting_to(&self, port: &str) -> std::process::Child {
+        let procs = self.dir.join("cgroup.procs");
+        Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {}; exec 3<>/dev/tcp/127.0.0.1/{port}; read -t 30 <&3",
+                procs.display()
+            ))
+            .spawn()
+            .expect("bash")
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+        if let Some(parent) = self.dir.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}
+
+/// Who a connection belongs to: the cgroup of the process that opened it, shown as a
+/// path and as the container it names; `--exclude-cgroup` protects it, `--cgroup`
+/// selects it alone.
+#[test]
+fn the_cgroup_names_the_container_and_selects_or_protects() {
+    let _x = exclusive();
+    let cg = TestCgroup::new();
+    let l = listen("127.0.0.1");
+    let p = port(&l);
+    let d = Daemon::start(&[
+        "--max-age",
+        "2s",
+        "--remote-port",
+        &p,
+        "--exclude-cgroup",
+        &cg.path,
+        "--enforce",
+    ]);
+    let mut bash = cg.bash_connecting_to(&p);
+    let (from_bash, _) = l.accept().unwrap();
+    let bash_end = from_bash.peer_addr().unwrap();
+    let mine = Conn::open(&l);
+    thread::sleep(Duration::from_millis(300));
+    let row = list_rows(&[])
+        .into_iter()
+        .find(|r| r["local"] == bash_end.to_string())
+        .expect("bash's connection is listed");
+    assert_eq!(row["cgroup"], cg.path.as_str(), "{row}");
+    let want = format!("docker:{}", &format!("{:064x}", std::process::id())[..12]);
+    assert_eq!(row["container"], want.as_str(), "{row}");
+    assert_eq!(row["direction"], "out", "{row}");
+    mine.died_within(Duration::from_secs(5))
+        .expect("the connection outside the cgroup was destroyed");
+    let line = d.wait_for(&format!("protected {bash_end} -> "), Duration::from_secs(3));
+    assert!(line.contains(&format!("cgroup {}", cg.path)), "{line}");
+    d.stop();
+
+    // Selected alone by --cgroup: bash's dies, one outside lives.
+    let d = Daemon::start(&[
+        "--max-age",
+        "1s",
+        "--remote-port",
+        &p,
+        "--cgroup",
+        "*docker-*",
+        "--enforce",
+    ]);
+    let outside = Conn::open(&l);
+    from_bash
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 1];
+    let seen = (&from_bash).read(&mut buf);
+    assert!(
+        matches!(&seen, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "bash's end was not destroyed: {seen:?}"
+    );
+    thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !outside.is_dead(),
+        "--cgroup selected a connection outside it"
+    );
+    let _ = bash.kill();
+    let _ = bash.wait();
+    d.stop();
+}
+
+/// `--direction in` chooses the accepted end of a connection, never the end this host
+/// connected from; `--direction out` the reverse. `list` says which is which.
+#[test]
+fn direction_selects_the_accepted_or_the_connecting_end() {
+    let _x = exclusive();
+    let l = listen("127.0.0.1");
+    let p = port(&l);
+    for (direction, chosen_is_server) in [("in", true), ("out", false)] {
+        let d = Daemon::start(&["--max-age", "1s", "--port", &p, "--direction", direction]);
+        let c = Conn::open(&l);
+        thread::sleep(Duration::from_millis(200));
+        let rows = list_rows(&["--port", &p]);
+        let dir_of = |local: SocketAddr| {
+            rows.iter()
+                .find(|r| r["local"] == local.to_string())
+                .map(|r| r["direction"].clone())
+        };
+        assert_eq!(dir_of(c.local), Some(json!("out")), "{rows:?}");
+        assert_eq!(dir_of(c.remote), Some(json!("in")), "{rows:?}");
+        let (chosen, spared) = if chosen_is_server {
+            (format!("{} -> {}", c.remote, c.local), c.tuple())
+        } else {
+            (c.tuple(), format!("{} -> {}", c.remote, c.local))
+        };
+        d.wait_for(&format!("would destroy {chosen} "), Duration::from_secs(4));
+        thread::sleep(Duration::from_millis(500));
+        let lines = d.stop();
+        assert!(
+            !lines
+                .iter()
+                .any(|l| l.contains(&format!("destroy {spared} "))),
+            "--direction {direction} chose the other end: {lines:?}"
+        );
+    }
+}

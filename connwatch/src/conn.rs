@@ -3,7 +3,7 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use connwatch_common::{tcp_state, ConnInfo, AF_INET, AF_INET6};
+use connwatch_common::{tcp_state, ConnInfo, AF_INET, AF_INET6, FLAG_INBOUND, FLAG_OUTBOUND};
 
 /// A kernel TCP state (`include/net/tcp_states.h`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -104,6 +104,51 @@ impl Tuple {
 impl fmt::Display for Tuple {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} -> {}", self.local, self.remote)
+    }
+}
+
+/// Which side opened a connection: a peer connected to us (an accepted child), or we
+/// connected out. Listeners have neither.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    In,
+    Out,
+}
+
+impl Direction {
+    /// From the map entry's flags, as the kernel program set them at birth.
+    pub fn from_flags(flags: u32) -> Option<Direction> {
+        if flags & FLAG_INBOUND != 0 {
+            Some(Direction::In)
+        } else if flags & FLAG_OUTBOUND != 0 {
+            Some(Direction::Out)
+        } else {
+            None
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::In => "in",
+            Direction::Out => "out",
+        }
+    }
+
+    /// Parses `in` or `out` (`inbound`, `outbound` too).
+    pub fn parse(text: &str) -> Result<Direction, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "in" | "inbound" => Ok(Direction::In),
+            "out" | "outbound" => Ok(Direction::Out),
+            _ => Err(format!(
+                "'{text}' is not a direction: in (accepted from a peer) or out (connected out)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 

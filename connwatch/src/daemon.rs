@@ -20,6 +20,7 @@ use crate::control::answer::{self, Ctx};
 use crate::control::protocol::{error, Reply, Request};
 use crate::control::{http, server};
 use crate::engine::{Engine, Reconciled};
+use crate::kernel::cgroup::Cgroups;
 use crate::kernel::netns::Namespaces;
 use crate::kernel::sock_diag::SockDiag;
 use crate::kernel::{self, pins, privilege, ConnMap, Loaded, Stats};
@@ -178,6 +179,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut namespaces = Namespaces::open()?;
     tracing::info!("policy: {}", opts.policy.describe());
     let mut engine = Engine::new(opts.policy, opts.enforce);
+    engine.name_cgroups(Cgroups::default());
     // The drop counters' baseline comes before the start-up reconcile: records dropped
     // after it are reconciled again at the next stats tick, none go unnoticed.
     let mut last_stats = kernel::read_stats(&stats).unwrap_or_default();

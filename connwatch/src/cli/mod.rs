@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 use ipnet::IpNet;
 
-use crate::conn::TcpState;
+use crate::conn::{Direction, TcpState};
 use crate::control::protocol::DEFAULT_SOCKET;
 pub use crate::observe::log::LogFormat;
 use crate::observe::view::{Filter, SortKey};
@@ -150,6 +150,17 @@ pub struct PolicyArgs {
     #[arg(long = "netns", value_name = "host|NAME|INODE", value_parser = parse_netns, help_heading = "Selectors")]
     pub netns: Vec<u32>,
 
+    /// Only connections opened this way: `in` (accepted from a peer: what clients hold
+    /// open on this host's servers) or `out` (connected out: this host's own clients).
+    #[arg(long, value_name = "in|out", value_parser = Direction::parse, help_heading = "Selectors")]
+    pub direction: Option<Direction>,
+
+    /// Only connections of processes in this cgroup (repeatable): a cgroup v2 path such
+    /// as /system.slice/nginx.service (that cgroup and everything below it), or a glob
+    /// with `*` matched against the whole path (e.g. '*docker-*').
+    #[arg(long = "cgroup", value_name = "PATTERN", help_heading = "Selectors")]
+    pub cgroups: Vec<String>,
+
     /// Never touch connections with this local or remote port (repeatable). Port 22
     /// is always protected, in addition to these.
     #[arg(long = "exclude-port", value_name = "P|LO-HI", value_parser = parse_port_range, help_heading = "Protections")]
@@ -170,6 +181,15 @@ pub struct PolicyArgs {
         help_heading = "Protections"
     )]
     pub exclude_processes: Vec<String>,
+
+    /// Never touch connections of processes in this cgroup (repeatable; a path and
+    /// everything below it, or a glob with `*`), e.g. /system.slice/postgresql.service.
+    #[arg(
+        long = "exclude-cgroup",
+        value_name = "PATTERN",
+        help_heading = "Protections"
+    )]
+    pub exclude_cgroups: Vec<String>,
 
     /// Destroy at most N connections a second; the rest wait their turn (off by default).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), help_heading = "Safety budget")]
@@ -277,6 +297,11 @@ pub struct FilterArgs {
     #[arg(long = "process", value_name = "NAME")]
     pub processes: Vec<String>,
 
+    /// Only connections opened this way: `in` (accepted from a peer) or `out`
+    /// (connected out).
+    #[arg(long, value_name = "in|out", value_parser = Direction::parse)]
+    pub direction: Option<Direction>,
+
     /// Only connections in this network namespace (repeatable): `host`, an `ip netns`
     /// name, or an inode number. Every namespace is shown when none is given.
     #[arg(long = "netns", value_name = "host|NAME|INODE", value_parser = parse_netns)]
@@ -296,6 +321,7 @@ impl FilterArgs {
         Filter {
             states: self.state.clone(),
             netns: self.netns.clone(),
+            direction: self.direction,
             ports: self.ports.clone(),
             remote_addrs: self.remote_addrs.clone(),
             processes: self.processes.clone(),

@@ -9,6 +9,7 @@ use anyhow::Result;
 
 use crate::clock::{human, monotonic_ns};
 use crate::engine::Engine;
+use crate::kernel::cgroup::Cgroups;
 use crate::kernel::netns::Namespaces;
 use crate::kernel::pins;
 use crate::kernel::sock_diag::SockDiag;
@@ -77,6 +78,7 @@ fn load(
         tracing::warn!("cannot dump network namespace {inode}: {e:#}; its sockets are left alone");
     }
     let mut engine = Engine::new(policy, enforce);
+    engine.name_cgroups(Cgroups::default());
     // Stale entries are the daemon's to remove: a one-shot run only reads the map.
     let _ = engine.reconcile(conns.as_ref(), &dump, now);
     Ok((engine, namespaces, conns, dump.sockets.len()))
@@ -110,7 +112,7 @@ pub fn explain(policy: Policy) -> Result<()> {
         .tracker
         .iter()
         .map(|(key, t)| {
-            let s = t.subject();
+            let s = engine.subject(t);
             let age = Duration::from_nanos(now.saturating_sub(s.birth.no_later_than()));
             let age = format!(
                 "{}{}",

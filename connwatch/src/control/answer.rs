@@ -33,7 +33,7 @@ fn rows(engine: &Engine, query: &Query, now: u64) -> Result<Reply, String> {
         .tracker
         .iter()
         .filter(|(_, t)| view::listed(t))
-        .map(|(k, t)| view::item_of(k, t, now));
+        .map(|(k, t)| view::item_of(engine, k, t, now));
     let (kept, matched) = filter.apply(items);
     let rows = kept
         .iter()
@@ -46,7 +46,10 @@ fn rows(engine: &Engine, query: &Query, now: u64) -> Result<Reply, String> {
                     .map(|s| (s * 1000.0).round() / 1000.0);
             }
             if let Some(t) = engine.tracker.get(key) {
-                row.protected = engine.policy.protected(&t.subject()).map(|p| p.to_string());
+                row.protected = engine
+                    .policy
+                    .protected(&engine.subject(t))
+                    .map(|p| p.to_string());
             }
             row
         })

@@ -148,6 +148,7 @@ mod tests {
             id: SockId::new(NS, 1),
             source,
             cgroup_id: 0,
+            direction: None,
             ifindex: 0,
             last_activity_ns: 0,
             owner: None,

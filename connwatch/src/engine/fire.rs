@@ -221,7 +221,7 @@ impl Engine {
             self.tracker.note_owner(key, o);
         }
         let chosen = *self.tracker.get(key)?;
-        match self.policy.judge(&chosen.subject(), rule) {
+        match self.policy.judge(&self.subject(&chosen), rule) {
             Decision::Destroy(_) => Some(live),
             Decision::Protected(_, p) => {
                 self.counters.protected += 1;

@@ -70,6 +70,7 @@ impl Engine {
                     id: SockId::new(ns, cookie_from_diag(live.cookie)),
                     source: Source::Seeded,
                     cgroup_id: 0,
+                    direction: None,
                     ifindex: live.ifindex,
                     last_activity_ns: activity,
                     owner: None,
@@ -102,7 +103,7 @@ impl Engine {
         if let (Some(k), Some(o)) = (key, chosen.owner) {
             self.tracker.note_owner(k, o);
         }
-        if let Some(p) = self.policy.protected(&chosen.subject()) {
+        if let Some(p) = self.policy.protected(&self.subject(&chosen)) {
             self.counters.protected += 1;
             let outcome = Outcome::Skipped(format!("protected by {p}"));
             return Err(refuse(self, &chosen, outcome, Some(Action::Protected)));

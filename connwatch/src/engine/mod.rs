@@ -18,13 +18,15 @@ mod properties;
 mod reconcile;
 mod record;
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 
 use connwatch_common::{event_kind, ConnEvent};
 
 use crate::conn::{canonical, SockId, TcpState, Tuple};
-use crate::policy::{Limit, Policy, Protected, RuleId, Verdict};
-use crate::track::{Deadlines, Tracker};
+use crate::kernel::cgroup::Cgroups;
+use crate::policy::{Limit, Policy, Protected, RuleId, Subject, Verdict};
+use crate::track::{Deadlines, Tracked, Tracker};
 use audit::Record;
 use per_ip::PerIp;
 
@@ -72,6 +74,7 @@ pub fn protection_kind(p: &Protected) -> &'static str {
         Protected::Port(_) => "port",
         Protected::Addr(_) => "address",
         Protected::Process(_) => "process",
+        Protected::Cgroup(_) => "cgroup",
     }
 }
 
@@ -96,6 +99,8 @@ pub struct Engine {
     window_start_ns: u64,
     window_used: usize,
     observer: Option<Observer>,
+    /// Cgroup paths by id, where the engine is given the tree to walk.
+    cgroups: RefCell<Option<Cgroups>>,
 }
 
 impl Engine {
@@ -110,7 +115,23 @@ impl Engine {
             window_start_ns: 0,
             window_used: 0,
             observer: None,
+            cgroups: RefCell::new(None),
         }
+    }
+
+    /// Names cgroups by walking this tree (the daemon's /sys/fs/cgroup); without it
+    /// (tests, pure uses) sockets have no cgroup path and cgroup rules match none.
+    pub fn name_cgroups(&mut self, cgroups: Cgroups) {
+        self.cgroups = RefCell::new(Some(cgroups));
+    }
+
+    /// What the policy looks at for a tracked socket, its cgroup named.
+    pub fn subject(&self, t: &Tracked) -> Subject {
+        let path = match (t.cgroup_id, self.cgroups.borrow_mut().as_mut()) {
+            (0, _) | (_, None) => None,
+            (id, Some(c)) => c.path(id),
+        };
+        t.subject_in(path)
     }
 
     /// Calls `f` with every decision from now on.
@@ -124,7 +145,7 @@ impl Engine {
     pub fn next(&self, key: u64) -> Option<Next> {
         let at_ns = self.deadlines.get(key)?;
         let t = self.tracker.get(key)?;
-        let rule = match self.policy.verdict(&t.subject()) {
+        let rule = match self.policy.verdict(&self.subject(t)) {
             Verdict::At { rule, at_ns: v } if v == at_ns => self.policy.rule(rule).name.clone(),
             v => self
                 .per_ip
@@ -153,7 +174,7 @@ impl Engine {
             self.per_ip.remove(key);
             return;
         };
-        let s = t.subject();
+        let s = self.subject(t);
         let mut verdict = self.policy.verdict(&s);
         if self.policy.has_per_ip_limits() {
             let ip = canonical(s.tuple.remote.ip());
@@ -230,7 +251,7 @@ impl Engine {
     /// process is judged after, with the owner's current name).
     pub fn due_rule(&self, key: u64, now: u64) -> Option<RuleId> {
         let t = self.tracker.get(key)?;
-        self.policy.due(&t.subject(), now).or_else(|| {
+        self.policy.due(&self.subject(t), now).or_else(|| {
             self.per_ip
                 .breaks(key, Self::per_ip_limit(&self.policy))
                 .filter(|_| self.policy.protected_endpoint(&t.tuple).is_none())

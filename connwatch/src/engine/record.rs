@@ -60,7 +60,7 @@ impl Engine {
                 );
             }
         }
-        let subject = chosen.subject();
+        let subject = self.subject(chosen);
         let record = Record {
             time: std::time::SystemTime::now(),
             action,

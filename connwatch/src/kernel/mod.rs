@@ -3,6 +3,7 @@
 //! capabilities. Nothing here decides; the engine above does.
 
 pub mod btf;
+pub mod cgroup;
 pub mod fs;
 pub mod layout;
 pub mod load;

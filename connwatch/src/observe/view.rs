@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -12,8 +13,9 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::{human, monotonic_ns, SEC};
-use crate::conn::{canonical, cookie_from_diag, Birth, Owner, SockId, TcpState, Tuple};
+use crate::conn::{canonical, cookie_from_diag, Birth, Direction, Owner, SockId, TcpState, Tuple};
 use crate::engine::Engine;
+use crate::kernel::cgroup::{container_of, Cgroups};
 use crate::kernel::netns::Namespaces;
 use crate::kernel::pins;
 use crate::kernel::sock_diag::{DiagSocket, SockDiag};
@@ -45,6 +47,15 @@ pub struct Row {
     /// The process that last used the socket, as the kernel program saw it.
     pub pid: Option<u32>,
     pub process: Option<String>,
+    /// `in` (accepted from a peer) or `out` (connected out); null where unknown.
+    #[serde(default)]
+    pub direction: Option<String>,
+    /// The cgroup v2 path of that process, where known.
+    #[serde(default)]
+    pub cgroup: Option<String>,
+    /// The container or pod that cgroup names (`docker:<id>`, `k8s:pod=<uid>,...`).
+    #[serde(default)]
+    pub container: Option<String>,
     /// The rule that will apply next (only while a daemon runs).
     pub next_rule: Option<String>,
     /// Seconds until that rule's deadline; 0 when due.
@@ -70,6 +81,9 @@ pub struct Item {
     pub state_ns: Option<u64>,
     pub idle_ns: Option<u64>,
     pub owner: Option<Owner>,
+    pub direction: Option<Direction>,
+    /// The cgroup path of the process that opened or used it, where known.
+    pub cgroup: Option<Arc<str>>,
     /// The daemon's key of the socket, to find its deadline.
     pub key: Option<u64>,
 }
@@ -90,6 +104,9 @@ impl Item {
             idle_secs: self.idle_ns.map(secs),
             pid: self.owner.map(|o| o.pid),
             process: self.owner.map(|o| o.name().to_string()),
+            direction: self.direction.map(|d| d.name().to_string()),
+            cgroup: self.cgroup.as_deref().map(str::to_string),
+            container: self.cgroup.as_deref().and_then(container_of),
             next_rule: None,
             next_in_secs: None,
             protected: None,
@@ -115,6 +132,7 @@ pub enum SortKey {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Filter {
     pub states: Vec<TcpState>,
+    pub direction: Option<Direction>,
     /// Network namespaces, by inode.
     pub netns: Vec<u32>,
     /// Local or remote port.
@@ -143,6 +161,9 @@ pub struct Query {
     /// Network namespaces: `host`, `ip netns` names or inodes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub netns: Vec<String>,
+    /// `in` or `out`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direction: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub older_than_secs: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -169,6 +190,7 @@ impl Query {
             remote_addr: f.remote_addrs.iter().map(|n| n.to_string()).collect(),
             process: f.processes.clone(),
             netns: f.netns.iter().map(|n| n.to_string()).collect(),
+            direction: f.direction.map(|d| d.name().to_string()),
             older_than_secs: f.older_than.map(|d| d.as_secs_f64()),
             idle_longer_than_secs: f.idle_longer_than.map(|d| d.as_secs_f64()),
             sort: Some(f.sort),
@@ -202,6 +224,11 @@ impl Query {
                 .iter()
                 .map(|n| parse_netns(n).map_err(|e| format!("netns: {e}")))
                 .collect::<Result<_, _>>()?,
+            direction: self
+                .direction
+                .as_deref()
+                .map(|d| Direction::parse(d).map_err(|e| format!("direction: {e}")))
+                .transpose()?,
             older_than: duration_secs("older_than_secs", self.older_than_secs)?,
             idle_longer_than: duration_secs("idle_longer_than_secs", self.idle_longer_than_secs)?,
             sort: self.sort.unwrap_or_default(),
@@ -219,6 +246,7 @@ impl Filter {
         };
         (self.states.is_empty() || self.states.contains(&it.state))
             && (self.netns.is_empty() || self.netns.contains(&it.id.netns))
+            && self.direction.is_none_or(|d| it.direction == Some(d))
             && (self.ports.is_empty()
                 || self.ports.iter().any(|r| r.contains(lp) || r.contains(rp)))
             && (self.remote_addrs.is_empty() || {
@@ -309,6 +337,7 @@ fn human_bucket(s: u64) -> String {
 pub fn local_items(
     live: &[(u32, DiagSocket)],
     entries: &HashMap<SockId, Tracked>,
+    cgroups: &mut dyn FnMut(u64) -> Option<Arc<str>>,
     now: u64,
 ) -> Vec<Item> {
     let ms = |n: u32| u64::from(n) * 1_000_000;
@@ -335,7 +364,7 @@ pub fn local_items(
             // tcp_info is exact; the map's stamps are coarse.
             let idle_ns = match (s.activity, entry) {
                 (Some(a), _) => Some(ms(a.quiet_ms())),
-                (None, Some(e)) => Some(now.saturating_sub(e.subject().quiet_since())),
+                (None, Some(e)) => Some(now.saturating_sub(e.quiet_since())),
                 (None, None) => None,
             };
             Item {
@@ -347,6 +376,8 @@ pub fn local_items(
                 state_ns,
                 idle_ns,
                 owner: entry.and_then(|e| e.owner),
+                direction: entry.and_then(|e| e.direction),
+                cgroup: entry.and_then(|e| cgroups(e.cgroup_id)),
                 key: None,
             }
         })
@@ -370,12 +401,17 @@ pub fn read_local() -> Result<Vec<Item>> {
     for (inode, e) in &dump.failed {
         eprintln!("connwatch: network namespace {inode} not listed: {e:#}");
     }
-    Ok(local_items(&dump.sockets, &entries, monotonic_ns()))
+    let mut cgroups = Cgroups::default();
+    Ok(local_items(
+        &dump.sockets,
+        &entries,
+        &mut |id| cgroups.path(id),
+        monotonic_ns(),
+    ))
 }
 
 /// A tracked socket as `list` shows it, at `now`.
-pub fn item_of(key: u64, t: &Tracked, now: u64) -> Item {
-    let s = t.subject();
+pub fn item_of(engine: &Engine, key: u64, t: &Tracked, now: u64) -> Item {
     Item {
         id: t.id,
         tuple: t.tuple,
@@ -383,8 +419,10 @@ pub fn item_of(key: u64, t: &Tracked, now: u64) -> Item {
         age_ns: Some(now.saturating_sub(t.birth.no_later_than())),
         age_exact: t.birth.is_known(),
         state_ns: Some(now.saturating_sub(t.state_since_ns)),
-        idle_ns: Some(now.saturating_sub(s.quiet_since())),
+        idle_ns: Some(now.saturating_sub(t.quiet_since())),
         owner: t.owner,
+        direction: t.direction,
+        cgroup: engine.subject(t).cgroup,
         key: Some(key),
     }
 }
@@ -477,7 +515,7 @@ mod tests {
             let t = Tracked::from_info(&e).unwrap();
             map.insert(t.id, t);
         }
-        local_items(&live, &map, 100 * SEC)
+        local_items(&live, &map, &mut |_| None, 100 * SEC)
     }
 
     #[test]
@@ -584,6 +622,7 @@ mod tests {
             remote_addrs: vec![parse_cidr("10.0.0.0/8").unwrap()],
             processes: vec!["nginx".into()],
             netns: vec![4026531840],
+            direction: Some(Direction::In),
             older_than: Some(Duration::from_secs(60)),
             idle_longer_than: None,
             sort: SortKey::Remote,

@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::conn::Direction;
 use crate::policy::PolicySpec;
 use crate::policy::{
     parse_cidr, parse_duration, parse_netns, parse_process_name, parse_timeout_state, Limit,
@@ -71,9 +72,12 @@ struct FileSettings {
     local_addr: Texts,
     remote_addr: Texts,
     netns: Texts,
+    direction: Option<Spanned<String>>,
+    cgroup: Option<Vec<String>>,
     exclude_port: Ports,
     exclude_addr: Texts,
     exclude_process: Texts,
+    exclude_cgroup: Option<Vec<String>>,
     block: Texts,
     max_conns_per_ip: Option<Spanned<u32>>,
     max_kills_per_second: Option<Spanned<u32>>,
@@ -93,6 +97,8 @@ struct FileRule {
     local_addr: Texts,
     remote_addr: Texts,
     netns: Texts,
+    direction: Option<Spanned<String>>,
+    cgroup: Option<Vec<String>>,
     max_age: Option<Spanned<String>>,
     idle: Option<Spanned<String>>,
     /// With `timeout`: a state timeout.
@@ -164,6 +170,16 @@ impl Reader<'_> {
             .collect()
     }
 
+    fn direction(
+        &self,
+        field: &str,
+        v: &Option<Spanned<String>>,
+    ) -> Result<Option<Direction>, ConfigError> {
+        v.as_ref()
+            .map(|d| self.value(field, d, |s| Direction::parse(s)))
+            .transpose()
+    }
+
     fn namespaces(&self, field: &str, v: &Texts) -> Result<Vec<u32>, ConfigError> {
         v.iter()
             .flatten()
@@ -179,6 +195,8 @@ impl Reader<'_> {
             local_addrs: self.cidrs(&format!("{prefix}local-addr"), &r.local_addr)?,
             remote_addrs: self.cidrs(&format!("{prefix}remote-addr"), &r.remote_addr)?,
             netns: self.namespaces(&format!("{prefix}netns"), &r.netns)?,
+            direction: self.direction(&format!("{prefix}direction"), &r.direction)?,
+            cgroups: r.cgroup.clone().unwrap_or_default(),
         })
     }
 
@@ -260,6 +278,8 @@ impl Reader<'_> {
             local_addrs: self.cidrs("local-addr", &f.local_addr)?,
             remote_addrs: self.cidrs("remote-addr", &f.remote_addr)?,
             netns: self.namespaces("netns", &f.netns)?,
+            direction: self.direction("direction", &f.direction)?,
+            cgroups: f.cgroup.clone().unwrap_or_default(),
         };
         let mut rules = Vec::new();
         for r in &f.rule {
@@ -299,6 +319,7 @@ impl Reader<'_> {
                 .flatten()
                 .map(|n| self.value("exclude-process", n, |s| parse_process_name(s)))
                 .collect::<Result<_, _>>()?,
+            exclude_cgroups: f.exclude_cgroup.clone().unwrap_or_default(),
             block: self.cidrs("block", &f.block)?,
             max_conns_per_ip: positive("max-conns-per-ip", &f.max_conns_per_ip)?,
             max_kills_per_second: positive("max-kills-per-second", &f.max_kills_per_second)?,

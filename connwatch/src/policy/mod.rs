@@ -24,7 +24,10 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use crate::conn::{canonical, Birth, Owner, TcpState, Tuple};
+use std::sync::Arc;
+
+use crate::conn::{canonical, Birth, Direction, Owner, TcpState, Tuple};
+use crate::kernel::cgroup;
 
 /// The default hung-state timeouts, on when no other limit is given.
 pub const DEFAULT_STATE_TIMEOUTS: [(TcpState, Duration); 5] = [
@@ -70,12 +73,22 @@ pub struct Selector {
     pub remote_addrs: Vec<IpNet>,
     /// Network namespaces, by inode (`--netns host|NAME|INODE`, resolved at load).
     pub netns: Vec<u32>,
+    /// Who opened the connection (`--direction in|out`); None for both.
+    pub direction: Option<Direction>,
+    /// Cgroup paths (`--cgroup PATTERN`: a subtree, or a glob with `*`).
+    pub cgroups: Vec<String>,
 }
 
 impl Selector {
     /// Whether the socket is one this selector is about.
     pub fn matches(&self, s: &Subject) -> bool {
-        (self.netns.is_empty() || self.netns.contains(&s.netns)) && self.matches_tuple(&s.tuple)
+        (self.netns.is_empty() || self.netns.contains(&s.netns))
+            && self.direction.is_none_or(|d| s.direction == Some(d))
+            && (self.cgroups.is_empty()
+                || s.cgroup
+                    .as_deref()
+                    .is_some_and(|c| self.cgroups.iter().any(|p| cgroup::matches(p, c))))
+            && self.matches_tuple(&s.tuple)
     }
 
     /// The endpoint part of [`Selector::matches`].
@@ -149,6 +162,8 @@ pub struct Protection {
     pub addrs: Vec<IpNet>,
     /// Owning process names (the kernel's 15-character command name).
     pub processes: Vec<String>,
+    /// Cgroup paths of the owning process (a subtree, or a glob with `*`).
+    pub cgroups: Vec<String>,
 }
 
 impl Default for Protection {
@@ -160,6 +175,7 @@ impl Default for Protection {
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
+            cgroups: Vec::new(),
         }
     }
 }
@@ -170,6 +186,7 @@ pub enum Protected {
     Port(u16),
     Addr(IpAddr),
     Process(String),
+    Cgroup(String),
 }
 
 impl fmt::Display for Protected {
@@ -178,6 +195,7 @@ impl fmt::Display for Protected {
             Protected::Port(p) => write!(f, "port {p}"),
             Protected::Addr(a) => write!(f, "address {a}"),
             Protected::Process(p) => write!(f, "process {p}"),
+            Protected::Cgroup(p) => write!(f, "cgroup {p}"),
         }
     }
 }
@@ -211,10 +229,13 @@ impl Budget {
 }
 
 /// What the policy looks at.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Subject {
     /// The inode of the socket's network namespace.
     pub netns: u32,
+    pub direction: Option<Direction>,
+    /// The cgroup path of the process that opened or used it, where known.
+    pub cgroup: Option<Arc<str>>,
     pub tuple: Tuple,
     pub state: TcpState,
     pub birth: Birth,
@@ -320,6 +341,17 @@ impl Policy {
     pub fn protected(&self, s: &Subject) -> Option<Protected> {
         self.protected_endpoint(&s.tuple)
             .or_else(|| self.protected_owner(s.owner.as_ref()))
+            .or_else(|| self.protected_cgroup(s.cgroup.as_deref()))
+    }
+
+    /// Protection by the owner's cgroup (`--exclude-cgroup`), where it is known.
+    pub fn protected_cgroup(&self, cgroup: Option<&str>) -> Option<Protected> {
+        let path = cgroup?;
+        self.protect
+            .cgroups
+            .iter()
+            .find(|p| cgroup::matches(p, path))
+            .map(|_| Protected::Cgroup(path.to_string()))
     }
 
     /// Protection by port or address: known from the tuple alone.
@@ -445,6 +477,8 @@ mod tests {
     fn subject(local: &str, remote: &str, state: TcpState, birth: Birth) -> Subject {
         Subject {
             netns: 1,
+            direction: None,
+            cgroup: None,
             tuple: Tuple::new(
                 local.parse::<SocketAddr>().unwrap(),
                 remote.parse::<SocketAddr>().unwrap(),
@@ -759,6 +793,8 @@ mod tests {
             )
                 .prop_map(move |(b, h, lp, rp, st, birth, act, owner)| Subject {
                     netns: 1,
+                    direction: None,
+                    cgroup: None,
                     tuple: Tuple::new(
                         SocketAddr::new(IpAddr::from([192, 168, 0, 1]), lp),
                         SocketAddr::new(IpAddr::from([10, 0, b, h]), rp),

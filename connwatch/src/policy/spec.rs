@@ -20,6 +20,7 @@ pub struct PolicySpec {
     pub exclude_ports: Vec<PortRange>,
     pub exclude_addrs: Vec<IpNet>,
     pub exclude_processes: Vec<String>,
+    pub exclude_cgroups: Vec<String>,
     pub block: Vec<IpNet>,
     pub max_conns_per_ip: Option<u32>,
     pub max_kills_per_second: Option<u32>,
@@ -63,11 +64,14 @@ impl PolicySpec {
                 local_addrs: pick(sel.local_addrs, base.local_addrs),
                 remote_addrs: pick(sel.remote_addrs, base.remote_addrs),
                 netns: pick(sel.netns, base.netns),
+                direction: sel.direction.or(base.direction),
+                cgroups: pick(sel.cgroups, base.cgroups),
             },
             // Protections only ever add up: a flag never drops the file's.
             exclude_ports: union(self.exclude_ports, over.exclude_ports),
             exclude_addrs: union(self.exclude_addrs, over.exclude_addrs),
             exclude_processes: union(self.exclude_processes, over.exclude_processes),
+            exclude_cgroups: union(self.exclude_cgroups, over.exclude_cgroups),
             block: pick(over.block, self.block),
             max_conns_per_ip: over.max_conns_per_ip.or(self.max_conns_per_ip),
             max_kills_per_second: over.max_kills_per_second.or(self.max_kills_per_second),
@@ -93,6 +97,7 @@ impl PolicySpec {
         let mut protect = Protection::default();
         protect.ports.extend(self.exclude_ports.iter().copied());
         protect.addrs.extend(self.exclude_addrs.iter().copied());
+        protect.cgroups = self.exclude_cgroups.clone();
         for p in &self.exclude_processes {
             if !protect.processes.contains(p) {
                 protect.processes.push(p.clone());
@@ -112,6 +117,7 @@ impl PolicySpec {
                 selector: Selector {
                     remote_addrs: self.block.clone(),
                     netns: self.selector.netns.clone(),
+                    cgroups: self.selector.cgroups.clone(),
                     ..Selector::default()
                 },
                 limit: Limit::Block,

@@ -2,10 +2,11 @@
 //! pinned map at start-up and one sock_diag dump for sockets older than the program.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use connwatch_common::{event_kind, ConnEvent, ConnInfo, FLAG_BIRTH_UNKNOWN};
 
-use crate::conn::{Birth, Owner, SockId};
+use crate::conn::{Birth, Direction, Owner, SockId};
 use crate::conn::{TcpState, Tuple};
 use crate::policy::Subject;
 
@@ -33,6 +34,8 @@ pub struct Tracked {
     pub source: Source,
     /// The cgroup v2 id of the process that opened or used it; 0 when unknown.
     pub cgroup_id: u64,
+    /// Who opened it, where the kernel program saw its birth.
+    pub direction: Option<Direction>,
     /// The device the socket is bound to (`SO_BINDTODEVICE`, an IPv6 scope); 0 if none.
     pub ifindex: u32,
     /// Last data in either direction as the kernel program stamped it (coarse); 0 if none.
@@ -56,6 +59,7 @@ impl Tracked {
             id: SockId::new(info.netns, info.cookie),
             source: Source::Map,
             cgroup_id: info.cgroup_id,
+            direction: Direction::from_flags(info.flags),
             ifindex: info.bound_dev_if,
             last_activity_ns: info.last_rx_ns.max(info.last_tx_ns),
             owner: (info.pid != 0).then_some(Owner {
@@ -65,9 +69,18 @@ impl Tracked {
         })
     }
 
-    pub fn subject(&self) -> Subject {
+    /// When the connection last did something: its last data, or its birth.
+    pub fn quiet_since(&self) -> u64 {
+        self.last_activity_ns.max(self.birth.no_later_than())
+    }
+
+    /// What the policy looks at, the socket's cgroup path given by the caller (who
+    /// knows the cgroup tree).
+    pub fn subject_in(&self, cgroup: Option<Arc<str>>) -> Subject {
         Subject {
             netns: self.id.netns,
+            direction: self.direction,
+            cgroup,
             tuple: self.tuple,
             state: self.state,
             birth: self.birth,
@@ -209,6 +222,12 @@ impl Tracker {
                 let merged = Tracked {
                     birth: t.birth,
                     owner: fresh.owner.or(t.owner),
+                    cgroup_id: if fresh.cgroup_id != 0 {
+                        fresh.cgroup_id
+                    } else {
+                        t.cgroup_id
+                    },
+                    direction: fresh.direction.or(t.direction),
                     last_activity_ns: fresh.last_activity_ns.max(t.last_activity_ns),
                     ..fresh
                 };
@@ -298,6 +317,7 @@ impl Tracker {
             id: s.id,
             source: Source::Seeded,
             cgroup_id: 0,
+            direction: None,
             ifindex: s.ifindex,
             last_activity_ns: s.last_activity_ns,
             owner: None,
