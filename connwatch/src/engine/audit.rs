@@ -9,7 +9,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-use crate::conn::{Birth, Owner, SockId, TcpState, Tuple};
+use std::sync::Arc;
+
+use crate::conn::{Birth, Direction, Owner, SockId, TcpState, Tuple};
+use crate::kernel::cgroup::container_of;
 
 static JSON: AtomicBool = AtomicBool::new(false);
 
@@ -102,6 +105,10 @@ pub struct Record {
     /// The rule's name, shown where it differs from the reason.
     pub rule: String,
     pub owner: Option<Owner>,
+    /// Who opened the connection, where the kernel program saw its birth.
+    pub direction: Option<Direction>,
+    /// The owner's cgroup path, where known.
+    pub cgroup: Option<Arc<str>>,
     pub dry_run: bool,
     /// Why a destroy was skipped, failed, or was refused.
     pub detail: Option<String>,
@@ -133,6 +140,9 @@ impl Record {
             line.push_str(&format!(" owner={o}"));
         }
         line.push_str(&format!(" netns={}", self.id.netns));
+        if let Some(c) = self.cgroup.as_deref().and_then(container_of) {
+            line.push_str(&format!(" container={c}"));
+        }
         if let Some(d) = &self.detail {
             line.push_str(&format!(" detail=\"{d}\""));
         }
@@ -165,6 +175,9 @@ impl Record {
             "rule": self.rule,
             "owner": self.owner.map(|o| o.name().to_string()),
             "pid": self.owner.map(|o| o.pid),
+            "direction": self.direction.map(Direction::name),
+            "cgroup": self.cgroup.as_deref(),
+            "container": self.cgroup.as_deref().and_then(container_of),
             "dry_run": self.dry_run,
             "detail": self.detail,
         })
@@ -230,6 +243,8 @@ mod tests {
             reason: "max-age",
             rule: "max-age".into(),
             owner: None,
+            direction: None,
+            cgroup: None,
             dry_run: false,
             detail: None,
         }
@@ -256,6 +271,8 @@ mod tests {
         let named = Record {
             rule: "old-db".into(),
             owner: Some(Owner::new(812, "postgres")),
+            direction: None,
+            cgroup: None,
             idle_secs: Some(40),
             ..r
         };
@@ -268,6 +285,8 @@ mod tests {
     fn json_form_carries_every_field() {
         let r = Record {
             owner: Some(Owner::new(812, "postgres")),
+            direction: None,
+            cgroup: None,
             idle_secs: Some(7),
             ..record()
         };

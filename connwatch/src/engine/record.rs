@@ -72,6 +72,8 @@ impl Engine {
             reason,
             rule,
             owner: chosen.owner,
+            direction: chosen.direction,
+            cgroup: subject.cgroup.clone(),
             dry_run: !self.enforce,
             detail,
         };

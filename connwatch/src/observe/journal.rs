@@ -86,6 +86,8 @@ mod tests {
             reason,
             rule: reason.into(),
             owner: None,
+            direction: None,
+            cgroup: None,
             dry_run: false,
             detail: None,
         }

@@ -323,6 +323,8 @@ mod tests {
             reason: "max-age",
             rule: "max-age".into(),
             owner: None,
+            direction: None,
+            cgroup: None,
             dry_run: false,
             detail: None,
         };
