@@ -10,6 +10,7 @@
 //! | --- | --- | --- |
 //! | `connwatch_connections` | gauge | `state` |
 //! | `connwatch_sockets_tracked` | gauge | |
+//! | `connwatch_network_namespaces` | gauge | |
 //! | `connwatch_deadlines_pending` | gauge | |
 //! | `connwatch_connection_age_seconds` | histogram | |
 //! | `connwatch_destroys_total` | counter | `reason`, `outcome` |
@@ -103,6 +104,7 @@ pub struct Metrics {
     connections: Family<StateLabels, Gauge>,
     states_seen: RefCell<BTreeSet<&'static str>>,
     tracked: Gauge,
+    namespaces: Gauge,
     deadlines: Gauge,
     ages: Ages,
     destroys: Family<DestroyLabels, Counter>,
@@ -128,6 +130,7 @@ impl Metrics {
             connections: Family::default(),
             states_seen: RefCell::default(),
             tracked: Gauge::default(),
+            namespaces: Gauge::default(),
             deadlines: Gauge::default(),
             ages: Ages::default(),
             destroys: Family::default(),
@@ -153,6 +156,11 @@ impl Metrics {
             "sockets_tracked",
             "Sockets the daemon tracks (listeners included).",
             m.tracked.clone(),
+        );
+        registry.register(
+            "network_namespaces",
+            "Network namespaces holding tracked sockets.",
+            m.namespaces.clone(),
         );
         registry.register(
             "deadlines_pending",
@@ -249,6 +257,7 @@ impl Metrics {
                 .set(*n as i64);
         }
         self.tracked.set(engine.tracker.len() as i64);
+        self.namespaces.set(engine.tracker.namespaces() as i64);
         self.deadlines.set(engine.deadlines.len() as i64);
         {
             let sum = ages.iter().map(|ns| *ns as f64 / 1e9).sum();
@@ -350,6 +359,7 @@ mod tests {
             "connwatch_connection_age_seconds_count 0",
             "connwatch_connection_age_seconds_bucket{le=\"+Inf\"} 0",
             "connwatch_sockets_tracked 0",
+            "connwatch_network_namespaces 0",
             "# EOF",
         ] {
             assert!(text.contains(want), "{want} missing from\n{text}");

@@ -140,6 +140,11 @@ impl Tracker {
         self.conns.get(&key)
     }
 
+    /// How many network namespaces hold tracked sockets.
+    pub fn namespaces(&self) -> usize {
+        self.per_netns.len()
+    }
+
     /// How many tracked sockets live in namespace `netns`.
     pub fn in_netns(&self, netns: u32) -> usize {
         self.per_netns.get(&netns).copied().unwrap_or(0)
