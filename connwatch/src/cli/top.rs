@@ -15,12 +15,12 @@ use ratatui::style::{Modifier, Style};
 use ratatui::text::Line;
 use ratatui::widgets::{Block, Paragraph, Row as TableRow, Table};
 use ratatui::Frame;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::list::show_age;
 use crate::clock::human;
 use crate::control::client::Client;
-use crate::control::protocol::list_request;
+use crate::control::protocol::{list_request, Status};
 use crate::observe::view::{
     age_histogram, bucket_label, read_local, Filter, Item, Query, Row, SortKey,
 };
@@ -46,15 +46,8 @@ pub struct View {
     pub idle: Vec<Row>,
 }
 
-fn pairs(v: &Value) -> Vec<(String, u64)> {
-    let mut out: Vec<(String, u64)> = v
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0)))
-                .collect()
-        })
-        .unwrap_or_default();
+fn pairs(m: &std::collections::BTreeMap<String, u64>) -> Vec<(String, u64)> {
+    let mut out: Vec<(String, u64)> = m.iter().map(|(k, n)| (k.clone(), *n)).collect();
     out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     out
 }
@@ -120,42 +113,29 @@ fn summarize(rows: &[Row]) -> (Vec<(String, u64)>, Vec<(String, u64)>, Vec<Row>,
 
 /// The view from a running daemon.
 pub fn from_daemon(client: &mut Client, filter: &Filter) -> Result<View> {
-    let s = client.request(&json!({"cmd": "status"}))?;
-    let dry_run = s["enforce"] != true;
-    let ages = s["ages"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|b| {
-                    (
-                        b["bucket"].as_str().unwrap_or("?").to_string(),
-                        b["count"].as_u64().unwrap_or(0),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let by_state = pairs(&s["by_state"])
+    let s: Status = client.request_as(&json!({"cmd": "status"}))?;
+    let dry_run = !s.enforce;
+    let ages = s.ages.iter().map(|b| (b.bucket.clone(), b.count)).collect();
+    let by_state = pairs(&s.by_state)
         .into_iter()
         .filter(|(state, _)| state != "LISTEN")
         .collect();
     let mut view = View {
         source: format!(
             "daemon {} \u{b7} {} \u{b7} up {}",
-            s["pid"],
+            s.pid,
             if dry_run { "dry run" } else { "enforcing" },
-            match s["uptime_secs"].as_u64().unwrap_or(0) {
+            match s.uptime_secs {
                 0 => "0s".to_string(),
                 n => human(Duration::from_secs(n)),
             }
         ),
-        tracked: s["tracked"].as_u64().unwrap_or(0),
+        tracked: s.tracked,
         by_state,
         ages,
-        last_minute: Some(pairs(&s["last_minute"])),
+        last_minute: Some(pairs(&s.last_minute)),
         dry_run,
-        drops: s["kernel"]["map_full"].as_u64().unwrap_or(0)
-            + s["kernel"]["ring_full"].as_u64().unwrap_or(0),
+        drops: s.kernel.map_full + s.kernel.ring_full,
         oldest: Vec::new(),
         idle: Vec::new(),
     };

@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use super::protocol::{error, Reply, Request};
+use std::collections::BTreeMap;
+
+use super::protocol::{error, AgeBucket, Counters, KernelCounts, Reply, Request, Status};
 use crate::clock::monotonic_ns;
 use crate::engine::Engine;
 use crate::kernel::netns::Namespaces;
@@ -57,51 +59,52 @@ fn rows(engine: &Engine, query: &Query, now: u64) -> Result<Reply, String> {
     Ok(Reply::Rows { rows, matched })
 }
 
-fn status(ctx: &Ctx, now: u64) -> Value {
+fn status(ctx: &Ctx, now: u64) -> Status {
     let e = &*ctx.engine;
     let c = &e.counters;
     let (by_state, ages) = view::census(e, now);
     let hist = view::age_histogram(ages.into_iter());
-    let ages: Vec<Value> = hist
-        .iter()
-        .enumerate()
-        .map(|(i, n)| {
-            json!({
-                "bucket": view::bucket_label(i),
-                "le_secs": view::AGE_BUCKETS.get(i),
-                "count": n,
+    let owned = |m: BTreeMap<&'static str, u64>| -> BTreeMap<String, u64> {
+        m.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+    };
+    Status {
+        ok: true,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        pid: std::process::id(),
+        uptime_secs: ctx.started.elapsed().as_secs(),
+        enforce: e.enforce,
+        tracked: e.tracker.len() as u64,
+        deadlines: e.deadlines.len() as u64,
+        namespaces: e.tracker.namespaces() as u64,
+        counters: Counters {
+            events: c.events,
+            destroyed: c.destroyed,
+            would_destroy: c.would_destroy,
+            skipped: c.skipped,
+            failed: c.failed,
+            protected: c.protected,
+            deferred: c.deferred,
+        },
+        by_reason: owned(c.by_reason.iter().map(|(k, v)| (*k, *v)).collect()),
+        kernel: KernelCounts {
+            events: ctx.kernel.events,
+            map_full: ctx.kernel.map_full,
+            ring_full: ctx.kernel.ring_full,
+        },
+        by_state: owned(by_state),
+        ages: hist
+            .iter()
+            .enumerate()
+            .map(|(i, n)| AgeBucket {
+                bucket: view::bucket_label(i),
+                le_secs: view::AGE_BUCKETS.get(i).copied(),
+                count: *n,
             })
-        })
-        .collect();
-    json!({
-        "ok": true,
-        "version": env!("CARGO_PKG_VERSION"),
-        "pid": std::process::id(),
-        "uptime_secs": ctx.started.elapsed().as_secs(),
-        "enforce": e.enforce,
-        "tracked": e.tracker.len(),
-        "deadlines": e.deadlines.len(),
-        "counters": {
-            "events": c.events,
-            "destroyed": c.destroyed,
-            "would_destroy": c.would_destroy,
-            "skipped": c.skipped,
-            "failed": c.failed,
-            "protected": c.protected,
-            "deferred": c.deferred,
-        },
-        "by_reason": c.by_reason,
-        "kernel": {
-            "events": ctx.kernel.events,
-            "map_full": ctx.kernel.map_full,
-            "ring_full": ctx.kernel.ring_full,
-        },
-        "by_state": by_state,
-        "ages": ages,
-        "last_minute": ctx.journal.borrow().last_minute(now),
-        "api_socket": ctx.api_socket.display().to_string(),
-        "metrics_addr": ctx.metrics_addr.map(|a| a.to_string()),
-    })
+            .collect(),
+        last_minute: owned(ctx.journal.borrow().last_minute(now)),
+        api_socket: ctx.api_socket.display().to_string(),
+        metrics_addr: ctx.metrics_addr.map(|a| a.to_string()),
+    }
 }
 
 fn policy(engine: &Engine) -> Value {
@@ -145,7 +148,10 @@ fn policy(engine: &Engine) -> Value {
 pub fn answer(req: Request, ctx: &mut Ctx) -> Reply {
     let now = monotonic_ns();
     match req {
-        Request::Status => Reply::Json(status(ctx, now)),
+        Request::Status => match serde_json::to_value(status(ctx, now)) {
+            Ok(v) => Reply::Json(v),
+            Err(e) => error(format!("cannot encode the status: {e}")),
+        },
         Request::Policy => Reply::Json(policy(ctx.engine)),
         Request::List(q) => rows(ctx.engine, &q, now).unwrap_or_else(error),
         Request::Destroys { limit } => {

@@ -20,7 +20,9 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use serde::Deserialize;
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::conn::Tuple;
@@ -174,6 +176,66 @@ pub fn socket_path(given: Option<&PathBuf>) -> PathBuf {
     given
         .cloned()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+}
+
+/// The reply to `{"cmd":"status"}`, typed at both ends: the daemon writes it, `top`
+/// and scripts read it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub ok: bool,
+    pub version: String,
+    pub pid: u32,
+    pub uptime_secs: u64,
+    pub enforce: bool,
+    /// Sockets tracked, listeners included.
+    pub tracked: u64,
+    /// Sockets with a deadline set.
+    pub deadlines: u64,
+    /// Network namespaces holding tracked sockets.
+    #[serde(default)]
+    pub namespaces: u64,
+    pub counters: Counters,
+    /// Destroys and would-destroys by reason.
+    pub by_reason: BTreeMap<String, u64>,
+    pub kernel: KernelCounts,
+    pub by_state: BTreeMap<String, u64>,
+    pub ages: Vec<AgeBucket>,
+    /// Destroys (or would-destroys) in the last minute, by reason.
+    pub last_minute: BTreeMap<String, u64>,
+    pub api_socket: String,
+    pub metrics_addr: Option<String>,
+}
+
+/// What the daemon did, since it started.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Counters {
+    pub events: u64,
+    pub destroyed: u64,
+    pub would_destroy: u64,
+    pub skipped: u64,
+    pub failed: u64,
+    pub protected: u64,
+    pub deferred: u64,
+}
+
+/// The kernel side's counters.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct KernelCounts {
+    pub events: u64,
+    /// Sockets not recorded: the connection map was full.
+    pub map_full: u64,
+    /// Events lost: the ring was full.
+    pub ring_full: u64,
+}
+
+/// One bucket of the age histogram.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AgeBucket {
+    /// `<10s`, `<1m`, ..., `>=1w`.
+    pub bucket: String,
+    /// The bucket's upper bound in seconds; null for the last.
+    pub le_secs: Option<u64>,
+    pub count: u64,
 }
 
 #[cfg(test)]
