@@ -34,9 +34,11 @@ const HOST_TRIPLE: &str = "x86_64-unknown-linux-gnu";
 /// Modules the daemon and the tests need; those built into a kernel are skipped.
 const MODULES: [&str; 4] = ["ipv6", "inet_diag", "tcp_diag", "udp_diag"];
 /// Programs the tests run, and the Debian packages that ship them (fetched with
-/// `apt-get download` when the host lacks the program).
-const GUEST_TOOLS: [(&str, &str); 8] = [
+/// `apt-get download` when the host lacks the program). `systemd-analyze verify`
+/// runs `man 8 ss` for the unit's Documentation=, hence man and its groff pipeline.
+const GUEST_TOOLS: [(&str, &str); 21] = [
     ("bash", "bash"),
+    ("test", "coreutils"),
     ("setpriv", "util-linux"),
     ("tmux", "tmux"),
     ("systemd-analyze", "systemd"),
@@ -44,6 +46,30 @@ const GUEST_TOOLS: [(&str, &str); 8] = [
     ("kill", "procps"),
     ("ss", "iproute2"),
     ("ip", "iproute2"),
+    ("man", "man-db"),
+    ("gzip", "gzip"),
+    ("locale", "libc-bin"),
+    ("col", "bsdextrautils"),
+    ("groff", "groff-base"),
+    ("nroff", "groff-base"),
+    ("troff", "groff-base"),
+    ("grotty", "groff-base"),
+    ("preconv", "groff-base"),
+    ("tbl", "groff-base"),
+    ("eqn", "groff-base"),
+    ("soelim", "groff-base"),
+];
+/// Files and trees copied from the host when it has them: the units
+/// `systemd-analyze verify` resolves dependencies against, what man and groff
+/// read, and the C.UTF-8 locale (tmux wants a UTF-8 one).
+const GUEST_FILES: [&str; 7] = [
+    "/usr/lib/systemd/system",
+    "/etc/manpath.config",
+    "/usr/share/groff",
+    "/etc/groff",
+    "/usr/share/man/man8/ss.8.gz",
+    "/usr/lib/locale/C.utf8",
+    "/usr/share/locale/locale.alias",
 ];
 /// Terminal descriptions tmux and `connwatch top` may ask for.
 const TERMINFO: [&str; 8] = [
@@ -72,15 +98,19 @@ pub struct VmArgs {
     /// Skip the tests whose name contains one of these, comma-separated.
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
-    /// Give up on the guest after this many minutes.
-    #[arg(long, default_value_t = 60)]
+    /// Give up on the guest after this many minutes (the whole suite takes about
+    /// three under TCG).
+    #[arg(long, default_value_t = 20)]
     timeout_mins: u64,
     /// Give up on one test binary after this many minutes (inside the guest).
-    #[arg(long, default_value_t = 25)]
+    #[arg(long, default_value_t = 10)]
     binary_timeout_mins: u64,
     /// kvm, tcg, or auto: KVM if a short probe boot with it works, else TCG.
     #[arg(long, default_value = "auto")]
     accel: String,
+    /// A bash script to run in the guest before the tests (to look around in it).
+    #[arg(long)]
+    guest_script: Option<PathBuf>,
     /// Guest memory, as qemu's -m takes it.
     #[arg(long, default_value = "2G")]
     memory: String,
@@ -133,7 +163,13 @@ pub fn run(args: VmArgs) -> Result<ExitCode> {
 
     let t = Instant::now();
     let modules = kernel.modules(&MODULES)?;
-    let image = build_image(&cache, &kernel, &built, &modules)?;
+    let image = build_image(
+        &cache,
+        &kernel,
+        &built,
+        &modules,
+        args.guest_script.as_deref(),
+    )?;
     phases.push(("initramfs", t.elapsed()));
 
     let t = Instant::now();
@@ -651,8 +687,21 @@ fn build_image(
     kernel: &Kernel,
     built: &Built,
     modules: &[PathBuf],
+    script: Option<&Path>,
 ) -> Result<PathBuf> {
     let mut a = Archive::new();
+    if let Some(s) = script {
+        let s = s
+            .canonicalize()
+            .with_context(|| format!("--guest-script {}", s.display()))?;
+        a.add(
+            "/vm/script.sh",
+            Entry::File {
+                source: s,
+                mode: 0o755,
+            },
+        );
+    }
     let file = |source: &Path, mode: u32| Entry::File {
         source: source.to_path_buf(),
         mode,
@@ -689,11 +738,15 @@ fn build_image(
     a.add(
         "/etc/passwd",
         data(
-            "root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+            "root:x:0:0:root:/root:/bin/bash\nman:x:6:12:man:/var/cache/man:/usr/sbin/nologin\n\
+             nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
             0o644,
         ),
     );
-    a.add("/etc/group", data("root:x:0:\nnogroup:x:65534:\n", 0o644));
+    a.add(
+        "/etc/group",
+        data("root:x:0:\nman:x:12:\nnogroup:x:65534:\n", 0o644),
+    );
     a.add(
         "/etc/hosts",
         data("127.0.0.1 localhost\n::1 localhost\n", 0o644),
@@ -708,7 +761,12 @@ fn build_image(
             }
         }
     }
-    let missing = add_tools(&mut a, cache)?;
+    let mut missing = add_tools(&mut a, cache)?;
+    for path in GUEST_FILES {
+        if !add_tree(&mut a, Path::new(path))? {
+            missing.push(path.to_string());
+        }
+    }
     if !missing.is_empty() {
         eprintln!(
             "xtask: not in the guest (tests that run them will fail): {}",
@@ -853,6 +911,34 @@ fn add_tools(a: &mut Archive, cache: &Path) -> Result<Vec<String>> {
         );
     }
     Ok(missing)
+}
+
+/// Adds `path` from the host, a directory with all it holds (symbolic links as
+/// links); false if the host has no such path.
+fn add_tree(a: &mut Archive, path: &Path) -> Result<bool> {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(false);
+    };
+    if meta.file_type().is_symlink() {
+        let target = std::fs::read_link(path)?;
+        a.add(path, Entry::Symlink { target });
+    } else if meta.is_dir() {
+        a.add(path, Entry::Dir { mode: 0o755 });
+        for e in std::fs::read_dir(path)? {
+            add_tree(a, &e?.path())?;
+        }
+    } else if meta.is_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o7777;
+        a.add(
+            path,
+            Entry::File {
+                source: path.to_path_buf(),
+                mode,
+            },
+        );
+    }
+    Ok(true)
 }
 
 /// A program the host lacks, from its Debian package: (file, path in the guest).

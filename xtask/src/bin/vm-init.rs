@@ -26,6 +26,9 @@ fn main() {
     if plan.probe {
         say("probe ok");
     } else {
+        if std::path::Path::new(SCRIPT).is_file() {
+            run_script();
+        }
         let (passed, failed) = run_all(&plan);
         say(&format!("finished in {:.0?}", start.elapsed()));
         // The closing line the xtask parses, alone on its line.
@@ -33,6 +36,13 @@ fn main() {
     }
     power_off();
 }
+
+/// A script `cargo xtask vm-test --guest-script` puts in the image, run first.
+const SCRIPT: &str = "/vm/script.sh";
+/// The open-file limit of the test binaries: the hard limit of the project's
+/// machines (the kernel gives pid 1 only 1024/4096, too few for the tests that
+/// hold thousands of connections).
+const NOFILE: u64 = 20000;
 
 fn say(msg: &str) {
     println!("cwvm: {msg}");
@@ -116,6 +126,17 @@ fn setup() {
     mount("debugfs", "/sys/kernel/debug", "debugfs", "");
     mount("cgroup2", "/sys/fs/cgroup", "cgroup2", "");
     mkdir("/root");
+    let limit = libc::rlimit {
+        rlim_cur: NOFILE,
+        rlim_max: NOFILE,
+    };
+    // SAFETY: setrlimit with a valid struct; children inherit the limit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        say(&format!(
+            "setrlimit NOFILE {NOFILE}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     say(&format!("kernel {}", release.trim()));
     load_modules();
@@ -194,6 +215,30 @@ fn lo_up() {
         }
     }
     say("lo is up");
+}
+
+fn guest_env(cmd: &mut Command) -> &mut Command {
+    cmd.env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env("HOME", "/root")
+        .env("USER", "root")
+        .env("LOGNAME", "root")
+        .env("TERM", "linux")
+        .env("LANG", "C.UTF-8")
+        .env("RUST_BACKTRACE", "1")
+        .current_dir("/root")
+        .stdin(Stdio::null())
+}
+
+fn run_script() {
+    say(&format!("running {SCRIPT}"));
+    match guest_env(Command::new("/bin/bash").arg(SCRIPT)).status() {
+        Ok(st) => say(&format!("{SCRIPT} exited with {st}")),
+        Err(e) => say(&format!("cannot run {SCRIPT}: {e}")),
+    }
 }
 
 /// Runs every test binary of the plan; returns the totals.
