@@ -403,3 +403,36 @@ fn power_off() -> ! {
         std::thread::sleep(Duration::from_secs(60));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_from_the_kernel_command_line() {
+        let p = Plan::from_cmdline(
+            "console=ttyS0 panic=-1 quiet cwvm.tests=e2e,policies cwvm.timeout=600 cwvm.filter=idle cwvm.skip=a,b\n",
+        );
+        assert_eq!(p.tests, ["e2e", "policies"]);
+        assert_eq!(p.timeout, Duration::from_secs(600));
+        assert_eq!(p.filter.as_deref(), Some("idle"));
+        assert_eq!(p.skip, ["a", "b"]);
+        assert!(!p.probe);
+        let p = Plan::from_cmdline("cwvm.probe=1 cwvm.timeout=x");
+        assert!(p.probe && p.tests.is_empty());
+        assert_eq!(p.timeout, Duration::from_secs(900));
+    }
+
+    #[test]
+    fn totals_of_libtest_lines() {
+        assert_eq!(
+            totals("test result: FAILED. 13 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 51.94s"),
+            Some((13, 2))
+        );
+        assert_eq!(
+            totals("test result: ok. 0 passed; 0 failed; 0 ignored\r"),
+            Some((0, 0))
+        );
+        assert_eq!(totals("test foo ... ok"), None);
+    }
+}
