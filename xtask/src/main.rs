@@ -10,6 +10,7 @@ mod env;
 mod fuzz;
 mod soak;
 mod toolchain;
+mod vm;
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -76,6 +77,8 @@ enum Cmd {
     Fuzz(fuzz::FuzzArgs),
     /// Churn and kills together on loopback (root; default 10 minutes): memory must stay flat, every decision logged.
     Soak(soak::SoakArgs),
+    /// Boot a Debian cloud kernel under qemu and run the end-to-end tests in it: `cargo xtask vm-test --kernel 6.1|6.12`.
+    VmTest(vm::VmArgs),
 }
 
 fn main() -> ExitCode {
@@ -105,6 +108,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Bench(args) => bench::run(args),
         Cmd::Fuzz(args) => fuzz::run(args),
         Cmd::Soak(args) => soak::run(args),
+        Cmd::VmTest(args) => vm::run(args),
     }
 }
 
