@@ -14,7 +14,7 @@ use std::time::Duration;
 use connwatch::conn::{cookie_from_diag, SockId, Tuple};
 use connwatch::engine::destroy::{self, Outcome};
 use connwatch::kernel::sock_diag::SockDiag;
-use connwatch::kernel::{load, netns, pins};
+use connwatch::kernel::{layout, load, netns, pins};
 
 use connwatch::track::{Source, Tracked, Tracker};
 
@@ -490,4 +490,89 @@ fn a_second_daemon_is_refused() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("another `connwatch run` is active"), "{err}");
     d.stop();
+}
+
+/// A kernel without `CONFIG_INET_DIAG_DESTROY` (made here through the seam at the
+/// sock_diag boundary, `CONNWATCH_FAULT_DESTROY=unsupported`, which debug builds
+/// honour: no kernel on this machine lacks it): `check` says so and what still works,
+/// `run --enforce` refuses to start with a one-line reason, `run` without it observes
+/// and lists.
+#[test]
+fn without_sock_destroy_enforce_is_refused_and_the_rest_works() {
+    let _x = exclusive();
+    let fault = [("CONNWATCH_FAULT_DESTROY", "unsupported")];
+    let out = Command::new(BIN).arg("check").envs(fault).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.contains("SOCK_DESTROY"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        line.starts_with("FAIL")
+            && line.contains("CONFIG_INET_DIAG_DESTROY")
+            && line.contains("can still observe and list"),
+        "{line}"
+    );
+
+    let l = listen("127.0.0.1");
+    let p = port(&l);
+    let out = Command::new(BIN)
+        .args(["run", "--max-age", "1s", "--port", &p, "--enforce"])
+        .envs(fault)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "run --enforce started: {err}");
+    let last = err.lines().last().unwrap_or("");
+    assert!(
+        last.contains("--enforce needs SOCK_DESTROY")
+            && last.contains("CONFIG_INET_DIAG_DESTROY")
+            && last.contains("run without --enforce"),
+        "{err}"
+    );
+
+    let d = Daemon::start_with_env(&["--max-age", "1s", "--port", &p], &fault);
+    let c = Conn::open(&l);
+    d.wait_for(
+        &format!("would destroy {}", c.tuple()),
+        Duration::from_secs(4),
+    );
+    let rows = list_rows(&["--port", &p]);
+    assert!(
+        rows.iter().any(|r| r["local"] == c.local.to_string()),
+        "{rows:?}"
+    );
+    assert!(!c.is_dead());
+    d.stop();
+}
+
+/// `check` names each hook this kernel lacks and what still works without it; each
+/// hook it has is reported present. On the host kernel every hook is there; on 6.1 the
+/// send/receive hooks and tcp_probe's socket address are not.
+#[test]
+fn check_says_which_hooks_this_kernel_has_and_what_works_without_the_rest() {
+    require_root("reads the tracepoints under tracefs");
+    let out = Command::new(BIN).arg("check").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    for hook in &layout::HOOKS {
+        let tp = format!("{}:{}", hook.category, hook.name);
+        let line = text
+            .lines()
+            .find(|l| l.contains("tracepoint") && l.contains(&tp))
+            .unwrap_or_else(|| panic!("no line for {tp}: {text}"));
+        match layout::check_hook(hook) {
+            Ok(()) => assert!(line.starts_with("ok") && line.contains("present"), "{line}"),
+            Err(_) => {
+                assert!(!hook.required, "{tp} is required: {text}");
+                assert!(
+                    line.starts_with("ok")
+                        && line
+                            .contains("optional: activity and owners come from sock_diag instead"),
+                    "{line}"
+                );
+            }
+        }
+    }
 }

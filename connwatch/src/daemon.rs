@@ -22,7 +22,7 @@ use crate::control::{http, server};
 use crate::engine::{Engine, Reconciled};
 use crate::kernel::cgroup::Cgroups;
 use crate::kernel::netns::Namespaces;
-use crate::kernel::sock_diag::SockDiag;
+use crate::kernel::sock_diag::{DestroySupport, SockDiag};
 use crate::kernel::{self, pins, privilege, ConnMap, Loaded, Stats};
 use crate::observe::journal::Journal;
 use crate::observe::log::reopen_log_file;
@@ -175,7 +175,12 @@ pub async fn run(opts: Options) -> Result<()> {
         events,
         stats,
     } = kernel::load_and_attach(opts.sizes)?;
-    privilege::drop_after_load()?;
+    let dropped = privilege::drop_after_load()?;
+    if opts.enforce && dropped.destroy == DestroySupport::NotSupported {
+        anyhow::bail!(
+            "--enforce needs SOCK_DESTROY, which this kernel lacks (CONFIG_INET_DIAG_DESTROY is not set): run without --enforce to observe and list"
+        );
+    }
     let mut namespaces = Namespaces::open()?;
     tracing::info!("policy: {}", opts.policy.describe());
     let mut engine = Engine::new(opts.policy, opts.enforce);

@@ -44,11 +44,16 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(args: &[&str]) -> Daemon {
+        Self::start_with_env(args, &[])
+    }
+
+    /// As [`Daemon::start`], with these environment variables set for the daemon.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Daemon {
         // A daemon started by something else on the host (a benchmark, say) holds the
         // single-instance lock for a while: wait for it rather than fail.
         let give_up = Instant::now() + Duration::from_secs(300);
         loop {
-            let mut d = Self::spawn(args);
+            let mut d = Self::spawn(args, env);
             let end = Instant::now() + Duration::from_secs(20);
             while Instant::now() < end {
                 if d.lines().iter().any(|l| l.contains("watching TCP sockets")) {
@@ -71,10 +76,11 @@ impl Daemon {
         }
     }
 
-    fn spawn(args: &[&str]) -> Daemon {
+    fn spawn(args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let mut child = Command::new(BIN)
             .arg("run")
             .args(args)
+            .envs(env.iter().copied())
             .env("CONNWATCH_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

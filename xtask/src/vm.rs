@@ -28,7 +28,14 @@ use crate::{cargo_cmd, env, show, target_dir, toolchain, workspace_root};
 use cpio::{Archive, Entry};
 
 /// The test binaries of package connwatch, in the order they run.
-const SUITES: [&str; 6] = ["e2e", "policies", "reliability", "observe", "netns", "sock_diag"];
+const SUITES: [&str; 6] = [
+    "e2e",
+    "policies",
+    "reliability",
+    "observe",
+    "netns",
+    "sock_diag",
+];
 /// The triple the static binaries are built for (static-pie with glibc).
 const HOST_TRIPLE: &str = "x86_64-unknown-linux-gnu";
 /// Modules the daemon and the tests need; those built into a kernel are skipped.

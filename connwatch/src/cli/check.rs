@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::kernel::layout::{self, Hook};
 use crate::kernel::sock_diag::{probe_destroy, DestroySupport};
@@ -85,7 +85,8 @@ fn filesystems() -> Result<String> {
 }
 
 fn tracepoint(hook: &Hook) -> Result<String> {
-    layout::check_hook(hook)?;
+    layout::check_hook(hook)
+        .with_context(|| format!("{}:{} is not usable", hook.category, hook.name))?;
     Ok(format!(
         "{}:{} present, layout as expected",
         hook.category, hook.name

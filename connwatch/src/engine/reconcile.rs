@@ -84,6 +84,17 @@ impl Engine {
         for key in lost {
             self.tracker.remove(key);
         }
+        // The dump's tcp_info says when data last moved, exactly: what the kernel
+        // program's activity stamps say coarsely, or not at all on a kernel without
+        // those hooks.
+        for (netns, s) in &dump.sockets {
+            let Some(a) = s.activity else { continue };
+            let id = SockId::new(*netns, cookie_from_diag(s.cookie));
+            if let Some(key) = self.tracker.key_of(&id) {
+                self.tracker
+                    .note_activity(key, now.saturating_sub(ms(a.quiet_ms())));
+            }
+        }
         let time_wait_limited = self.policy.limits_state(TcpState::TIME_WAIT);
         for (netns, s) in &dump.sockets {
             if !Policy::actionable(s.state)

@@ -48,6 +48,18 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A `NETLINK_SOCK_DIAG` socket for TCP lookups and destroys. Requests are synchronous: each
 /// call sends one request and reads its replies before returning.
+/// The fault-injection seam at the sock_diag boundary, in debug builds only (what the
+/// tests run): with `CONNWATCH_FAULT_DESTROY=unsupported` every `SOCK_DESTROY` answers
+/// as a kernel without `CONFIG_INET_DIAG_DESTROY` does (EOPNOTSUPP), since no kernel
+/// here lacks it. Release builds ignore the variable.
+fn destroy_unsupported() -> bool {
+    static SET: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    cfg!(debug_assertions)
+        && *SET.get_or_init(|| {
+            std::env::var_os("CONNWATCH_FAULT_DESTROY").is_some_and(|v| v == "unsupported")
+        })
+}
+
 pub struct SockDiag {
     sock: Socket,
     seq: u32,
@@ -151,6 +163,9 @@ impl SockDiag {
     /// For an open TCP socket the kernel runs `tcp_abort`: the owner's next call fails with
     /// `ECONNABORTED` and the peer is sent a RST.
     pub fn destroy(&mut self, sock: &DiagSocket) -> Result<(), DestroyError> {
+        if destroy_unsupported() {
+            return Err(DestroyError::NotSupported);
+        }
         let (family, id) =
             socket_id(&sock.tuple, sock.ifindex, sock.cookie).map_err(DestroyError::Other)?;
         let request = inet_request(family, Self::ALL_STATES, ExtensionFlags::empty(), id);
@@ -245,6 +260,12 @@ impl SockDiag {
     /// `SOCK_DESTROY` of many sockets, batched like [`SockDiag::get_many`]; each by
     /// tuple plus cookie, as [`SockDiag::destroy`]. Answers are in `socks` order.
     pub fn destroy_many(&mut self, socks: &[&DiagSocket]) -> Vec<Result<(), DestroyError>> {
+        if destroy_unsupported() {
+            return socks
+                .iter()
+                .map(|_| Err(DestroyError::NotSupported))
+                .collect();
+        }
         self.batched(
             socks,
             |sock| {
