@@ -120,8 +120,13 @@ fn list_ages_match_connections_opened_at_known_times_with_and_without_a_daemon()
     assert_eq!(row_of(&rows, &old)["process"], me.as_str());
     assert_eq!(row_of(&rows, &old)["pid"], std::process::id());
 
-    // Filters, sorts and limits, done by the daemon.
-    let older = list_json(&["--port", &p, "--older-than", "2s"]);
+    // Filters, sorts and limits, done by the daemon. The age that splits the two is
+    // taken halfway between them, so a slow machine (a TCG guest) cannot blur it.
+    let split = || {
+        let ms = (old.opened.elapsed() + new.opened.elapsed()).as_millis() / 2;
+        format!("{ms}ms")
+    };
+    let older = list_json(&["--port", &p, "--older-than", &split()]);
     assert_eq!(older.len(), 2, "only the old connection's ends: {older:#?}");
     assert!(older.iter().all(|r| num(&r["age_secs"]) >= 2.0));
     // The client ends are ours (connect and send run in this thread).
@@ -175,7 +180,7 @@ fn list_ages_match_connections_opened_at_known_times_with_and_without_a_daemon()
     assert_eq!(rows.len(), 4, "{rows:#?}");
     check_ages(&rows, &[&old, &new], false);
     assert_eq!(row_of(&rows, &old)["process"], me.as_str());
-    let older = list_json(&["--port", &p, "--older-than", "2s"]);
+    let older = list_json(&["--port", &p, "--older-than", &split()]);
     assert_eq!(older.len(), 2, "{older:#?}");
 }
 

@@ -250,14 +250,17 @@ impl Conn {
     }
 
     /// Waits until the connection dies; returns when, measured from its opening.
+    /// Looks at least once, even when the limit has passed already.
     pub fn died_within(&self, limit: Duration) -> Option<Duration> {
-        while self.opened.elapsed() < limit {
+        loop {
             if self.is_dead() {
                 return Some(self.opened.elapsed());
             }
+            if self.opened.elapsed() >= limit {
+                return None;
+            }
             thread::sleep(Duration::from_millis(10));
         }
-        None
     }
 }
 
