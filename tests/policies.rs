@@ -296,6 +296,46 @@ fn per_ip_scenario(listen_on: &str, from: &str) {
     d.stop();
 }
 
+/// A dry run of `--max-conns-per-ip` logs what a live run would do, once: each
+/// connection over the limit is a `would destroy` line once, however its group changes
+/// after, and it no longer counts (as a destroyed one would not).
+#[test]
+fn a_dry_run_of_the_per_address_limit_decides_each_connection_once() {
+    let _x = exclusive();
+    let l = listen("127.0.0.1");
+    let to = l.local_addr().unwrap();
+    let d = Daemon::start(&["--max-conns-per-ip", "1", "--local-port", &port(&l)]);
+    let open = || {
+        let c = connect_from("127.0.0.5:0".parse().unwrap(), to);
+        Conn::new(c, l.accept().unwrap().0)
+    };
+    let first = open();
+    thread::sleep(Duration::from_millis(100));
+    let over: Vec<Conn> = (0..3)
+        .map(|_| {
+            let c = open();
+            thread::sleep(Duration::from_millis(100));
+            c
+        })
+        .collect();
+    // The group changes again and again: more join, some leave.
+    for _ in 0..5 {
+        drop(open());
+        thread::sleep(Duration::from_millis(100));
+    }
+    thread::sleep(Duration::from_millis(500));
+    let lines = d.stop();
+    let would = |c: &Conn| {
+        let server_side = format!("would destroy {} -> {} ", c.remote, c.local);
+        lines.iter().filter(|l| l.contains(&server_side)).count()
+    };
+    assert_eq!(would(&first), 0, "the first is within the limit");
+    for c in &over {
+        assert_eq!(would(c), 1, "{}: {lines:#?}", c.tuple());
+        assert!(!c.is_dead(), "a dry run destroyed {}", c.tuple());
+    }
+}
+
 #[test]
 fn the_newest_connection_over_the_per_address_limit_goes() {
     per_ip_scenario("127.0.0.1", "127.0.0.3");

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::destroy::{self, Outcome};
-use super::{ms, Engine};
+use super::{ms, Engine, SettledAs};
 use crate::clock::SEC;
 use crate::conn::{Owner, Tuple};
 use crate::engine::audit::Action;
@@ -130,6 +130,11 @@ impl Engine {
             if matches!(outcome, Outcome::Destroyed | Outcome::WouldDestroy) {
                 self.window_used += 1;
             }
+            if matches!(outcome, Outcome::WouldDestroy) {
+                // As a live run's destroy would: out of its groups, never due again.
+                self.settle(key, SettledAs::WouldDestroy);
+                self.plan(key);
+            }
             // No kernel event will say a socket outside the map is gone.
             if chosen.source != Source::Map && matches!(outcome, Outcome::Destroyed) {
                 self.tracker.remove(key);
@@ -227,6 +232,7 @@ impl Engine {
                 self.counters.protected += 1;
                 let outcome = Outcome::Skipped(format!("protected by {p}"));
                 self.record(&chosen, rule, now, &outcome, Some(Action::Protected));
+                self.settle(key, SettledAs::Protected);
                 None
             }
             Decision::NotDue => {

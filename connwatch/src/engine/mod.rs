@@ -101,6 +101,25 @@ pub struct Engine {
     observer: Option<Observer>,
     /// Cgroup paths by id, where the engine is given the tree to walk.
     cgroups: RefCell<Option<Cgroups>>,
+    /// Sockets decided for good under this policy: would-destroyed in a dry run, or
+    /// saved by a protection in their current state.
+    settled: HashMap<u64, Settled>,
+}
+
+/// A decision that stands.
+#[derive(Clone, Copy, Debug)]
+struct Settled {
+    id: SockId,
+    state: TcpState,
+    outcome: SettledAs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum SettledAs {
+    /// A dry run's would-destroy: a live run destroyed it.
+    WouldDestroy,
+    /// Saved by a protection (in the state it was in).
+    Protected,
 }
 
 impl Engine {
@@ -116,6 +135,7 @@ impl Engine {
             window_used: 0,
             observer: None,
             cgroups: RefCell::new(None),
+            settled: HashMap::new(),
         }
     }
 
@@ -172,8 +192,30 @@ impl Engine {
         let Some(t) = self.tracker.get(key) else {
             self.deadlines.cancel(key);
             self.per_ip.remove(key);
+            self.settled.remove(&key);
             return;
         };
+        // A decision already made stands until the policy or the socket changes: a
+        // dry run decides each socket once, as a live run would.
+        let settled = match self.settled.get(&key) {
+            Some(s) if s.id == t.id => Some(*s),
+            Some(_) => {
+                self.settled.remove(&key);
+                None
+            }
+            None => None,
+        };
+        if let Some(Settled {
+            outcome: SettledAs::WouldDestroy,
+            ..
+        }) = settled
+        {
+            // A live run destroyed it: it counts in no group and is never due again.
+            self.deadlines.cancel(key);
+            self.per_ip.remove(key);
+            return;
+        }
+        let protected_already = settled.is_some_and(|s| s.state == t.state);
         let s = self.subject(t);
         let mut verdict = self.policy.verdict(&s);
         if self.policy.has_per_ip_limits() {
@@ -190,10 +232,13 @@ impl Engine {
             {
                 if k == key {
                     verdict = Verdict::At { at_ns: 0, rule };
-                } else {
+                } else if !self.settled.contains_key(&k) {
                     self.deadlines.set(k, 0);
                 }
             }
+        }
+        if protected_already {
+            verdict = Verdict::Never;
         }
         match verdict {
             Verdict::At { at_ns, .. } => self.deadlines.set(key, at_ns),
@@ -209,9 +254,23 @@ impl Engine {
         }
     }
 
-    /// Replaces the policy, keeping everything known of the sockets.
+    /// Remembers a final decision about a socket, so it is not decided again.
+    pub(super) fn settle(&mut self, key: u64, outcome: SettledAs) {
+        if let Some(t) = self.tracker.get(key) {
+            let settled = Settled {
+                id: t.id,
+                state: t.state,
+                outcome,
+            };
+            self.settled.insert(key, settled);
+        }
+    }
+
+    /// Replaces the policy, keeping everything known of the sockets; every socket is
+    /// decided afresh under it.
     pub fn set_policy(&mut self, policy: Policy) {
         self.policy = policy;
+        self.settled.clear();
         self.per_ip = PerIp::default();
         self.replan_all();
     }
