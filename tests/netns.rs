@@ -164,7 +164,7 @@ fn rules_reach_other_namespaces_unless_narrowed_to_the_host() {
     ]);
     let mut server = in_pod.server.try_clone().unwrap();
     in_pod
-        .died_within(Duration::from_secs(6))
+        .dies_within(Duration::from_secs(6))
         .expect("the pod's connection was destroyed");
     server
         .set_read_timeout(Some(Duration::from_secs(2)))
@@ -303,7 +303,7 @@ fn a_manual_destroy_of_twins_names_the_namespace() {
     assert_eq!(done["ok"], true, "{done}");
     assert_eq!(done["outcome"], "destroyed", "{done}");
     assert_eq!(done["record"]["netns"], pod.inode, "{done}");
-    twin.died_within(Duration::from_secs(2))
+    twin.dies_within(Duration::from_secs(3))
         .expect("the named twin was destroyed");
     assert!(!on_host.is_dead(), "the host's twin lives");
     d.stop();
@@ -385,7 +385,7 @@ fn the_cgroup_names_the_container_and_selects_or_protects() {
     let want = format!("docker:{}", &format!("{:064x}", std::process::id())[..12]);
     assert_eq!(row["container"], want.as_str(), "{row}");
     assert_eq!(row["direction"], "out", "{row}");
-    mine.died_within(Duration::from_secs(5))
+    mine.dies_within(Duration::from_secs(5))
         .expect("the connection outside the cgroup was destroyed");
     let line = d.wait_for(&format!("protected {bash_end} -> "), Duration::from_secs(3));
     assert!(line.contains(&format!("cgroup {}", cg.path)), "{line}");

@@ -250,6 +250,20 @@ impl Conn {
     }
 
     /// Waits until the connection dies; returns when, measured from its opening.
+    /// Waits up to `limit` from now for the connection to die; returns how long it took.
+    pub fn dies_within(&self, limit: Duration) -> Option<Duration> {
+        let from = Instant::now();
+        loop {
+            if self.is_dead() {
+                return Some(from.elapsed());
+            }
+            if from.elapsed() >= limit {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Looks at least once, even when the limit has passed already.
     pub fn died_within(&self, limit: Duration) -> Option<Duration> {
         loop {
