@@ -396,3 +396,235 @@ pub fn ensure_tools(tools: &[(&str, &str)]) -> Result<()> {
     }
     toolchain::apt_install_no_recommends(&missing)
 }
+
+#[cfg(test)]
+mod tests {
+    //! The package on this machine, for real.
+
+    use std::path::Path;
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    const LINTIAN_TOOLS: [(&str, &str); 2] = [("lintian", "lintian"), ("man", "man-db")];
+
+    fn run(cmd: &mut Command) -> (bool, String) {
+        let out = cmd
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    fn must(cmd: &mut Command) -> String {
+        let (ok, text) = run(cmd);
+        assert!(ok, "{cmd:?} failed:\n{text}");
+        text
+    }
+
+    /// Purges the package when the test ends, passed or not: the machine is left as
+    /// it was found.
+    struct Purge;
+    impl Drop for Purge {
+        fn drop(&mut self) {
+            let (_, text) = run(Command::new("dpkg").args(["--purge", PACKAGE]));
+            eprintln!("dpkg --purge {PACKAGE}: {}", text.trim());
+        }
+    }
+
+    /// The daemon suites' host-wide lock (tests/common/mod.rs `exclusive()`): held
+    /// while the package's binary runs and while its prerm removes the pins.
+    fn exclusive() -> std::fs::File {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::create("/tmp/connwatch-tests.lock").unwrap();
+        // SAFETY: flock on a descriptor we own; released when the file closes.
+        assert_eq!(unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) }, 0);
+        file
+    }
+
+    /// Programs of connwatch's (by name) that no process holds: attached through pins.
+    fn pinned_programs() -> Vec<String> {
+        let text = must(Command::new("bpftool").args(["-j", "prog", "show"]));
+        let progs: serde_json::Value = serde_json::from_str(&text).unwrap();
+        progs
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| {
+                let name = p["name"].as_str().unwrap_or_default();
+                [
+                    "inet_sock_set_state",
+                    "tcp_probe",
+                    "sock_send_length",
+                    "sock_recv_length",
+                ]
+                .iter()
+                .any(|n| n.starts_with(name) && !name.is_empty())
+                    && p.get("pids").is_none()
+            })
+            .map(|p| format!("{} (id {})", p["name"], p["id"]))
+            .collect()
+    }
+
+    /// Starts the installed daemon (dry run of the installed default policy) and stops
+    /// it once it watches: it leaves its programs attached through pins, as a stopped
+    /// service does, for the removal to take away.
+    fn run_installed_daemon() {
+        let mut child: Child = Command::new(BINARY)
+            .args(["run", "--config", CONFFILE])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the installed connwatch runs");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                eprintln!("daemon: {line}");
+                let _ = tx.send(line);
+            }
+        });
+        let end = Instant::now() + Duration::from_secs(60);
+        let mut seen = Vec::new();
+        let watching = loop {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(line) => {
+                    let done = line.contains("watching TCP sockets");
+                    seen.push(line);
+                    if done {
+                        break true;
+                    }
+                }
+                Err(_) if Instant::now() > end => break false,
+                Err(_) => {
+                    if let Ok(Some(_)) = child.try_wait() {
+                        break false;
+                    }
+                }
+            }
+        };
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let st = child.wait().unwrap();
+        assert!(
+            watching,
+            "the installed daemon did not start watching with the installed policy ({st}):\n{}",
+            seen.join("\n")
+        );
+    }
+
+    /// Builds the package (`cargo xtask deb`), checks it with lintian (no errors), installs
+    /// it on this machine with `dpkg -i`, runs the installed binary (`connwatch check`,
+    /// the daemon on the installed default policy, `man -w connwatch`), checks where the
+    /// unit and the completions are, removes it with `dpkg -r` and checks that nothing of
+    /// connwatch stays pinned or attached, then purges it (also when the test fails).
+    ///
+    /// Root only, and real: it builds the eBPF object and the release binary (a few
+    /// minutes in a fresh target dir, seconds after), installs lintian and man-db with
+    /// apt-get if they are missing, and takes the daemon suites' lock
+    /// (/tmp/connwatch-tests.lock) while the package's binary runs. A connwatch package
+    /// installed beforehand is refused rather than replaced.
+    #[test]
+    fn the_package_installs_runs_and_leaves_nothing_behind() {
+        assert!(
+            toolchain::is_root(),
+            "this test installs a Debian package: run it as root"
+        );
+        let (installed, status) =
+            run(Command::new("dpkg-query").args(["-W", "-f=${Status}", PACKAGE]));
+        assert!(
+            !(installed && status.contains("installed")),
+            "a {PACKAGE} package is installed on this machine ({status}): this test would replace it"
+        );
+        ensure_tools(&LINTIAN_TOOLS).expect("lintian and man-db");
+        let t = Instant::now();
+        let deb = build().expect("cargo xtask deb");
+        eprintln!("built {} in {:?}", deb.display(), t.elapsed());
+
+        // lintian: no errors (warnings are fine; they are printed).
+        let (_, text) = run(Command::new("lintian")
+            .args(["--tag-display-limit", "0"])
+            .arg(&deb));
+        eprintln!("lintian:\n{text}");
+        let errors: Vec<&str> = text.lines().filter(|l| l.starts_with("E: ")).collect();
+        assert!(errors.is_empty(), "lintian errors: {errors:#?}");
+
+        let _lock = exclusive();
+        let _purge = Purge;
+        must(Command::new("dpkg").arg("-i").arg(&deb));
+
+        // The files, where Debian expects them.
+        for path in [BINARY, UNIT, CONFFILE]
+            .into_iter()
+            .chain(COMPLETIONS.iter().map(|(_, p)| *p))
+        {
+            assert!(Path::new(path).is_file(), "{path} is not installed");
+        }
+        let mode = fs::metadata(CONFFILE).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o600, "{CONFFILE}");
+        let conffiles = must(Command::new("dpkg-query").args(["-W", "-f=${Conffiles}", PACKAGE]));
+        assert!(conffiles.contains(CONFFILE), "conffiles: {conffiles}");
+        let unit = fs::read_to_string(UNIT).unwrap();
+        assert!(
+            unit.lines()
+                .any(|l| l.starts_with(&format!("ExecStart={BINARY} "))),
+            "{unit}"
+        );
+        for (shell, path) in COMPLETIONS {
+            let text = fs::read_to_string(path).unwrap();
+            assert!(text.contains("connwatch"), "{shell} completions");
+            let from_binary = must(Command::new(BINARY).args(["completions", shell]));
+            assert_eq!(
+                text, from_binary,
+                "{shell}: the packaged file is `connwatch completions {shell}`"
+            );
+        }
+        // Not enabled, not started.
+        assert!(
+            !Path::new("/etc/systemd/system/multi-user.target.wants/connwatch.service").exists()
+        );
+
+        // The installed man pages and binary.
+        let page = must(Command::new("man").args(["-w", "connwatch"]));
+        assert_eq!(page.trim(), "/usr/share/man/man8/connwatch.8.gz");
+        let page = must(Command::new("man").args(["-w", "8", "connwatch-run"]));
+        assert_eq!(page.trim(), "/usr/share/man/man8/connwatch-run.8.gz");
+        let check = must(Command::new(BINARY).arg("check"));
+        eprintln!("connwatch check:\n{check}");
+        run_installed_daemon();
+        assert!(
+            Path::new("/sys/fs/bpf/connwatch").exists() && !pinned_programs().is_empty(),
+            "a stopped daemon leaves its programs pinned and attached"
+        );
+
+        // Removal stops and cleans up: nothing pinned, nothing attached.
+        must(Command::new("dpkg").args(["-r", PACKAGE]));
+        assert!(!Path::new(BINARY).exists(), "{BINARY} stays after dpkg -r");
+        assert!(
+            !Path::new("/sys/fs/bpf/connwatch").exists(),
+            "/sys/fs/bpf/connwatch stays after dpkg -r"
+        );
+        let left = pinned_programs();
+        assert!(left.is_empty(), "programs left attached: {left:?}");
+        assert!(
+            Path::new(CONFFILE).exists(),
+            "dpkg -r keeps the configuration"
+        );
+        must(Command::new("dpkg").args(["--purge", PACKAGE]));
+        assert!(
+            !Path::new("/etc/connwatch").exists(),
+            "purge removes /etc/connwatch"
+        );
+    }
+}
