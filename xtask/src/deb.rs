@@ -472,10 +472,34 @@ mod tests {
             .collect()
     }
 
+    /// Waits (up to 5 minutes) until no `connwatch run` holds the daemon's single-instance
+    /// lock: one started by something that does not take the suites' lock (a benchmark,
+    /// say) would refuse ours and keep its pins while the package's are checked.
+    fn wait_for_no_daemon() {
+        use std::os::fd::AsRawFd;
+        let end = Instant::now() + Duration::from_secs(300);
+        loop {
+            let Ok(file) = std::fs::File::open("/run/connwatch.lock") else {
+                return;
+            };
+            // SAFETY: flock on a descriptor we own; released when the file closes.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < end,
+                "another `connwatch run` held /run/connwatch.lock for 5 minutes"
+            );
+            eprintln!("waiting for another `connwatch run` to stop (it holds /run/connwatch.lock)");
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    }
+
     /// Starts the installed daemon (dry run of the installed default policy) and stops
     /// it once it watches: it leaves its programs attached through pins, as a stopped
     /// service does, for the removal to take away.
     fn run_installed_daemon() {
+        wait_for_no_daemon();
         let mut child: Child = Command::new(BINARY)
             .args(["run", "--config", CONFFILE])
             .stdin(Stdio::null())
@@ -609,6 +633,7 @@ mod tests {
         );
 
         // Removal stops and cleans up: nothing pinned, nothing attached.
+        wait_for_no_daemon();
         must(Command::new("dpkg").args(["-r", PACKAGE]));
         assert!(!Path::new(BINARY).exists(), "{BINARY} stays after dpkg -r");
         assert!(
