@@ -6,6 +6,7 @@
 //! crate embeds the object it produces through connwatch/build.rs.
 
 mod bench;
+mod deb;
 mod env;
 mod fuzz;
 mod soak;
@@ -49,10 +50,12 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
-    /// Build everything, then run the daemon as root: `cargo xtask run [--release] -- <args>`.
+    /// Build everything (the release profile), then run the daemon as root:
+    /// `cargo xtask run [--debug] -- <args>`.
     Run {
+        /// Build and run the debug profile instead (faster to build, slow to run).
         #[arg(long)]
-        release: bool,
+        debug: bool,
         /// Arguments for connwatch.
         #[arg(last = true)]
         args: Vec<OsString>,
@@ -79,6 +82,8 @@ enum Cmd {
     Soak(soak::SoakArgs),
     /// Boot a Debian cloud kernel under qemu and run the end-to-end tests in it: `cargo xtask vm-test --kernel 6.1|6.12`.
     VmTest(vm::VmArgs),
+    /// Build the Debian package: target/debian/connwatch_<version>_amd64.deb.
+    Deb,
 }
 
 fn main() -> ExitCode {
@@ -102,13 +107,17 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             build(release)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Run { release, args } => run_daemon(release, &args),
+        Cmd::Run { debug, args } => run_daemon(!debug, &args),
         Cmd::Test { no_lint, args } => test(no_lint, &args),
         Cmd::CheckToolchain => Ok(check_toolchain()),
         Cmd::Bench(args) => bench::run(args),
         Cmd::Fuzz(args) => fuzz::run(args),
         Cmd::Soak(args) => soak::run(args),
         Cmd::VmTest(args) => vm::run(args),
+        Cmd::Deb => {
+            deb::build()?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -397,6 +397,19 @@ pub fn ensure_test_tools() -> Result<()> {
     run_quietly_stdin(install, "apt-get install")
 }
 
+/// `apt-get update`, then `apt-get install --no-install-recommends` of these packages.
+pub fn apt_install_no_recommends(packages: &[&str]) -> Result<()> {
+    eprintln!("xtask: installing Debian packages {}", packages.join(" "));
+    let mut update = Command::new("apt-get");
+    update.arg("update");
+    run_quietly_stdin(update, "apt-get update")?;
+    let mut install = Command::new("apt-get");
+    install
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(packages);
+    run_quietly_stdin(install, "apt-get install")
+}
+
 fn apt_install(packages: &[&str]) -> Result<()> {
     let mut update = Command::new("apt-get");
     update.arg("update");

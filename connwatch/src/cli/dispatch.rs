@@ -126,5 +126,11 @@ pub fn main(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "connwatch", &mut std::io::stdout());
+            Ok(0)
+        }
     }
 }

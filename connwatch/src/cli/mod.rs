@@ -91,6 +91,11 @@ pub enum Command {
     ///
     /// Refused while `connwatch run` is active. Needed to resize the maps.
     Cleanup,
+    /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// The policy, as flags; the same flags may sit in the --config file.
