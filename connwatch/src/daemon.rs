@@ -244,13 +244,24 @@ pub async fn run(opts: Options) -> Result<()> {
             }
             _ = tick.tick() => {
                 let s = kernel::read_stats(&stats).unwrap_or(last_stats);
+                let mut reconciled = true;
                 if s.map_full > last_stats.map_full || s.ring_full > last_stats.ring_full {
                     report_drops(last_stats, s);
                     drain(ring.get_mut(), &mut engine);
-                    let done = full_reconcile(&mut engine, &mut namespaces, &mut conns)?;
-                    tracing::warn!("reconciled with the kernel: {} sockets seeded, {} stale entries removed", done.seeded, done.stale);
+                    match full_reconcile(&mut engine, &mut namespaces, &mut conns) {
+                        Ok(done) => tracing::warn!("reconciled with the kernel: {} sockets seeded, {} stale entries removed", done.seeded, done.stale),
+                        // Most likely when the host is under load: the daemon stays up
+                        // and tries again at the next tick (the drops still show).
+                        Err(e) => {
+                            engine.counters.reconcile_failures += 1;
+                            reconciled = false;
+                            tracing::error!("reconciling with the kernel failed, trying again in {STATS_EVERY:?}: {e:#}");
+                        }
+                    }
                 }
-                last_stats = s;
+                if reconciled {
+                    last_stats = s;
+                }
                 // A namespace whose sockets are all gone is let go of.
                 namespaces.retain(|ns| engine.tracker.in_netns(ns) > 0);
             }

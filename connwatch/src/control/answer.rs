@@ -84,6 +84,7 @@ fn status(ctx: &Ctx, now: u64) -> Status {
             failed: c.failed,
             protected: c.protected,
             deferred: c.deferred,
+            retried: c.retried,
         },
         by_reason: owned(c.by_reason.iter().map(|(k, v)| (*k, *v)).collect()),
         kernel: KernelCounts {

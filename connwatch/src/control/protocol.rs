@@ -216,6 +216,9 @@ pub struct Counters {
     pub failed: u64,
     pub protected: u64,
     pub deferred: u64,
+    /// Destroys tried again after a failure that may pass.
+    #[serde(default)]
+    pub retried: u64,
 }
 
 /// The kernel side's counters.

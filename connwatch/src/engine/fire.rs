@@ -16,6 +16,18 @@ use crate::kernel::ConnMap;
 use crate::policy::{Decision, Limit, RuleId};
 use crate::track::{Source, Tracked};
 
+/// The first wait before a socket whose destroy failed for a reason that may pass is
+/// due again; each further failure doubles it, up to [`RETRY_MAX_NS`].
+const RETRY_FIRST_NS: u64 = SEC;
+const RETRY_MAX_NS: u64 = 300 * SEC;
+
+/// Whether a failure may pass: no answer from the kernel (a time-out, an unreachable
+/// namespace), as opposed to a refusal that would be the same next time (no
+/// CAP_NET_ADMIN, no SOCK_DESTROY in the kernel), which is never retried in a loop.
+fn transient(outcome: &Outcome) -> bool {
+    matches!(outcome, Outcome::Failed(DestroyError::Other(_)))
+}
+
 /// What one round of deadlines learns from `/proc`, asked at most once each.
 #[derive(Default)]
 pub(super) struct Lookups {
@@ -26,6 +38,21 @@ pub(super) struct Lookups {
 }
 
 impl Engine {
+    /// Makes a socket due again after a back-off that doubles with each failure, and
+    /// counts it: a failure that may pass must not lose the socket's deadline for good.
+    pub(super) fn retry_later(&mut self, key: u64, now: u64) {
+        if self.tracker.get(key).is_none() {
+            return;
+        }
+        let n = self.retries.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        let wait = RETRY_FIRST_NS
+            .saturating_mul(1 << (*n - 1).min(20))
+            .min(RETRY_MAX_NS);
+        self.deadlines.set(key, now.saturating_add(wait));
+        self.counters.retried += 1;
+    }
+
     /// How many destroys the safety budget allows now.
     fn budget_left(&mut self, now: u64) -> Option<usize> {
         let limit = self.policy.budget.per_second(self.tracker.len())?;
@@ -80,11 +107,12 @@ impl Engine {
                 Ok(diag) => self.fire_in(diag, group, now, conns, &mut lookups),
                 Err(e) => {
                     let why = format!("cannot reach network namespace {netns}: {e:#}");
-                    for (_, chosen, rule) in group {
+                    for (key, chosen, rule) in group {
                         let outcome = Outcome::Failed(DestroyError::Other(std::io::Error::other(
                             why.clone(),
                         )));
                         self.record(&chosen, rule, now, &outcome, None);
+                        self.retry_later(key, now);
                     }
                 }
             }
@@ -141,6 +169,11 @@ impl Engine {
                 self.plan(key);
             }
             self.record(&chosen, rule, now, &outcome, None);
+            if transient(&outcome) {
+                self.retry_later(key, now);
+            } else {
+                self.retries.remove(&key);
+            }
         }
         tracing::debug!(
             "round of {} deadlines: lookups took {:?}, {n} kills ended at {:?}, records at {:?}",
@@ -205,6 +238,11 @@ impl Engine {
             Ok((live, _)) => live,
             Err(outcome) => {
                 self.record(chosen, rule, now, &outcome, None);
+                if transient(&outcome) {
+                    // The lookup got no answer: the socket may well still be there.
+                    self.retry_later(key, now);
+                    return None;
+                }
                 // Only sock_diag knew this socket; no close event will come for it.
                 if chosen.source != Source::Map {
                     self.tracker.remove(key);

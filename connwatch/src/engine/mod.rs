@@ -48,6 +48,10 @@ pub struct Counters {
     pub protected: u64,
     /// Destroys put off by the safety budget.
     pub deferred: u64,
+    /// Destroys tried again after a failure that may pass (no answer from the kernel).
+    pub retried: u64,
+    /// Reconciles after kernel drops that failed (and were tried again).
+    pub reconcile_failures: u64,
     /// Destroys and would-destroys by reason (limit kind).
     pub by_reason: HashMap<&'static str, u64>,
     /// Destroys the kernel refused as unsupported, by state.
@@ -104,6 +108,8 @@ pub struct Engine {
     /// Sockets decided for good under this policy: would-destroyed in a dry run, or
     /// saved by a protection in their current state.
     settled: HashMap<u64, Settled>,
+    /// Failures in a row that may pass, by socket: the back-off of the next try.
+    retries: HashMap<u64, u32>,
 }
 
 /// A decision that stands.
@@ -136,6 +142,7 @@ impl Engine {
             observer: None,
             cgroups: RefCell::new(None),
             settled: HashMap::new(),
+            retries: HashMap::new(),
         }
     }
 
@@ -193,6 +200,7 @@ impl Engine {
             self.deadlines.cancel(key);
             self.per_ip.remove(key);
             self.settled.remove(&key);
+            self.retries.remove(&key);
             return;
         };
         // A decision already made stands until the policy or the socket changes: a

@@ -51,13 +51,44 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The fault-injection seam at the sock_diag boundary, in debug builds only (what the
 /// tests run): with `CONNWATCH_FAULT_DESTROY=unsupported` every `SOCK_DESTROY` answers
 /// as a kernel without `CONFIG_INET_DIAG_DESTROY` does (EOPNOTSUPP), since no kernel
-/// here lacks it. Release builds ignore the variable.
+/// here lacks it; with `transient:N` the first N batched destroy requests (the
+/// deadlines' path, not the start-up probe's) fail as unanswered ones would. Release builds ignore the variable.
 fn destroy_unsupported() -> bool {
-    static SET: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    cfg!(debug_assertions)
-        && *SET.get_or_init(|| {
-            std::env::var_os("CONNWATCH_FAULT_DESTROY").is_some_and(|v| v == "unsupported")
-        })
+    fault() == Some(Fault::Unsupported)
+}
+
+/// What the seam injects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    /// Every destroy answers EOPNOTSUPP.
+    Unsupported,
+    /// The first N destroy requests get no answer (a transient failure).
+    Transient(u32),
+}
+
+fn fault() -> Option<Fault> {
+    static SET: std::sync::OnceLock<Option<Fault>> = std::sync::OnceLock::new();
+    if !cfg!(debug_assertions) {
+        return None;
+    }
+    *SET.get_or_init(|| {
+        let v = std::env::var("CONNWATCH_FAULT_DESTROY").ok()?;
+        match v.split_once(':') {
+            Some(("transient", n)) => n.parse().ok().map(Fault::Transient),
+            _ if v == "unsupported" => Some(Fault::Unsupported),
+            _ => None,
+        }
+    })
+}
+
+/// With `CONNWATCH_FAULT_DESTROY=transient:N`: whether this destroy is one of the
+/// first N, which fail as an unanswered request would.
+fn destroy_fails_transiently() -> bool {
+    static SO_FAR: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    match fault() {
+        Some(Fault::Transient(n)) => SO_FAR.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n,
+        _ => false,
+    }
 }
 
 pub struct SockDiag {
@@ -264,6 +295,16 @@ impl SockDiag {
             return socks
                 .iter()
                 .map(|_| Err(DestroyError::NotSupported))
+                .collect();
+        }
+        if socks.iter().any(|_| destroy_fails_transiently()) {
+            return socks
+                .iter()
+                .map(|_| {
+                    Err(DestroyError::Other(io::Error::other(
+                        "no reply (fault injected)",
+                    )))
+                })
                 .collect();
         }
         self.batched(
