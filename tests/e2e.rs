@@ -579,3 +579,55 @@ fn check_says_which_hooks_this_kernel_has_and_what_works_without_the_rest() {
         }
     }
 }
+
+/// A socket bound to a device (`SO_BINDTODEVICE`) is found by the exact lookup only
+/// when the lookup names that device: the kernel recorded it, the destroy uses it.
+#[test]
+fn a_device_bound_connection_is_destroyed() {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let _x = exclusive();
+    let l = listen("127.0.0.1");
+    let p = port(&l);
+    let d = Daemon::start(&["--max-age", "1s", "--remote-port", &p, "--enforce"]);
+    // SAFETY: a fresh socket, owned by the stream made from it below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    assert!(fd >= 0);
+    let dev = b"lo\0";
+    // SAFETY: setsockopt with a NUL-terminated device name on our socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_BINDTODEVICE,
+            dev.as_ptr().cast(),
+            dev.len() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_BINDTODEVICE: {}", std::io::Error::last_os_error());
+    // SAFETY: we own fd; the stream closes it.
+    let raw = unsafe { TcpStream::from_raw_fd(fd) };
+    let to = l.local_addr().unwrap();
+    let sa = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: to.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: connect with a valid sockaddr_in and its size.
+    let rc = unsafe {
+        libc::connect(
+            raw.as_raw_fd(),
+            std::ptr::addr_of!(sa).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "connect: {}", std::io::Error::last_os_error());
+    let c = Conn::new(raw, l.accept().unwrap().0);
+    c.died_within(Duration::from_secs(4))
+        .expect("the device-bound connection was not destroyed");
+    let line = d.wait_for(&format!("destroyed {}", c.tuple()), Duration::from_secs(1));
+    assert!(line.contains("reason=max-age"), "{line}");
+    d.stop();
+}

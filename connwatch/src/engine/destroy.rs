@@ -61,7 +61,11 @@ pub fn lookup(
     key: u64,
     chosen: &Tracked,
 ) -> Result<(DiagSocket, Option<ConnInfo>), Outcome> {
-    recheck(conns, key, chosen, diag.get(&chosen.tuple))
+    let found = diag
+        .get_many_on(&[(chosen.tuple, chosen.ifindex)])
+        .pop()
+        .unwrap_or_else(|| Err(anyhow::anyhow!("sock_diag get {}: no answer", chosen.tuple)));
+    recheck(conns, key, chosen, found)
 }
 
 /// Checks a lookup's answer against the choice, reading the map entry after the lookup:

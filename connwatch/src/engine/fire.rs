@@ -131,7 +131,12 @@ impl Engine {
     ) {
         let started = std::time::Instant::now();
         let tuples: Vec<Tuple> = chosen.iter().map(|(_, t, _)| t.tuple).collect();
-        let found = diag.get_many(&tuples);
+        // Each with the device it is bound to, which the kernel's lookup must be given.
+        let wanted: Vec<(Tuple, u32)> = chosen
+            .iter()
+            .map(|(_, t, _)| (t.tuple, t.ifindex))
+            .collect();
+        let found = diag.get_many_on(&wanted);
         let looked_up = started.elapsed();
         let mut kills = Vec::with_capacity(chosen.len());
         for ((key, chosen, rule), found) in chosen.into_iter().zip(found) {

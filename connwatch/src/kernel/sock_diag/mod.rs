@@ -262,18 +262,29 @@ impl SockDiag {
     /// message and their replies come back together, so a mass destroy pays a few
     /// system calls per batch rather than two per socket. Answers are in `tuples` order.
     pub fn get_many(&mut self, tuples: &[Tuple]) -> Vec<anyhow::Result<Option<DiagSocket>>> {
+        let wanted: Vec<(Tuple, u32)> = tuples.iter().map(|t| (*t, 0)).collect();
+        self.get_many_on(&wanted)
+    }
+
+    /// [`SockDiag::get_many`] for sockets bound to a device (`SO_BINDTODEVICE`, or an
+    /// IPv6 link-local scope): each tuple with the interface it is bound to, which the
+    /// kernel's lookup must be given to find it (0: none, or the IPv6 scope id).
+    pub fn get_many_on(
+        &mut self,
+        wanted: &[(Tuple, u32)],
+    ) -> Vec<anyhow::Result<Option<DiagSocket>>> {
         self.batched(
-            tuples,
-            |tuple| {
-                let interface = match tuple.local {
-                    SocketAddr::V6(local) => local.scope_id(),
-                    SocketAddr::V4(_) => 0,
+            wanted,
+            |(tuple, bound)| {
+                let interface = match (bound, tuple.local) {
+                    (0, SocketAddr::V6(local)) => local.scope_id(),
+                    (bound, _) => *bound,
                 };
                 let (family, id) = socket_id(tuple, interface, NO_COOKIE)?;
                 let request = inet_request(family, Self::ALL_STATES, ExtensionFlags::INFO, id);
                 Ok((NLM_F_REQUEST, request))
             },
-            |tuple, payload| match payload {
+            |(tuple, _), payload| match payload {
                 NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
                     let found = DiagSocket::from_response(&r);
                     Some(Ok(same_endpoints(&found.tuple, tuple).then_some(found)))
@@ -284,7 +295,7 @@ impl SockDiag {
                 }
                 _ => None,
             },
-            |tuple, why| Err(anyhow::anyhow!("sock_diag get {tuple}: {why}")),
+            |(tuple, _), why| Err(anyhow::anyhow!("sock_diag get {tuple}: {why}")),
         )
     }
 
