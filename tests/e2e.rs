@@ -603,7 +603,12 @@ fn a_device_bound_connection_is_destroyed() {
             dev.len() as libc::socklen_t,
         )
     };
-    assert_eq!(rc, 0, "SO_BINDTODEVICE: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "SO_BINDTODEVICE: {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: we own fd; the stream closes it.
     let raw = unsafe { TcpStream::from_raw_fd(fd) };
     let to = l.local_addr().unwrap();

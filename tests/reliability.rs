@@ -1117,3 +1117,67 @@ fn a_socket_gone_before_the_destroy_is_reported_as_gone() {
         other => panic!("destroying a closed socket gave {other:?}"),
     }
 }
+
+/// The control socket cannot be used against the daemon: at most 64 connections at
+/// once (the rest are closed), idle ones closed after 30 s, and neither idle clients,
+/// a request that never ends nor a client that reads no replies delay a deadline.
+/// A socket at `--api-socket` that another program listens on is never taken over.
+#[test]
+fn control_clients_cannot_hold_up_the_daemon_or_take_a_socket() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let _x = exclusive();
+
+    // Another program's socket.
+    let dir = std::env::temp_dir().join(format!("connwatch-api-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let theirs = dir.join("theirs.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&theirs).unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--api-socket", theirs.to_str().unwrap()])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("another program listens on") && err.contains("theirs.sock"),
+        "{err}"
+    );
+    assert!(theirs.exists(), "another program's socket was removed");
+
+    let l = listen("127.0.0.1");
+    let p = port(&l);
+    let d = Daemon::start(&["--max-age", "1s", "--remote-port", &p, "--enforce"]);
+    let socket = "/run/connwatch.sock";
+    // Idle clients up to the limit, and beyond it.
+    let idle: Vec<UnixStream> = (0..80)
+        .map(|_| UnixStream::connect(socket).unwrap())
+        .collect();
+    thread::sleep(Duration::from_millis(300));
+    let closed = idle
+        .iter()
+        .filter(|s| {
+            s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            let mut b = [0u8; 1];
+            matches!((&**s).read(&mut b), Ok(0))
+        })
+        .count();
+    assert_eq!(closed, 80 - 64, "the connections over the limit are closed");
+    drop(idle);
+    thread::sleep(Duration::from_millis(200));
+    // A request that never ends, and a client that asks and never reads.
+    let mut dribble = UnixStream::connect(socket).unwrap();
+    dribble.write_all(b"{\"cmd\":").unwrap();
+    let mut deaf = UnixStream::connect(socket).unwrap();
+    for _ in 0..200 {
+        deaf.write_all(b"{\"cmd\":\"list\"}\n").unwrap();
+    }
+    let c = Conn::open(&l);
+    c.died_within(Duration::from_secs(3))
+        .expect("a deadline was held up by control clients");
+    let status = api(&serde_json::json!({"cmd": "status"}));
+    assert_eq!(status["ok"], true, "{status}");
+    d.stop();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

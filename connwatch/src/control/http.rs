@@ -88,6 +88,11 @@ async fn respond(mut stream: TcpStream, jobs: mpsc::Sender<Job>) {
         body.len(),
         if head_only { "" } else { body.as_str() }
     );
-    let _ = stream.write_all(response.as_bytes()).await;
+    // A scraper that does not read its reply is dropped, not waited for.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(10),
+        stream.write_all(response.as_bytes()),
+    )
+    .await;
     let _ = stream.shutdown().await;
 }

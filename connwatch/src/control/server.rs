@@ -26,6 +26,17 @@ pub struct Job {
 /// there is removed if it is a socket (the instance lock says no daemon uses it).
 pub fn bind(path: &Path) -> Result<UnixListener> {
     match std::fs::symlink_metadata(path) {
+        // A socket something still listens on is another program's: never taken over
+        // (the instance lock says no connwatch daemon uses it).
+        Ok(m)
+            if m.file_type().is_socket()
+                && std::os::unix::net::UnixStream::connect(path).is_ok() =>
+        {
+            bail!(
+                "{} is a socket another program listens on: choose another --api-socket",
+                path.display()
+            )
+        }
         Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)
             .with_context(|| format!("cannot remove the stale socket {}", path.display()))?,
         Ok(_) => bail!(
@@ -82,10 +93,30 @@ pub async fn accept_each<L: Accept>(what: &str, listener: L, mut serve: impl FnM
     }
 }
 
-/// Accepts control connections for as long as the daemon runs.
+/// The most control connections served at once; more are closed at once.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// How long a control connection may stay without a whole request line before it is
+/// closed, and the longest a reply may take to be written.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Accepts control connections for as long as the daemon runs: at most
+/// [`MAX_CONNECTIONS`] at once, none idle longer than [`IDLE_TIMEOUT`]. Connections
+/// only parse and write; the event loop answers, so no client can hold it up.
 pub async fn serve(listener: UnixListener, jobs: mpsc::Sender<Job>) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     accept_each("control socket", listener, |stream| {
-        tokio::spawn(connection(stream, jobs.clone()));
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(
+                "control socket: {MAX_CONNECTIONS} connections already open, closing a new one"
+            );
+            return;
+        };
+        let jobs = jobs.clone();
+        tokio::spawn(async move {
+            connection(stream, jobs).await;
+            drop(slot);
+        });
     })
     .await
 }
@@ -162,7 +193,11 @@ async fn connection(stream: UnixStream, jobs: mpsc::Sender<Job>) {
     let (mut read, mut write) = stream.into_split();
     let mut lines = Lines::new();
     loop {
-        let (reply, too_long) = match lines.next(&mut read).await {
+        let next = tokio::time::timeout(IDLE_TIMEOUT, lines.next(&mut read)).await;
+        let Ok(next) = next else {
+            return; // idle, or a request dribbled in too slowly
+        };
+        let (reply, too_long) = match next {
             Line::End => return,
             Line::TooLong => (
                 error(format!("request longer than {MAX_REQUEST} bytes")),
@@ -179,8 +214,9 @@ async fn connection(stream: UnixStream, jobs: mpsc::Sender<Job>) {
         };
         let mut line = reply.to_line();
         line.push('\n');
-        if write.write_all(line.as_bytes()).await.is_err() {
-            return;
+        match tokio::time::timeout(IDLE_TIMEOUT, write.write_all(line.as_bytes())).await {
+            Ok(Ok(())) => {}
+            _ => return, // gone, or not reading its replies
         }
         if too_long {
             // The rest of the line cannot be told from the next request.
