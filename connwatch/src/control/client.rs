@@ -48,14 +48,14 @@ impl Client {
             bail!("the daemon closed the control connection");
         }
         #[derive(Deserialize)]
-        struct Verdict {
+        struct Answer {
             ok: bool,
             #[serde(default)]
             error: Option<String>,
         }
         // A refusal is short; read it as one before reading the body as T.
         if !reply.starts_with("{\"ok\":true") {
-            let v: Verdict =
+            let v: Answer =
                 serde_json::from_str(&reply).context("the daemon's reply is not JSON")?;
             if !v.ok {
                 bail!(

@@ -93,7 +93,7 @@ impl Collector for Ages {
 
 /// Counter values last taken from the engine and the kernel, to add what is new.
 #[derive(Clone, Copy, Default)]
-struct Seen {
+struct LastScrape {
     deferred: u64,
     events: u64,
     kernel: Stats,
@@ -115,7 +115,7 @@ pub struct Metrics {
     kernel_drops: Family<ReasonLabels, Counter>,
     late: Histogram,
     reloads: Family<ResultLabels, Counter>,
-    seen: Cell<Seen>,
+    seen: Cell<LastScrape>,
 }
 
 /// Bounds of the deadline-to-destroy histogram, in seconds.
@@ -141,9 +141,9 @@ impl Metrics {
             kernel_drops: Family::default(),
             late: Histogram::new(LATE_BUCKETS),
             reloads: Family::default(),
-            seen: Cell::new(Seen {
+            seen: Cell::new(LastScrape {
                 kernel,
-                ..Seen::default()
+                ..LastScrape::default()
             }),
             registry: Registry::default(),
         };
@@ -288,7 +288,7 @@ impl Metrics {
                 reason: "ring_full",
             })
             .inc_by(kernel.ring_full.saturating_sub(before.kernel.ring_full));
-        self.seen.set(Seen {
+        self.seen.set(LastScrape {
             deferred: c.deferred,
             events: c.events,
             kernel: Stats {
