@@ -207,7 +207,14 @@ fn conn_table<'a>(title: &'a str, rows: &'a [Row], height: u16) -> Table<'a> {
             show_age(r.age_secs, r.age_at_least_secs),
             r.idle_secs
                 .map_or("-".into(), |s| human(Duration::from_secs_f64(s))),
-            r.process.clone().unwrap_or_else(|| "-".into()),
+            // The container, where the cgroup names one: what an operator of a node
+            // looks for first.
+            match (&r.process, &r.container) {
+                (Some(p), Some(c)) => format!("{p} {c}"),
+                (None, Some(c)) => c.clone(),
+                (Some(p), None) => p.clone(),
+                (None, None) => "-".into(),
+            },
         ])
     });
     Table::new(
@@ -222,7 +229,7 @@ fn conn_table<'a>(title: &'a str, rows: &'a [Row], height: u16) -> Table<'a> {
         ],
     )
     .header(
-        TableRow::new(vec!["LOCAL", "REMOTE", "STATE", "AGE", "IDLE", "PROCESS"])
+        TableRow::new(vec!["LOCAL", "REMOTE", "STATE", "AGE", "IDLE", "OWNER"])
             .style(Style::default().add_modifier(Modifier::BOLD)),
     )
     .block(Block::bordered().title(title))
