@@ -389,10 +389,20 @@ fn clear_pins() -> Result<()> {
     eprintln!(
         "xtask: {PIN_ROOT} holds pins of an earlier run: removing them with `connwatch cleanup`"
     );
-    ok(
-        Command::new(&bin).arg("cleanup").stdin(Stdio::null()),
-        "connwatch cleanup (is a daemon running? stop it first)",
-    )
+    let out = Command::new(&bin)
+        .arg("cleanup")
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run connwatch cleanup")?;
+    if !out.status.success() {
+        // A daemon runs (a benchmark, another checkout's tests): its pins are its own,
+        // and the suites wait for its lock.
+        eprintln!(
+            "xtask: left the pins alone: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 fn mount_tracefs() -> Result<()> {
