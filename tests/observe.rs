@@ -936,3 +936,150 @@ fn under_systemd_lines_carry_their_journal_priority() {
     stop(child);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Sends `out` bytes from the client and `back` from the server, each read in full.
+fn carry(c: &Conn, out: usize, back: usize) {
+    let (mut client, mut server) = (&c.client, &c.server);
+    let reader = thread::scope(|s| {
+        let r = s.spawn(move || {
+            let mut buf = vec![0u8; out];
+            server.read_exact(&mut buf).unwrap();
+        });
+        client.write_all(&vec![7u8; out]).unwrap();
+        r.join()
+    });
+    reader.unwrap();
+    server.write_all(&vec![9u8; back]).unwrap();
+    let mut buf = vec![0u8; back];
+    client.read_exact(&mut buf).unwrap();
+}
+
+/// A connection that moved a known number of bytes shows them, each end its own way,
+/// in `list --json` without a daemon and with one (which joins one dump per
+/// namespace to its tracker), `--sort bytes` puts it first, and the audit record of
+/// its destroy carries its totals.
+#[test]
+fn list_shows_what_each_connection_carried() {
+    let _x = exclusive();
+    let l = listen("127.0.0.1");
+    let p = port(&l);
+    let big = Conn::open(&l);
+    let small = Conn::open(&l);
+    carry(&big, 100_000, 30_000);
+    carry(&small, 1_000, 0);
+    thread::sleep(Duration::from_millis(300));
+    let check = |rows: &[Value], with_daemon: bool| {
+        let client = row_of(rows, &big);
+        assert_eq!(
+            client["bytes_out"], 100_000,
+            "{client} (daemon: {with_daemon})"
+        );
+        assert_eq!(client["bytes_in"], 30_000, "{client}");
+        assert!(num(&client["segs_out"]) >= 2.0, "{client}");
+        assert!(num(&client["segs_in"]) >= 1.0, "{client}");
+        assert_eq!(client["retrans"], 0, "{client}");
+        let server = rows
+            .iter()
+            .find(|r| r["remote"] == big.local.to_string().as_str())
+            .expect("the server end");
+        assert_eq!(server["bytes_in"], 100_000, "{server}");
+        assert_eq!(server["bytes_out"], 30_000, "{server}");
+        let small_client = row_of(rows, &small);
+        assert_eq!(small_client["bytes_out"], 1_000, "{small_client}");
+        assert_eq!(small_client["bytes_in"], 0, "{small_client}");
+    };
+    check(&list_json(&["--port", &p]), false);
+
+    let d = Daemon::start_when_free(&["--max-age", "4s", "--port", &p, "--enforce"]);
+    let rows = list_json(&["--port", &p, "--sort", "bytes"]);
+    check(&rows, true);
+    let first: Vec<&str> = rows[..2]
+        .iter()
+        .map(|r| r["local"].as_str().unwrap())
+        .collect();
+    assert!(
+        first.contains(&big.local.to_string().as_str()),
+        "the big connection sorts first: {rows:#?}"
+    );
+    let last: Vec<&str> = rows[2..4]
+        .iter()
+        .map(|r| r["local"].as_str().unwrap())
+        .collect();
+    assert!(
+        last.contains(&small.local.to_string().as_str()),
+        "the small connection sorts after: {rows:#?}"
+    );
+    // The table says it too.
+    let out = Command::new(BIN)
+        .args(["list", "--port", &p, "--sort", "bytes"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines().next().unwrap().contains(" IN   OUT "),
+        "{text}"
+    );
+    assert!(text.contains("  98K   29K "), "{text}");
+
+    assert!(big.dies_within(Duration::from_secs(8)).is_some());
+    thread::sleep(Duration::from_millis(300));
+    let records = api(&json!({"cmd": "destroys", "limit": 50}));
+    let record = records["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["local"] == big.local.to_string().as_str() && r["action"] == "destroyed")
+        .unwrap_or_else(|| panic!("no record of {}: {records:#}", big.tuple()));
+    assert_eq!(record["bytes_out"], 100_000, "{record}");
+    assert_eq!(record["bytes_in"], 30_000, "{record}");
+    let line = d.wait_for(
+        &format!("destroyed {}", big.tuple()),
+        Duration::from_secs(1),
+    );
+    assert!(line.contains("bytes_in=30000 bytes_out=100000"), "{line}");
+    d.stop();
+}
+
+/// The new-connection counters move by the connections opened and closed, each
+/// direction apart, as Prometheus reads them.
+#[test]
+fn connection_counters_follow_opens_and_closes() {
+    let _x = exclusive();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let d = Daemon::start_when_free(&["--metrics-addr", &addr]);
+    let l = listen("127.0.0.1");
+    let read = |name: &str, labels: &[(&str, &str)]| {
+        let (_, body) = http_get(&addr, "/metrics", "GET");
+        let dump = parse_with_prometheus(&body);
+        series(&dump, name, labels).unwrap_or_else(|| panic!("{name} missing:\n{body}"))
+    };
+    let opened = "connwatch_connections_opened_total";
+    let closed = "connwatch_connections_closed_total";
+    let (in0, out0) = (
+        read(opened, &[("direction", "in")]),
+        read(opened, &[("direction", "out")]),
+    );
+    let closed0 = read(closed, &[]);
+    const N: f64 = 7.0;
+    let conns: Vec<Conn> = (0..N as usize).map(|_| Conn::open(&l)).collect();
+    thread::sleep(Duration::from_millis(300));
+    let (in1, out1) = (
+        read(opened, &[("direction", "in")]),
+        read(opened, &[("direction", "out")]),
+    );
+    // Other programs on the host may open connections meanwhile: at least N, not many more.
+    for (what, delta) in [("in", in1 - in0), ("out", out1 - out0)] {
+        assert!((N..N + 20.0).contains(&delta), "opened {what}: {delta}");
+    }
+    for c in &conns {
+        abort_on_close(&c.client);
+    }
+    drop(conns);
+    thread::sleep(Duration::from_millis(300));
+    let delta = read(closed, &[]) - closed0;
+    assert!(
+        (2.0 * N..2.0 * N + 20.0).contains(&delta),
+        "closed: {delta}"
+    );
+    d.stop();
+}

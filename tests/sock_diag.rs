@@ -126,6 +126,7 @@ fn check_get(ip: IpAddr) {
     let all = diag.dump(SockDiag::ALL_STATES).unwrap();
     let plain = DiagSocket {
         activity: None,
+        traffic: None,
         ..got.clone()
     };
     assert_eq!(find(&all, &conn.client_tuple()), Some(&plain));

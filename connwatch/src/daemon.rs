@@ -185,6 +185,10 @@ pub async fn run(opts: Options) -> Result<()> {
     tracing::info!("policy: {}", opts.policy.describe());
     let mut engine = Engine::new(opts.policy, opts.enforce);
     engine.name_cgroups(Cgroups::default());
+    if engine.policy.block_firewall.is_some() {
+        // After the privilege drop: nft must work with what the daemon keeps.
+        engine.open_firewall()?;
+    }
     // The drop counters' baseline comes before the start-up reconcile: records dropped
     // after it are reconciled again at the next stats tick, none go unnoticed.
     let mut last_stats = kernel::read_stats(&stats).unwrap_or_default();
@@ -305,6 +309,8 @@ pub async fn run(opts: Options) -> Result<()> {
             _ = sigint.recv() => break,
         }
     }
+    // A clean stop leaves no firewall rule behind that no daemon shows or bounds.
+    engine.remove_firewall();
     let c = &engine.counters;
     tracing::info!(
         "stopping: {} events, {} destroyed, {} would destroy, {} skipped, {} failed; {}",

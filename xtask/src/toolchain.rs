@@ -364,7 +364,11 @@ pub fn ensure(cargo: &Path) -> Result<Probe> {
 
 /// Tools the tests use besides the build, and the Debian packages that ship them:
 /// `top` is driven in tmux, metrics are checked by Prometheus's promtool.
-pub const TEST_TOOLS: [(&str, &str); 2] = [("tmux", "tmux"), ("promtool", "prometheus")];
+pub const TEST_TOOLS: [(&str, &str); 3] = [
+    ("tmux", "tmux"),
+    ("promtool", "prometheus"),
+    ("nft", "nftables"),
+];
 
 /// Installs the test tools that are missing (without recommended packages: the
 /// `prometheus` package is wanted only for promtool).
@@ -379,12 +383,12 @@ pub fn ensure_test_tools() -> Result<()> {
     }
     if !is_root() || find_in_path("apt-get").is_none() {
         bail!(
-            "the tests need tmux and promtool: run `apt-get install -y --no-install-recommends {}` as root",
+            "the tests need tmux, promtool and nft: run `apt-get install -y --no-install-recommends {}` as root",
             missing.join(" ")
         );
     }
     eprintln!(
-        "xtask: installing Debian packages {} (the tests drive `connwatch top` in tmux and check metrics with promtool)",
+        "xtask: installing Debian packages {} (the tests drive `connwatch top` in tmux, check metrics with promtool and blocks with nft)",
         missing.join(" ")
     );
     let mut update = Command::new("apt-get");

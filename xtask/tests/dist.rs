@@ -322,6 +322,7 @@ fn served() -> BTreeSet<String> {
         cgroup: None,
         dry_run: false,
         detail: None,
+        traffic: None,
     };
     metrics.observe(&Observed {
         record: &record,

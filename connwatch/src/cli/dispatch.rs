@@ -30,6 +30,8 @@ impl PolicyArgs {
             exclude_processes: self.exclude_processes.clone(),
             exclude_cgroups: self.exclude_cgroups.clone(),
             block: self.block.clone(),
+            block_firewall: self.block_firewall,
+            block_for: self.block_for,
             max_conns_per_ip: self.max_conns_per_ip,
             max_kills_per_second: self.max_kills_per_second,
             max_kill_fraction: self.max_kill_fraction,
@@ -101,6 +103,10 @@ pub fn main(cli: Cli) -> Result<i32> {
         }
         Command::List(args) => {
             require_root("connwatch list")?;
+            if args.blocked {
+                list::blocked(args.json, &args.api_socket)?;
+                return Ok(0);
+            }
             list::run(&args.filter(), args.json, &args.api_socket)?;
             Ok(0)
         }
@@ -123,6 +129,22 @@ pub fn main(cli: Cli) -> Result<i32> {
             }
             for path in removed {
                 println!("removed {path}");
+            }
+            // --block-firewall's tables, in whichever namespace holds one.
+            let host = kernel::netns::own()?;
+            let ways: Vec<_> = kernel::netns::all()
+                .into_iter()
+                .map(|n| (n.inode, (n.inode != host).then_some(n.path)))
+                .collect();
+            let (gone, failed) = kernel::firewall::remove_everywhere(&ways);
+            for netns in gone {
+                println!(
+                    "removed the firewall table inet {} of network namespace {netns}",
+                    kernel::firewall::TABLE
+                );
+            }
+            for (netns, why) in &failed {
+                eprintln!("connwatch: cannot remove the firewall table of network namespace {netns}: {why}");
             }
             Ok(0)
         }

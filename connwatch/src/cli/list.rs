@@ -32,6 +32,26 @@ fn show(v: Option<f64>) -> String {
     v.map_or("-".into(), |s| human(Duration::from_secs_f64(s)))
 }
 
+/// A byte count in at most four characters: `512`, `9.7K`, `340K`, `1.2M`, `12G`; `-`
+/// when unknown.
+pub fn show_bytes(n: Option<u64>) -> String {
+    let Some(n) = n else { return "-".into() };
+    if n < 1000 {
+        return n.to_string();
+    }
+    let mut v = n as f64;
+    for unit in ["K", "M", "G", "T", "P", "E"] {
+        v /= 1024.0;
+        if v < 9.95 {
+            return format!("{v:.1}{unit}");
+        }
+        if v < 999.5 {
+            return format!("{v:.0}{unit}");
+        }
+    }
+    format!("{v:.0}E")
+}
+
 /// What the NEXT column says: `max-age in 4m12s`, `idle due`, `never (port 22)`, `-`.
 pub fn show_next(r: &Row) -> String {
     match (&r.next_rule, r.next_in_secs, &r.protected) {
@@ -63,13 +83,13 @@ pub fn table(
     let pw = owners.iter().map(|o| o.len()).max().unwrap_or(0).max(7);
     writeln!(
         out,
-        "{:<11} {:<nw$} {:<lw$} {:<rw$} {:>8} {:>8} {:>8} {:<pw$} NEXT",
-        "STATE", "NETNS", "LOCAL", "REMOTE", "AGE", "IN-STATE", "IDLE", "PROCESS"
+        "{:<11} {:<nw$} {:<lw$} {:<rw$} {:>8} {:>8} {:>8} {:>5} {:>5} {:<pw$} NEXT",
+        "STATE", "NETNS", "LOCAL", "REMOTE", "AGE", "IN-STATE", "IDLE", "IN", "OUT", "PROCESS"
     )?;
     for ((r, owner), ns) in rows.iter().zip(&owners).zip(&namespaces) {
         writeln!(
             out,
-            "{:<11} {:<nw$} {:<lw$} {:<rw$} {:>8} {:>8} {:>8} {:<pw$} {}",
+            "{:<11} {:<nw$} {:<lw$} {:<rw$} {:>8} {:>8} {:>8} {:>5} {:>5} {:<pw$} {}",
             r.state,
             ns,
             r.local,
@@ -77,6 +97,8 @@ pub fn table(
             show_age(r.age_secs, r.age_at_least_secs),
             show(r.state_secs),
             show(r.idle_secs),
+            show_bytes(r.bytes_in),
+            show_bytes(r.bytes_out),
             owner,
             show_next(r)
         )?;
@@ -134,6 +156,44 @@ pub fn run(filter: &Filter, json: bool, socket: &std::path::Path) -> Result<()> 
     Ok(())
 }
 
+/// `list --blocked`: what the daemon's `--block-firewall` blocks, and until when.
+pub fn blocked(json: bool, socket: &std::path::Path) -> Result<()> {
+    let Some(mut client) = Client::connect(socket)? else {
+        bail!(
+            "no daemon answers on {}: firewall blocks are the daemon's",
+            socket.display()
+        );
+    };
+    let reply = client.request(&serde_json::json!({"cmd": "blocked"}))?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &reply["blocked"])?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    if reply["firewall"] != true {
+        writeln!(out, "firewall blocks are off (run with --block-firewall)")?;
+    }
+    let name = netns_namer();
+    writeln!(
+        out,
+        "{:<39} {:<12} {:<24} EXPIRES IN",
+        "ADDRESS", "NETNS", "UNTIL"
+    )?;
+    for b in reply["blocked"].as_array().into_iter().flatten() {
+        let netns = b["netns"].as_u64().map_or("-".into(), |n| name(n as u32));
+        writeln!(
+            out,
+            "{:<39} {:<12} {:<24} {}",
+            b["addr"].as_str().unwrap_or("-"),
+            netns,
+            b["until"].as_str().unwrap_or("-"),
+            show(b["expires_in_secs"].as_f64())
+        )?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,6 +218,11 @@ mod tests {
             next_rule: None,
             next_in_secs: None,
             protected: None,
+            bytes_in: Some(2048),
+            bytes_out: Some(5_000_000),
+            segs_in: Some(3),
+            segs_out: Some(4000),
+            retrans: Some(0),
         };
         row.next_rule = Some("max-age".into());
         row.next_in_secs = Some(252.0);
@@ -176,8 +241,22 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("NETNS") && text.contains(" host "), "{text}");
+        assert!(text.contains("  2.0K  4.8M "), "{text}");
         row.protected = Some("port 22".into());
         assert_eq!(show_next(&row), "never (port 22)");
         assert_eq!(show_age(None, Some(7_380.0)), ">2h3m");
+        for (n, want) in [
+            (0, "0"),
+            (999, "999"),
+            (1000, "1.0K"),
+            (10_188, "9.9K"),
+            (10_189, "10K"),
+            (1_023_487, "999K"),
+            (1_023_488, "1.0M"),
+            (u64::MAX, "16E"),
+        ] {
+            assert_eq!(show_bytes(Some(n)), want, "{n}");
+        }
+        assert_eq!(show_bytes(None), "-");
     }
 }

@@ -124,6 +124,17 @@ pub struct PolicyArgs {
     #[arg(long, value_name = "CIDR", value_parser = parse_cidr, help_heading = "Limits")]
     pub block: Vec<IpNet>,
 
+    /// Also block, in the firewall, each address whose connection --block destroyed:
+    /// its new connections are dropped (an nftables set in connwatch's own table, in
+    /// the connection's network namespace; needs nft).
+    #[arg(long, help_heading = "Limits")]
+    pub block_firewall: bool,
+
+    /// How long --block-firewall blocks an address (default 10m); each destroy starts
+    /// it again.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, requires = "block_firewall", help_heading = "Limits")]
+    pub block_for: Option<Duration>,
+
     /// Destroy the newest connections of a remote address beyond N (within the
     /// selectors: scope it with --local-port to count a service's clients).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), help_heading = "Limits")]
@@ -270,13 +281,19 @@ pub struct ListArgs {
     #[command(flatten)]
     pub filter: FilterArgs,
 
-    /// Order: age (oldest first), idle (longest idle first), state, remote.
+    /// Order: age (oldest first), idle (longest idle first), state, remote, bytes (most
+    /// traffic first).
     #[arg(long, value_enum, default_value_t = SortKey::Age)]
     pub sort: SortKey,
 
     /// Show at most N connections.
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
+
+    /// Show the addresses --block-firewall blocks instead, and until when (asks the
+    /// daemon).
+    #[arg(long)]
+    pub blocked: bool,
 
     /// The daemon's control socket.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]

@@ -17,7 +17,7 @@ use ratatui::widgets::{Block, Paragraph, Row as TableRow, Table};
 use ratatui::Frame;
 use serde_json::json;
 
-use super::list::show_age;
+use super::list::{show_age, show_bytes};
 use crate::clock::human;
 use crate::control::client::Client;
 use crate::control::protocol::{list_request, Status};
@@ -197,16 +197,22 @@ fn bar(n: u64, max: u64, width: usize) -> String {
     "\u{2588}".repeat(w.clamp(1, width))
 }
 
-fn conn_table<'a>(title: &'a str, rows: &'a [Row], height: u16) -> Table<'a> {
+/// A connection table; with `traffic` its fifth column is what each connection
+/// received and sent (IN/OUT) instead of its idle time, all in 80 columns.
+fn conn_table<'a>(title: &'a str, rows: &'a [Row], height: u16, traffic: bool) -> Table<'a> {
     let shown = usize::from(height.saturating_sub(3));
-    let lines = rows.iter().take(shown).map(|r| {
+    let lines = rows.iter().take(shown).map(move |r| {
         TableRow::new(vec![
             r.local.clone(),
             r.remote.clone(),
             r.state.clone(),
             show_age(r.age_secs, r.age_at_least_secs),
-            r.idle_secs
-                .map_or("-".into(), |s| human(Duration::from_secs_f64(s))),
+            if traffic {
+                format!("{}/{}", show_bytes(r.bytes_in), show_bytes(r.bytes_out))
+            } else {
+                r.idle_secs
+                    .map_or("-".into(), |s| human(Duration::from_secs_f64(s)))
+            },
             // The container, where the cgroup names one: what an operator of a node
             // looks for first.
             match (&r.process, &r.container) {
@@ -224,13 +230,20 @@ fn conn_table<'a>(title: &'a str, rows: &'a [Row], height: u16) -> Table<'a> {
             Constraint::Length(21),
             Constraint::Length(11),
             Constraint::Length(7),
-            Constraint::Length(6),
+            Constraint::Length(if traffic { 9 } else { 6 }),
             Constraint::Min(4),
         ],
     )
     .header(
-        TableRow::new(vec!["LOCAL", "REMOTE", "STATE", "AGE", "IDLE", "OWNER"])
-            .style(Style::default().add_modifier(Modifier::BOLD)),
+        TableRow::new(vec![
+            "LOCAL",
+            "REMOTE",
+            "STATE",
+            "AGE",
+            if traffic { "IN/OUT" } else { "IDLE" },
+            "OWNER",
+        ])
+        .style(Style::default().add_modifier(Modifier::BOLD)),
     )
     .block(Block::bordered().title(title))
 }
@@ -325,11 +338,11 @@ pub fn draw(f: &mut Frame, view: &View, error: Option<&str>) {
     let [oldest_area, idle_area] =
         Layout::vertical([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(tables);
     f.render_widget(
-        conn_table("Oldest", &view.oldest, oldest_area.height),
+        conn_table("Oldest", &view.oldest, oldest_area.height, true),
         oldest_area,
     );
     f.render_widget(
-        conn_table("Most idle", &view.idle, idle_area.height),
+        conn_table("Most idle", &view.idle, idle_area.height, false),
         idle_area,
     );
 }
@@ -407,6 +420,11 @@ mod tests {
             next_rule: None,
             next_in_secs: None,
             protected: None,
+            bytes_in: Some(1_300_000),
+            bytes_out: Some(512),
+            segs_in: None,
+            segs_out: None,
+            retrans: None,
         }
     }
 
@@ -452,6 +470,8 @@ mod tests {
             "Most idle",
             "2h3m",
             "curl",
+            "IN/OUT",
+            "1.2M/512",
         ] {
             assert!(all.contains(want), "{want:?} not on the screen:\n{all}");
         }

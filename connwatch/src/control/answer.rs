@@ -15,7 +15,7 @@ use crate::engine::Engine;
 use crate::kernel::netns::Namespaces;
 use crate::kernel::{ConnMap, Stats};
 use crate::observe::journal::Journal;
-use crate::observe::view::{self, Query};
+use crate::observe::view::{self, Query, SortKey};
 
 /// What answering needs from the event loop.
 pub struct Ctx<'a> {
@@ -29,14 +29,29 @@ pub struct Ctx<'a> {
     pub metrics_addr: Option<SocketAddr>,
 }
 
-fn rows(engine: &Engine, query: &Query, now: u64) -> Result<Reply, String> {
+fn rows(
+    engine: &Engine,
+    namespaces: &mut Namespaces,
+    query: &Query,
+    now: u64,
+) -> Result<Reply, String> {
     let filter = query.filter()?;
     let items = engine
         .tracker
         .iter()
         .filter(|(_, t)| view::listed(t))
         .map(|(k, t)| view::item_of(engine, k, t, now));
-    let (kept, matched) = filter.apply(items);
+    // Traffic comes from one dump per namespace: of every match when it orders the
+    // list, else only of the rows kept.
+    let (kept, matched) = if filter.sort == SortKey::Bytes {
+        let mut matching: Vec<_> = items.filter(|i| filter.matches(i)).collect();
+        view::join_traffic(&mut matching, namespaces);
+        filter.apply(matching.into_iter())
+    } else {
+        let (mut kept, matched) = filter.apply(items);
+        view::join_traffic(&mut kept, namespaces);
+        (kept, matched)
+    };
     let rows = kept
         .iter()
         .map(|it| {
@@ -145,6 +160,37 @@ fn policy(engine: &Engine) -> Value {
     })
 }
 
+/// What the firewall blocks: each address, its namespace, and until when (wall
+/// clock, and seconds from now).
+fn blocked(engine: &mut Engine) -> Value {
+    let now = std::time::SystemTime::now();
+    let blocked: Vec<Value> = engine
+        .blocked()
+        .into_iter()
+        .map(|b| {
+            let unix = b
+                .until
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64();
+            let left = b.until.duration_since(now).unwrap_or_default();
+            json!({
+                "addr": b.addr.to_string(),
+                "netns": b.netns,
+                "until": crate::engine::audit::rfc3339(b.until),
+                "unix_until": (unix * 1000.0).round() / 1000.0,
+                "expires_in_secs": (left.as_secs_f64() * 1000.0).round() / 1000.0,
+            })
+        })
+        .collect();
+    json!({
+        "ok": true,
+        "firewall": engine.policy.block_firewall.is_some(),
+        "block_for_secs": engine.policy.block_firewall.map(|d| d.as_secs()),
+        "blocked": blocked,
+    })
+}
+
 /// Answers one request, in the event loop.
 pub fn answer(req: Request, ctx: &mut Ctx) -> Reply {
     let now = monotonic_ns();
@@ -154,7 +200,8 @@ pub fn answer(req: Request, ctx: &mut Ctx) -> Reply {
             Err(e) => error(format!("cannot encode the status: {e}")),
         },
         Request::Policy => Reply::Json(policy(ctx.engine)),
-        Request::List(q) => rows(ctx.engine, &q, now).unwrap_or_else(error),
+        Request::List(q) => rows(ctx.engine, ctx.namespaces, &q, now).unwrap_or_else(error),
+        Request::Blocked => Reply::Json(blocked(ctx.engine)),
         Request::Destroys { limit } => {
             Reply::Json(json!({"ok": true, "records": ctx.journal.borrow().recent(limit)}))
         }

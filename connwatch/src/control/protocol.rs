@@ -9,6 +9,7 @@
 //! {"cmd":"destroys","limit":50}                     the latest decisions, oldest first
 //! {"cmd":"destroy","local":"127.0.0.1:8080","remote":"127.0.0.1:40000"}
 //! {"cmd":"reload"}                                  read the policy again (as SIGHUP)
+//! {"cmd":"blocked"}                                 addresses blocked in the firewall, and until when
 //! ```
 //!
 //! Replies are `{"ok":true,...}` or `{"ok":false,"error":"..."}`. A malformed request
@@ -49,6 +50,8 @@ pub enum Request {
         netns: Option<u32>,
     },
     Reload,
+    /// What `--block-firewall` blocks now.
+    Blocked,
     /// A Prometheus scrape (from the metrics listener, not the socket).
     Metrics,
 }
@@ -99,6 +102,7 @@ pub fn parse(line: &str) -> Result<Request, String> {
         "status" => fields::<NoFields>(&cmd, rest).map(|_| Request::Status),
         "policy" => fields::<NoFields>(&cmd, rest).map(|_| Request::Policy),
         "reload" => fields::<NoFields>(&cmd, rest).map(|_| Request::Reload),
+        "blocked" => fields::<NoFields>(&cmd, rest).map(|_| Request::Blocked),
         "list" => {
             let q: Query = fields(&cmd, rest)?;
             q.filter().map_err(|e| format!("bad list request: {e}"))?;
@@ -118,7 +122,7 @@ pub fn parse(line: &str) -> Result<Request, String> {
             Ok(Request::Destroy { tuple, netns })
         }
         other => Err(format!(
-            "unknown cmd '{other}' (one of: status, policy, list, destroys, destroy, reload)"
+            "unknown cmd '{other}' (one of: status, policy, list, destroys, destroy, reload, blocked)"
         )),
     }
 }

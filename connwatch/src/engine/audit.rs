@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use crate::conn::{Birth, Direction, Owner, SockId, TcpState, Tuple};
 use crate::kernel::cgroup::container_of;
+use crate::kernel::sock_diag::TcpTraffic;
 
 static JSON: AtomicBool = AtomicBool::new(false);
 
@@ -112,6 +113,8 @@ pub struct Record {
     pub dry_run: bool,
     /// Why a destroy was skipped, failed, or was refused.
     pub detail: Option<String>,
+    /// What the connection carried until the lookup right before its destroy.
+    pub traffic: Option<TcpTraffic>,
 }
 
 /// `2026-11-23T09:41:07.123Z`.
@@ -142,6 +145,12 @@ impl Record {
         line.push_str(&format!(" netns={}", self.id.netns));
         if let Some(c) = self.cgroup.as_deref().and_then(container_of) {
             line.push_str(&format!(" container={c}"));
+        }
+        if let Some(t) = self.traffic {
+            line.push_str(&format!(
+                " bytes_in={} bytes_out={}",
+                t.bytes_in, t.bytes_out
+            ));
         }
         if let Some(d) = &self.detail {
             line.push_str(&format!(" detail=\"{d}\""));
@@ -180,6 +189,11 @@ impl Record {
             "container": self.cgroup.as_deref().and_then(container_of),
             "dry_run": self.dry_run,
             "detail": self.detail,
+            "bytes_in": self.traffic.map(|t| t.bytes_in),
+            "bytes_out": self.traffic.map(|t| t.bytes_out),
+            "segs_in": self.traffic.map(|t| t.segs_in),
+            "segs_out": self.traffic.map(|t| t.segs_out),
+            "retrans": self.traffic.map(|t| t.retrans),
         })
     }
 
@@ -207,6 +221,8 @@ impl Record {
                         pid = self.owner.map(|o| o.pid),
                         dry_run = self.dry_run,
                         detail = self.detail.as_deref(),
+                        bytes_in = self.traffic.map(|t| t.bytes_in),
+                        bytes_out = self.traffic.map(|t| t.bytes_out),
                         "{}",
                         self.line()
                     )
@@ -247,6 +263,7 @@ mod tests {
             cgroup: None,
             dry_run: false,
             detail: None,
+            traffic: None,
         }
     }
 
@@ -302,5 +319,16 @@ mod tests {
         assert_eq!(v["pid"], 812);
         assert_eq!(v["rule"], "max-age");
         assert_eq!(v["detail"], Value::Null);
+        assert_eq!(v["bytes_in"], Value::Null);
+        let carried = Record {
+            traffic: Some(TcpTraffic {
+                bytes_in: 10,
+                bytes_out: 20,
+                ..TcpTraffic::default()
+            }),
+            ..record()
+        };
+        assert_eq!(carried.to_json()["bytes_out"], 20);
+        assert!(carried.line().ends_with(" bytes_in=10 bytes_out=20"));
     }
 }

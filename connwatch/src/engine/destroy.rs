@@ -177,6 +177,7 @@ mod tests {
             uid: 0,
             ifindex: 0,
             activity: None,
+            traffic: None,
         }
     }
 

@@ -117,6 +117,7 @@ impl Engine {
                 }
             }
         }
+        self.apply_blocks(namespaces);
     }
 
     /// Looks up, re-checks and destroys the due sockets of one namespace through its
@@ -156,7 +157,7 @@ impl Engine {
         };
         let killed = started.elapsed();
         let n = kills.len();
-        for ((key, rule, _), outcome) in kills.into_iter().zip(results) {
+        for ((key, rule, live), outcome) in kills.into_iter().zip(results) {
             let Some(chosen) = self.tracker.get(key).copied() else {
                 continue;
             };
@@ -173,7 +174,10 @@ impl Engine {
                 self.tracker.remove(key);
                 self.plan(key);
             }
-            self.record(&chosen, rule, now, &outcome, None);
+            self.note_block(&chosen, rule, &outcome);
+            let r = self.policy.rule(rule);
+            let (reason, name) = (r.limit.kind(), r.name.clone());
+            self.record_carried(&chosen, reason, name, now, &outcome, None, live.traffic);
             if transient(&outcome) {
                 self.retry_later(key, now);
             } else {

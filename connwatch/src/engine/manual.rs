@@ -118,6 +118,14 @@ impl Engine {
         if !matches!(outcome, Outcome::Destroyed | Outcome::WouldDestroy) {
             return Err(refuse(self, &chosen, outcome, None));
         }
-        Ok(self.record_as(&chosen, MANUAL, MANUAL.into(), now, &outcome, None))
+        Ok(self.record_carried(
+            &chosen,
+            MANUAL,
+            MANUAL.into(),
+            now,
+            &outcome,
+            None,
+            live.traffic,
+        ))
     }
 }

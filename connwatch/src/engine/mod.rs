@@ -9,6 +9,7 @@
 //! [`manual`] is the control API's destroy of a named connection.
 
 pub mod audit;
+mod block;
 pub mod destroy;
 mod fire;
 mod manual;
@@ -21,7 +22,7 @@ mod record;
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use connwatch_common::{event_kind, ConnEvent};
+use connwatch_common::{event_kind, ConnEvent, FLAG_INBOUND, FLAG_OUTBOUND};
 
 use crate::conn::{canonical, SockId, TcpState, Tuple};
 use crate::kernel::cgroup::Cgroups;
@@ -56,6 +57,12 @@ pub struct Counters {
     pub by_reason: HashMap<&'static str, u64>,
     /// Destroys the kernel refused as unsupported, by state.
     pub unsupported: HashMap<TcpState, u64>,
+    /// Connections born, from OPENED events: accepted from a peer (`in`), connected
+    /// out (`out`, each connect() counted, a refused one too); listeners are not.
+    pub opened_in: u64,
+    pub opened_out: u64,
+    /// Connections that closed (CLOSED events of sockets that were not listening).
+    pub closed: u64,
 }
 
 /// One decision as it happens, for whoever watches the engine (metrics, the control
@@ -110,6 +117,10 @@ pub struct Engine {
     settled: HashMap<u64, Settled>,
     /// Failures in a row that may pass, by socket: the back-off of the next try.
     retries: HashMap<u64, u32>,
+    /// Firewall blocks (`--block-firewall`): opened on first use, and those a round
+    /// of destroys asked for.
+    firewall: Option<crate::kernel::firewall::Firewall>,
+    to_block: Vec<block::ToBlock>,
 }
 
 /// A decision that stands.
@@ -143,6 +154,8 @@ impl Engine {
             cgroups: RefCell::new(None),
             settled: HashMap::new(),
             retries: HashMap::new(),
+            firewall: None,
+            to_block: Vec::new(),
         }
     }
 
@@ -285,6 +298,13 @@ impl Engine {
 
     pub fn on_event(&mut self, ev: &ConnEvent) {
         self.counters.events += 1;
+        let c = &mut self.counters;
+        match ev.kind {
+            event_kind::OPENED if ev.info.flags & FLAG_INBOUND != 0 => c.opened_in += 1,
+            event_kind::OPENED if ev.info.flags & FLAG_OUTBOUND != 0 => c.opened_out += 1,
+            event_kind::CLOSED if TcpState(ev.oldstate) != TcpState::LISTEN => c.closed += 1,
+            _ => {}
+        }
         tracing::trace!(
             key = format_args!("{:#x}", ev.key),
             kind = ev.kind,

@@ -121,6 +121,7 @@ fn events(lives: &[Life]) -> (Vec<ConnEvent>, Dump) {
                     uid: 0,
                     ifindex: 0,
                     activity: None,
+                    traffic: None,
                 },
             )),
         }

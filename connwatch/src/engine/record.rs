@@ -4,7 +4,7 @@ use super::audit::{Action, Age, Record};
 use super::destroy::Outcome;
 use super::{protection_kind, Engine, Observed};
 use crate::clock::SEC;
-use crate::kernel::sock_diag::DestroyError;
+use crate::kernel::sock_diag::{DestroyError, TcpTraffic};
 use crate::policy::{RuleId, Verdict};
 use crate::track::Tracked;
 
@@ -31,6 +31,22 @@ impl Engine {
         now: u64,
         outcome: &Outcome,
         action: Option<Action>,
+    ) -> Record {
+        self.record_carried(chosen, reason, rule, now, outcome, action, None)
+    }
+
+    /// [`Engine::record_as`], with what the connection carried (from the lookup
+    /// before its destroy).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn record_carried(
+        &mut self,
+        chosen: &Tracked,
+        reason: &'static str,
+        rule: String,
+        now: u64,
+        outcome: &Outcome,
+        action: Option<Action>,
+        traffic: Option<TcpTraffic>,
     ) -> Record {
         let (action, detail) = match (action, outcome) {
             (Some(a), Outcome::Skipped(why)) => (a, Some(why.clone())),
@@ -76,6 +92,7 @@ impl Engine {
             cgroup: subject.cgroup.clone(),
             dry_run: !self.enforce,
             detail,
+            traffic,
         };
         record.emit();
         if let Some(observer) = self.observer.as_mut() {

@@ -4,6 +4,7 @@
 
 pub mod btf;
 pub mod cgroup;
+pub mod firewall;
 pub mod fs;
 pub mod layout;
 pub mod load;

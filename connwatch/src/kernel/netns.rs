@@ -130,6 +130,26 @@ pub fn open_in(path: &Path) -> Result<SockDiag> {
     .map_err(|_| anyhow!("the thread entering {} panicked", path.display()))?
 }
 
+/// A file naming namespace `inode`: `pid`'s namespace file when it is there, else
+/// that of any process or `ip netns` name found in it.
+fn path_to(inode: u32, pid: Option<u32>) -> Result<PathBuf> {
+    let by_pid = pid
+        .map(|p| PathBuf::from(format!("/proc/{p}/ns/net")))
+        .filter(|p| inode_of(p).ok() == Some(inode));
+    match by_pid {
+        Some(p) => Ok(p),
+        None => all()
+            .into_iter()
+            .find(|n| n.inode == inode)
+            .map(|n| n.path)
+            .ok_or_else(|| {
+                anyhow!(
+                    "network namespace {inode} is gone (no process or `ip netns` name holds it)"
+                )
+            }),
+    }
+}
+
 /// One sock_diag dump of every namespace.
 #[derive(Debug, Default)]
 pub struct Dump {
@@ -173,22 +193,18 @@ impl Namespaces {
     /// any process or `ip netns` name found in it.
     pub fn diag(&mut self, inode: u32, pid: Option<u32>) -> Result<&mut SockDiag> {
         if let std::collections::hash_map::Entry::Vacant(slot) = self.diags.entry(inode) {
-            let by_pid = pid
-                .map(|p| PathBuf::from(format!("/proc/{p}/ns/net")))
-                .filter(|p| inode_of(p).ok() == Some(inode));
-            let path = match by_pid {
-                Some(p) => p,
-                None => all()
-                    .into_iter()
-                    .find(|n| n.inode == inode)
-                    .map(|n| n.path)
-                    .ok_or_else(|| {
-                        anyhow!("network namespace {inode} is gone (no process or `ip netns` name holds it)")
-                    })?,
-            };
-            slot.insert(open_in(&path)?);
+            slot.insert(open_in(&path_to(inode, pid)?)?);
         }
         Ok(self.diags.get_mut(&inode).expect("inserted above"))
+    }
+
+    /// A file to enter namespace `inode` by, as [`Namespaces::diag`] finds one; None
+    /// for the host (this process's own).
+    pub fn path_of(&self, inode: u32, pid: Option<u32>) -> Result<Option<PathBuf>> {
+        if inode == self.host {
+            return Ok(None);
+        }
+        path_to(inode, pid).map(Some)
     }
 
     /// Dumps every namespace that can be reached, each socket with its namespace's

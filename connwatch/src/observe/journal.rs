@@ -90,6 +90,7 @@ mod tests {
             cgroup: None,
             dry_run: false,
             detail: None,
+            traffic: None,
         }
     }
 

@@ -12,11 +12,14 @@
 //! | `connwatch_sockets_tracked` | gauge | |
 //! | `connwatch_network_namespaces` | gauge | |
 //! | `connwatch_deadlines_pending` | gauge | |
+//! | `connwatch_firewall_blocked` | gauge | |
 //! | `connwatch_connection_age_seconds` | histogram | |
 //! | `connwatch_destroys_total` | counter | `reason`, `outcome` |
 //! | `connwatch_protected_total` | counter | `protection` |
 //! | `connwatch_deferred_total` | counter | |
 //! | `connwatch_events_total` | counter | |
+//! | `connwatch_connections_opened_total` | counter | `direction` (`in`, `out`) |
+//! | `connwatch_connections_closed_total` | counter | |
 //! | `connwatch_kernel_events_total` | counter | |
 //! | `connwatch_kernel_drops_total` | counter | `reason` (`map_full`, `ring_full`) |
 //! | `connwatch_deadline_to_destroy_seconds` | histogram | |
@@ -61,6 +64,11 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
 }
@@ -96,6 +104,9 @@ impl Collector for Ages {
 struct LastScrape {
     deferred: u64,
     events: u64,
+    opened_in: u64,
+    opened_out: u64,
+    closed: u64,
     kernel: Stats,
 }
 
@@ -106,11 +117,14 @@ pub struct Metrics {
     tracked: Gauge,
     namespaces: Gauge,
     deadlines: Gauge,
+    firewall_blocked: Gauge,
     ages: Ages,
     destroys: Family<DestroyLabels, Counter>,
     protected: Family<ProtectionLabels, Counter>,
     deferred: Counter,
     events: Counter,
+    opened: Family<DirectionLabels, Counter>,
+    closed: Counter,
     kernel_events: Counter,
     kernel_drops: Family<ReasonLabels, Counter>,
     late: Histogram,
@@ -132,11 +146,14 @@ impl Metrics {
             tracked: Gauge::default(),
             namespaces: Gauge::default(),
             deadlines: Gauge::default(),
+            firewall_blocked: Gauge::default(),
             ages: Ages::default(),
             destroys: Family::default(),
             protected: Family::default(),
             deferred: Counter::default(),
             events: Counter::default(),
+            opened: Family::default(),
+            closed: Counter::default(),
             kernel_events: Counter::default(),
             kernel_drops: Family::default(),
             late: Histogram::new(LATE_BUCKETS),
@@ -167,6 +184,11 @@ impl Metrics {
             "Sockets with a deadline set.",
             m.deadlines.clone(),
         );
+        registry.register(
+            "firewall_blocked",
+            "Addresses blocked in the firewall now (--block-firewall), all network namespaces together.",
+            m.firewall_blocked.clone(),
+        );
         registry.register_collector(Box::new(m.ages.clone()));
         registry.register(
             "destroys",
@@ -187,6 +209,16 @@ impl Metrics {
             "events",
             "Lifecycle events the daemon read from the kernel's ring buffer.",
             m.events.clone(),
+        );
+        registry.register(
+            "connections_opened",
+            "Connections born, by direction: in (accepted from a peer), out (connect() calls, refused ones included); of the sockets the daemon follows.",
+            m.opened.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "Connections that closed (listeners not counted); of the sockets the daemon follows.",
+            m.closed.clone(),
         );
         registry.register(
             "kernel_events",
@@ -211,6 +243,9 @@ impl Metrics {
         );
         for reason in ["map_full", "ring_full"] {
             let _ = m.kernel_drops.get_or_create(&ReasonLabels { reason });
+        }
+        for direction in ["in", "out"] {
+            let _ = m.opened.get_or_create(&DirectionLabels { direction });
         }
         Metrics { registry, ..m }
     }
@@ -259,6 +294,7 @@ impl Metrics {
         self.tracked.set(engine.tracker.len() as i64);
         self.namespaces.set(engine.tracker.namespaces() as i64);
         self.deadlines.set(engine.deadlines.len() as i64);
+        self.firewall_blocked.set(engine.blocked_count() as i64);
         {
             let sum = ages.iter().map(|ns| *ns as f64 / 1e9).sum();
             let counts = age_histogram(ages.iter().copied());
@@ -278,6 +314,15 @@ impl Metrics {
         self.deferred
             .inc_by(c.deferred.saturating_sub(before.deferred));
         self.events.inc_by(c.events.saturating_sub(before.events));
+        for (direction, now, was) in [
+            ("in", c.opened_in, before.opened_in),
+            ("out", c.opened_out, before.opened_out),
+        ] {
+            self.opened
+                .get_or_create(&DirectionLabels { direction })
+                .inc_by(now.saturating_sub(was));
+        }
+        self.closed.inc_by(c.closed.saturating_sub(before.closed));
         self.kernel_events
             .inc_by(kernel.events.saturating_sub(before.kernel.events));
         self.kernel_drops
@@ -291,6 +336,9 @@ impl Metrics {
         self.seen.set(LastScrape {
             deferred: c.deferred,
             events: c.events,
+            opened_in: c.opened_in,
+            opened_out: c.opened_out,
+            closed: c.closed,
             kernel: Stats {
                 events: kernel.events.max(before.kernel.events),
                 map_full: kernel.map_full.max(before.kernel.map_full),
@@ -336,6 +384,7 @@ mod tests {
             cgroup: None,
             dry_run: false,
             detail: None,
+            traffic: None,
         };
         m.observe(&Observed {
             record: &r,
@@ -360,6 +409,10 @@ mod tests {
             "connwatch_connection_age_seconds_bucket{le=\"+Inf\"} 0",
             "connwatch_sockets_tracked 0",
             "connwatch_network_namespaces 0",
+            "connwatch_firewall_blocked 0",
+            "connwatch_connections_opened_total{direction=\"in\"} 0",
+            "connwatch_connections_opened_total{direction=\"out\"} 0",
+            "connwatch_connections_closed_total 0",
             "# EOF",
         ] {
             assert!(text.contains(want), "{want} missing from\n{text}");

@@ -18,7 +18,7 @@ use crate::engine::Engine;
 use crate::kernel::cgroup::{container_of, Cgroups};
 use crate::kernel::netns::Namespaces;
 use crate::kernel::pins;
-use crate::kernel::sock_diag::{DiagSocket, SockDiag};
+use crate::kernel::sock_diag::{DiagSocket, SockDiag, TcpTraffic};
 use crate::policy::{parse_cidr, parse_netns, PortRange};
 use crate::track::Tracked;
 
@@ -63,6 +63,20 @@ pub struct Row {
     /// Why no rule may ever destroy it (`port 22`, `process sshd`), while a daemon runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protected: Option<String>,
+    /// Bytes received (`tcpi_bytes_received`) and sent and acknowledged
+    /// (`tcpi_bytes_acked`); null where the kernel gave no `tcp_info` (TIME_WAIT).
+    #[serde(default)]
+    pub bytes_in: Option<u64>,
+    #[serde(default)]
+    pub bytes_out: Option<u64>,
+    /// Segments received and sent (`tcpi_segs_in`, `tcpi_segs_out`) and retransmitted
+    /// (`tcpi_total_retrans`).
+    #[serde(default)]
+    pub segs_in: Option<u64>,
+    #[serde(default)]
+    pub segs_out: Option<u64>,
+    #[serde(default)]
+    pub retrans: Option<u64>,
 }
 
 fn secs(ns: u64) -> f64 {
@@ -86,6 +100,8 @@ pub struct Item {
     pub cgroup: Option<Arc<str>>,
     /// The daemon's key of the socket, to find its deadline.
     pub key: Option<u64>,
+    /// What it carried, from `tcp_info`, where a dump was read.
+    pub traffic: Option<TcpTraffic>,
 }
 
 impl Item {
@@ -110,6 +126,11 @@ impl Item {
             next_rule: None,
             next_in_secs: None,
             protected: None,
+            bytes_in: self.traffic.map(|t| t.bytes_in),
+            bytes_out: self.traffic.map(|t| t.bytes_out),
+            segs_in: self.traffic.map(|t| u64::from(t.segs_in)),
+            segs_out: self.traffic.map(|t| u64::from(t.segs_out)),
+            retrans: self.traffic.map(|t| u64::from(t.retrans)),
         }
     }
 }
@@ -126,6 +147,8 @@ pub enum SortKey {
     State,
     /// By remote address and port.
     Remote,
+    /// Most bytes (received and sent) first.
+    Bytes,
 }
 
 /// Which connections to list and in what order; the same for the CLI and the API.
@@ -278,6 +301,10 @@ impl Filter {
             SortKey::Remote => addr(&a.tuple.remote)
                 .cmp(&addr(&b.tuple.remote))
                 .then_with(then),
+            SortKey::Bytes => {
+                let bytes = |i: &Item| i.traffic.map(|t| t.bytes());
+                desc(bytes(a), bytes(b)).then_with(then)
+            }
         }
     }
 
@@ -379,6 +406,7 @@ pub fn local_items(
                 direction: entry.and_then(|e| e.direction),
                 cgroup: entry.and_then(|e| cgroups(e.cgroup_id)),
                 key: None,
+                traffic: s.traffic,
             }
         })
         .collect()
@@ -424,6 +452,36 @@ pub fn item_of(engine: &Engine, key: u64, t: &Tracked, now: u64) -> Item {
         direction: t.direction,
         cgroup: engine.subject(t).cgroup,
         key: Some(key),
+        traffic: None,
+    }
+}
+
+/// Fills in what each item carried, from one sock_diag dump per network namespace
+/// the items live in (only the states they are in), joined by socket identity
+/// (namespace and cookie): never a lookup per socket. What the daemon's `list` pays
+/// on top of its tracker; a namespace that cannot be dumped leaves its items without.
+pub fn join_traffic(items: &mut [Item], namespaces: &mut Namespaces) {
+    let mut by_ns: BTreeMap<u32, u32> = BTreeMap::new();
+    for it in items.iter() {
+        *by_ns.entry(it.id.netns).or_default() |= 1 << it.state.0;
+    }
+    let wanted: HashMap<SockId, usize> =
+        items.iter().enumerate().map(|(i, it)| (it.id, i)).collect();
+    for (netns, states) in by_ns {
+        let dumped = namespaces
+            .diag(netns, None)
+            .and_then(|d| d.dump_with_activity(states & SockDiag::ALL_STATES));
+        match dumped {
+            Ok(sockets) => {
+                for s in sockets {
+                    let id = SockId::new(netns, cookie_from_diag(s.cookie));
+                    if let Some(&i) = wanted.get(&id) {
+                        items[i].traffic = s.traffic;
+                    }
+                }
+            }
+            Err(e) => tracing::debug!("no traffic counts for network namespace {netns}: {e:#}"),
+        }
     }
 }
 
@@ -468,6 +526,7 @@ mod tests {
                 uid: 0,
                 ifindex: 0,
                 activity: None,
+                traffic: None,
             },
         )
     }

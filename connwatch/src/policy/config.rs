@@ -79,6 +79,8 @@ struct FileSettings {
     exclude_process: Texts,
     exclude_cgroup: Option<Vec<String>>,
     block: Texts,
+    block_firewall: Option<bool>,
+    block_for: Option<Spanned<String>>,
     max_conns_per_ip: Option<Spanned<u32>>,
     max_kills_per_second: Option<Spanned<u32>>,
     max_kill_fraction: Option<Spanned<f64>>,
@@ -321,6 +323,8 @@ impl Reader<'_> {
                 .collect::<Result<_, _>>()?,
             exclude_cgroups: f.exclude_cgroup.clone().unwrap_or_default(),
             block: self.cidrs("block", &f.block)?,
+            block_firewall: f.block_firewall.unwrap_or(false),
+            block_for: self.duration("block-for", &f.block_for)?,
             max_conns_per_ip: positive("max-conns-per-ip", &f.max_conns_per_ip)?,
             max_kills_per_second: positive("max-kills-per-second", &f.max_kills_per_second)?,
             max_kill_fraction: f

@@ -292,6 +292,9 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     pub protect: Protection,
     pub budget: Budget,
+    /// With `--block-firewall`: how long an address whose connection a block rule
+    /// destroyed stays blocked in the firewall (`--block-for`).
+    pub block_firewall: Option<Duration>,
 }
 
 impl Policy {
@@ -324,8 +327,14 @@ impl Policy {
             })
             .collect();
         let ports: Vec<String> = self.protect.ports.iter().map(|p| p.to_string()).collect();
+        let firewall = self.block_firewall.map_or(String::new(), |d| {
+            format!(
+                "; blocked addresses also blocked in the firewall for {}",
+                crate::clock::human(d)
+            )
+        });
         format!(
-            "rules: {}; protected ports: {}; protected processes: {}",
+            "rules: {}; protected ports: {}; protected processes: {}{firewall}",
             rules.join(", "),
             ports.join(","),
             self.protect.processes.join(",")

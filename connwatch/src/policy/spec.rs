@@ -22,6 +22,10 @@ pub struct PolicySpec {
     pub exclude_processes: Vec<String>,
     pub exclude_cgroups: Vec<String>,
     pub block: Vec<IpNet>,
+    /// Also block, in the firewall, each address whose connection a block rule destroyed.
+    pub block_firewall: bool,
+    /// For how long (default [`DEFAULT_BLOCK_FOR`]).
+    pub block_for: Option<Duration>,
     pub max_conns_per_ip: Option<u32>,
     pub max_kills_per_second: Option<u32>,
     pub max_kill_fraction: Option<f64>,
@@ -29,6 +33,9 @@ pub struct PolicySpec {
     /// Named rules, each with its own selector.
     pub rules: Vec<Rule>,
 }
+
+/// How long `--block-firewall` blocks an address without `--block-for`.
+pub const DEFAULT_BLOCK_FOR: Duration = Duration::from_secs(600);
 
 fn pick<T>(over: Vec<T>, base: Vec<T>) -> Vec<T> {
     if over.is_empty() {
@@ -73,6 +80,8 @@ impl PolicySpec {
             exclude_processes: union(self.exclude_processes, over.exclude_processes),
             exclude_cgroups: union(self.exclude_cgroups, over.exclude_cgroups),
             block: pick(over.block, self.block),
+            block_firewall: over.block_firewall || self.block_firewall,
+            block_for: over.block_for.or(self.block_for),
             max_conns_per_ip: over.max_conns_per_ip.or(self.max_conns_per_ip),
             max_kills_per_second: over.max_kills_per_second.or(self.max_kills_per_second),
             max_kill_fraction: over.max_kill_fraction.or(self.max_kill_fraction),
@@ -149,6 +158,9 @@ impl PolicySpec {
                 max_kills_per_second: self.max_kills_per_second,
                 max_kill_fraction: self.max_kill_fraction,
             },
+            block_firewall: self
+                .block_firewall
+                .then(|| self.block_for.unwrap_or(DEFAULT_BLOCK_FOR)),
         }
     }
 }
@@ -263,5 +275,19 @@ mod tests {
         let p = spec.build();
         assert_eq!(p.rules[0].limit, Limit::Block);
         assert!(p.rules[0].selector.ports.is_empty());
+        assert_eq!(p.block_firewall, None);
+        let file = PolicySpec {
+            block_firewall: true,
+            ..spec.clone()
+        };
+        assert_eq!(file.build().block_firewall, Some(DEFAULT_BLOCK_FOR));
+        let flags = PolicySpec {
+            block_for: Some(Duration::from_secs(30)),
+            ..PolicySpec::default()
+        };
+        assert_eq!(
+            file.overlay(flags).build().block_firewall,
+            Some(Duration::from_secs(30))
+        );
     }
 }

@@ -28,7 +28,7 @@ mod wire;
 
 pub use probe::{probe_destroy, DestroySupport};
 use wire::{invalid_data, same_endpoints, socket_id};
-pub use wire::{DestroyError, DiagSocket, TcpActivity};
+pub use wire::{DestroyError, DiagSocket, TcpActivity, TcpTraffic};
 
 /// The cookie that tells the kernel "match on the tuple alone" (`INET_DIAG_NOCOOKIE`).
 const NO_COOKIE: [u8; 8] = [0xff; 8];
