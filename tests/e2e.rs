@@ -230,6 +230,8 @@ fn json_log_format_carries_the_fields() {
 fn a_reused_tuple_survives() {
     let _x = exclusive();
     let mut loaded = load::load_and_attach(load::Sizes::default()).expect("load the eBPF program");
+    // No daemon here: the kernel program sends only what a filter asks for.
+    load::write_filter(&mut loaded.filter, &connwatch_common::Filter::everything()).unwrap();
     let mut diag = SockDiag::open().unwrap();
     let listener = listen("127.0.0.1");
     let addr = listener.local_addr().unwrap();
@@ -357,6 +359,80 @@ fn list_reports_ages_of_connections_opened_at_known_times() {
         "{text}"
     );
     d.stop();
+}
+
+/// The kernel sends the daemon only what its policy can act on. A connection no rule
+/// can select crosses no ring buffer, yet `list` shows it with its true age (read from
+/// the map); a reload that selects it makes the daemon follow it and act on it.
+#[test]
+fn an_unselected_connection_is_listed_with_its_age_and_followed_after_a_reload() {
+    let _x = exclusive();
+    let dir = std::env::temp_dir().join(format!("connwatch-filter-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("connwatch.toml");
+    let selected = listen("127.0.0.1");
+    let other = listen("127.0.0.1");
+    let (ps, po) = (port(&selected), port(&other));
+    std::fs::write(&path, format!("max-age = \"1h\"\nremote-port = [{ps}]\n")).unwrap();
+    let d = Daemon::start(&["--config", path.to_str().unwrap(), "--enforce"]);
+    let events_before = api(&serde_json::json!({"cmd": "status"}))["counters"]["events"]
+        .as_u64()
+        .unwrap();
+    let quiet = Conn::open(&other);
+    thread::sleep(Duration::from_secs(2));
+    let followed = Conn::open(&selected);
+    thread::sleep(Duration::from_millis(300));
+    let status = api(&serde_json::json!({"cmd": "status"}));
+    let events = status["counters"]["events"].as_u64().unwrap() - events_before;
+    let rows = list_rows(&[]);
+    let row_of = |c: &Conn| {
+        let local = c.client.local_addr().unwrap().to_string();
+        rows.iter()
+            .find(|r| r["local"] == local.as_str())
+            .unwrap_or_else(|| panic!("{local} not listed: {rows:?}"))
+            .clone()
+    };
+    let q = row_of(&quiet);
+    assert_eq!(q["state"], "ESTABLISHED");
+    let age = q["age_secs"].as_f64().expect("a known age");
+    let want = quiet.opened.elapsed().as_secs_f64();
+    assert!(
+        (age - want).abs() < 1.0,
+        "listed {age}, opened {want} s ago"
+    );
+    assert!(q["next_rule"].is_null(), "no rule selects it: {q}");
+    assert!(row_of(&followed)["next_rule"].is_string());
+    // The followed connection's client end became established (its server end is
+    // on another port, unselected): the unselected one sent nothing at all.
+    assert!(
+        events <= 3,
+        "{events} events for one followed connection and one unselected"
+    );
+
+    // Widened: the unselected connection is followed from the map, with its true
+    // birth, and destroyed when it is older than the new limit.
+    std::fs::write(
+        &path,
+        format!("max-age = \"1h\"\nremote-port = [{ps}]\n\n[[rule]]\nname = \"wide\"\nmax-age = \"3s\"\nremote-port = [{po}]\n"),
+    )
+    .unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGHUP) };
+    d.wait_for("reloaded the policy", Duration::from_secs(2));
+    let after = quiet
+        .died_within(Duration::from_secs(5))
+        .expect("the widened policy did not act on the connection");
+    let age_at_death = quiet.opened.elapsed().as_secs_f64();
+    assert!(
+        age_at_death >= 3.0,
+        "destroyed at {age_at_death} s, before its 3 s ({after:?} after the reload)"
+    );
+    assert!(
+        !followed.is_dead(),
+        "the 1h rule's connection was destroyed"
+    );
+    d.stop();
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

@@ -155,7 +155,8 @@ pub fn from_daemon(client: &mut Client, filter: &Filter) -> Result<View> {
         last_minute: Some(pairs(&s["last_minute"])),
         dry_run,
         drops: s["kernel"]["map_full"].as_u64().unwrap_or(0)
-            + s["kernel"]["ring_full"].as_u64().unwrap_or(0),
+            + s["kernel"]["ring_full"].as_u64().unwrap_or(0)
+            + s["kernel"]["recursion_misses"].as_u64().unwrap_or(0),
         oldest: Vec::new(),
         idle: Vec::new(),
     };

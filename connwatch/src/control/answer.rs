@@ -1,6 +1,7 @@
 //! Answering requests in the event loop, with the engine in hand. Reloads and metrics
 //! scrapes are the daemon's own to answer.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Instant;
@@ -14,6 +15,7 @@ use crate::kernel::netns::Namespaces;
 use crate::kernel::{ConnMap, Stats};
 use crate::observe::journal::Journal;
 use crate::observe::view::{self, Query};
+use crate::track::Tracked;
 
 /// What answering needs from the event loop.
 pub struct Ctx<'a> {
@@ -27,11 +29,35 @@ pub struct Ctx<'a> {
     pub metrics_addr: Option<SocketAddr>,
 }
 
-fn rows(engine: &Engine, query: &Query, now: u64) -> Result<Reply, String> {
+/// The map entries of sockets the engine does not follow (a filtered engine follows
+/// only what its policy can act on; the map holds every socket, with its age).
+pub fn unfollowed(engine: &Engine, conns: Option<&ConnMap>) -> HashMap<u64, Tracked> {
+    if !engine.is_filtered() {
+        return HashMap::new();
+    }
+    conns
+        .into_iter()
+        .flat_map(|c| c.iter())
+        .filter_map(|item| {
+            let (key, info) = item.ok()?;
+            let t = Tracked::from_info(&info)?;
+            (engine.tracker.key_of(&t.id).is_none()).then_some((key, t))
+        })
+        .collect()
+}
+
+fn rows(
+    engine: &Engine,
+    conns: Option<&ConnMap>,
+    query: &Query,
+    now: u64,
+) -> Result<Reply, String> {
     let filter = query.filter()?;
+    let others = unfollowed(engine, conns);
     let items = engine
         .tracker
         .iter()
+        .chain(others.iter().map(|(k, t)| (*k, t)))
         .filter(|(_, t)| view::listed(t))
         .map(|(k, t)| view::item_of(k, t, now));
     let (kept, matched) = filter.apply(items);
@@ -45,7 +71,8 @@ fn rows(engine: &Engine, query: &Query, now: u64) -> Result<Reply, String> {
                 row.next_in_secs = Some(next.at_ns.saturating_sub(now) as f64 / 1e9)
                     .map(|s| (s * 1000.0).round() / 1000.0);
             }
-            if let Some(t) = engine.tracker.get(key) {
+            let t = engine.tracker.get(key).or_else(|| others.get(&key));
+            if let Some(t) = t {
                 row.protected = engine.policy.protected(&t.subject()).map(|p| p.to_string());
             }
             row
@@ -57,7 +84,8 @@ fn rows(engine: &Engine, query: &Query, now: u64) -> Result<Reply, String> {
 fn status(ctx: &Ctx, now: u64) -> Value {
     let e = &*ctx.engine;
     let c = &e.counters;
-    let (by_state, ages) = view::census(e, now);
+    let others = unfollowed(e, ctx.conns);
+    let (by_state, ages) = view::census_with(e, others.values(), now);
     let hist = view::age_histogram(ages.into_iter());
     let ages: Vec<Value> = hist
         .iter()
@@ -92,6 +120,7 @@ fn status(ctx: &Ctx, now: u64) -> Value {
             "events": ctx.kernel.events,
             "map_full": ctx.kernel.map_full,
             "ring_full": ctx.kernel.ring_full,
+            "recursion_misses": ctx.kernel.recursion_misses,
         },
         "by_state": by_state,
         "ages": ages,
@@ -144,7 +173,7 @@ pub fn answer(req: Request, ctx: &mut Ctx) -> Reply {
     match req {
         Request::Status => Reply::Json(status(ctx, now)),
         Request::Policy => Reply::Json(policy(ctx.engine)),
-        Request::List(q) => rows(ctx.engine, &q, now).unwrap_or_else(error),
+        Request::List(q) => rows(ctx.engine, ctx.conns, &q, now).unwrap_or_else(error),
         Request::Destroys { limit } => {
             Reply::Json(json!({"ok": true, "records": ctx.journal.borrow().recent(limit)}))
         }

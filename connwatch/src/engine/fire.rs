@@ -102,11 +102,25 @@ impl Engine {
         lookups: &mut Lookups,
     ) {
         let started = std::time::Instant::now();
-        let tuples: Vec<Tuple> = chosen.iter().map(|(_, t, _)| t.tuple).collect();
+        let n_due = chosen.len();
+        let mut kills = Vec::with_capacity(chosen.len());
+        // A socket the map holds, just re-read there, needs no lookup unless the
+        // decision needs what only the kernel's socket says: tcp_info for an idle
+        // limit, the inode for protection by process when the owner is unknown. The
+        // destroy names the cookie the kernel recorded, so the kernel itself refuses
+        // any other socket.
+        let (direct, looked): (Vec<_>, Vec<_>) = chosen
+            .into_iter()
+            .partition(|(_, t, rule)| self.needs_no_lookup(t, *rule));
+        for (key, chosen, rule) in direct {
+            if let Some(target) = self.vet_direct(key, &chosen, rule, now, lookups) {
+                kills.push((key, rule, target));
+            }
+        }
+        let tuples: Vec<Tuple> = looked.iter().map(|(_, t, _)| t.tuple).collect();
         let found = diag.get_many(&tuples);
         let looked_up = started.elapsed();
-        let mut kills = Vec::with_capacity(chosen.len());
-        for ((key, chosen, rule), found) in chosen.into_iter().zip(found) {
+        for ((key, chosen, rule), found) in looked.into_iter().zip(found) {
             if let Some(live) = self.vet(key, &chosen, rule, found, now, conns, lookups) {
                 // Named by the cookie the kernel recorded: it refuses any other socket.
                 kills.push((key, rule, destroy::target(&chosen, &live)));
@@ -138,7 +152,7 @@ impl Engine {
             self.record(&chosen, rule, now, &outcome, None);
         }
         tracing::debug!(
-            "round of {} deadlines: lookups took {:?}, {n} kills ended at {:?}, records at {:?}",
+            "round of {n_due} deadlines ({} looked up): lookups took {:?}, {n} kills ended at {:?}, records at {:?}",
             tuples.len(),
             looked_up,
             killed,
@@ -181,6 +195,44 @@ impl Engine {
             return None;
         };
         Some((key, *self.tracker.get(key)?, rule))
+    }
+
+    /// Whether a due socket can be destroyed on what the map just said of it.
+    fn needs_no_lookup(&self, t: &Tracked, rule: RuleId) -> bool {
+        t.source == Source::Map
+            && !matches!(self.policy.rule(rule).limit, Limit::Idle(_))
+            && (t.owner.is_some() || self.policy.protect.processes.is_empty())
+    }
+
+    /// [`Engine::vet`] for a socket the map holds and just confirmed (same identity,
+    /// same state): protections judged on its owner's current name; returns what the
+    /// destroy names.
+    fn vet_direct(
+        &mut self,
+        key: u64,
+        chosen: &Tracked,
+        rule: RuleId,
+        now: u64,
+        lookups: &mut Lookups,
+    ) -> Option<DiagSocket> {
+        let target = destroy::recorded(chosen);
+        if let Some(o) = self.owner_of(chosen, &target, lookups) {
+            self.tracker.note_owner(key, o);
+        }
+        let chosen = *self.tracker.get(key)?;
+        match self.policy.judge(&chosen.subject(), rule) {
+            Decision::Destroy(_) => Some(target),
+            Decision::Protected(_, p) => {
+                self.counters.protected += 1;
+                let outcome = Outcome::Skipped(format!("protected by {p}"));
+                self.record(&chosen, rule, now, &outcome, Some(Action::Protected));
+                None
+            }
+            Decision::NotDue => {
+                self.plan(key);
+                None
+            }
+        }
     }
 
     /// Checks a looked-up socket against the choice, the kernel's own activity timers,

@@ -10,6 +10,7 @@
 
 pub mod audit;
 pub mod destroy;
+mod filter;
 mod fire;
 mod manual;
 pub mod per_ip;
@@ -20,7 +21,7 @@ mod record;
 
 use std::collections::HashMap;
 
-use connwatch_common::{event_kind, ConnEvent};
+use connwatch_common::{event_kind, matters, ConnEvent, ConnInfo, Filter};
 
 use crate::conn::{canonical, SockId, TcpState, Tuple};
 use crate::policy::{Limit, Policy, Protected, RuleId, Verdict};
@@ -28,6 +29,7 @@ use crate::track::{Deadlines, Tracker};
 use audit::Record;
 use per_ip::PerIp;
 
+pub use filter::filter_of;
 pub use reconcile::Reconciled;
 
 /// Milliseconds, as `tcp_info` counts them, in nanoseconds.
@@ -96,11 +98,18 @@ pub struct Engine {
     window_start_ns: u64,
     window_used: usize,
     observer: Option<Observer>,
+    /// What the kernel sends, from the policy: see [`Engine::filtered`].
+    filter: Box<Filter>,
+    /// Whether the kernel sends only what [`Engine::filter`] says matters: the engine
+    /// then follows exactly those sockets (the map holds the others).
+    filtered: bool,
 }
 
 impl Engine {
     pub fn new(policy: Policy, enforce: bool) -> Self {
         Engine {
+            filter: Box::new(filter_of(&policy)),
+            filtered: false,
             policy,
             enforce,
             tracker: Tracker::new(),
@@ -111,6 +120,28 @@ impl Engine {
             window_used: 0,
             observer: None,
         }
+    }
+
+    /// From now on the kernel sends only the events [`Engine::filter`] lets through
+    /// (the daemon writes it into the filter map): the engine follows only the sockets
+    /// that matter, and forgets one when it leaves a state that does.
+    pub fn filtered(&mut self) {
+        self.filtered = true;
+    }
+
+    pub fn is_filtered(&self) -> bool {
+        self.filtered
+    }
+
+    /// What the kernel should send under the current policy.
+    pub fn filter(&self) -> &Filter {
+        &self.filter
+    }
+
+    /// Whether the engine follows a socket the map describes so: always, unless
+    /// filtered.
+    pub fn follows(&self, info: &ConnInfo) -> bool {
+        !self.filtered || matters(&self.filter, info.state, info.sport, info.dport)
     }
 
     /// Calls `f` with every decision from now on.
@@ -190,6 +221,7 @@ impl Engine {
 
     /// Replaces the policy, keeping everything known of the sockets.
     pub fn set_policy(&mut self, policy: Policy) {
+        *self.filter = filter_of(&policy);
         self.policy = policy;
         self.per_ip = PerIp::default();
         self.replan_all();
@@ -222,6 +254,15 @@ impl Engine {
                 if let Some(key) = self.tracker.time_wait(&was, ev.info.state_since_ns) {
                     self.plan(key);
                 }
+            }
+        }
+        // Filtered, the kernel says no more of a socket that left the states that
+        // matter until it enters one again: forget it (the map still holds it).
+        if ev.kind != event_kind::CLOSED && !self.follows(&ev.info) {
+            let id = SockId::new(ev.info.netns, ev.info.cookie);
+            if self.tracker.get(ev.key).is_some_and(|t| t.id == id) {
+                self.tracker.remove(ev.key);
+                self.plan(ev.key);
             }
         }
     }
