@@ -567,3 +567,54 @@ fn a_second_daemon_is_refused() {
     assert!(err.contains("another `connwatch run` is active"), "{err}");
     d.stop();
 }
+
+/// Many destroys due at once are spread over two sock_diag sockets: each connection is
+/// destroyed once, each logged once, none missed, none of another port touched.
+#[test]
+fn a_mass_destroy_on_two_threads_destroys_each_connection_once() {
+    let _x = exclusive();
+    let l = listen("127.0.0.1");
+    let spared = listen("127.0.0.1");
+    // Server ends on the selected local port, all older than the limit when the daemon
+    // starts, so all due at once: more than the 4096 that go to two threads.
+    let conns: Vec<Conn> = (0..4500).map(|_| Conn::open(&l)).collect();
+    let other = Conn::open(&spared);
+    thread::sleep(Duration::from_millis(1200));
+    let d = Daemon::start(&["--max-age", "1s", "--local-port", &port(&l), "--enforce"]);
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while conns.iter().any(|c| !c.is_dead()) && std::time::Instant::now() < end {
+        thread::sleep(Duration::from_millis(100));
+    }
+    let alive = conns.iter().filter(|c| !c.is_dead()).count();
+    assert_eq!(alive, 0, "{alive} of {} connections survived", conns.len());
+    assert!(
+        !other.is_dead(),
+        "a connection no rule selects was destroyed"
+    );
+    thread::sleep(Duration::from_millis(300));
+    let lines = d.lines();
+    let destroyed: Vec<&String> = lines.iter().filter(|l| l.contains(" destroyed ")).collect();
+    let unique: BTreeSet<&String> = destroyed.iter().copied().collect();
+    assert_eq!(
+        destroyed.len(),
+        conns.len(),
+        "one destroy line a connection"
+    );
+    assert_eq!(unique.len(), destroyed.len());
+    // They were due in one round (the debug log says how many), large enough to be
+    // spread over two threads.
+    let round = lines
+        .iter()
+        .filter_map(|l| {
+            l.split("round of ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(round >= 4096, "the largest round had {round} deadlines");
+    d.stop();
+}

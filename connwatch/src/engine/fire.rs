@@ -76,8 +76,9 @@ impl Engine {
         let mut lookups = Lookups::default();
         for (netns, group) in by_ns {
             let pid = group.iter().find_map(|(_, t, _)| t.owner.map(|o| o.pid));
+            let own = netns == namespaces.host;
             match namespaces.diag(netns, pid) {
-                Ok(diag) => self.fire_in(diag, group, now, conns, &mut lookups),
+                Ok(diag) => self.fire_in(diag, own, group, now, conns, &mut lookups),
                 Err(e) => {
                     let why = format!("cannot reach network namespace {netns}: {e:#}");
                     for (_, chosen, rule) in group {
@@ -93,9 +94,11 @@ impl Engine {
 
     /// Looks up, re-checks and destroys the due sockets of one namespace through its
     /// sock_diag socket.
+    #[allow(clippy::too_many_arguments)]
     fn fire_in(
         &mut self,
         diag: &mut SockDiag,
+        own_netns: bool,
         chosen: Vec<(u64, Tracked, RuleId)>,
         now: u64,
         conns: Option<&ConnMap>,
@@ -109,9 +112,17 @@ impl Engine {
         // limit, the inode for protection by process when the owner is unknown. The
         // destroy names the cookie the kernel recorded, so the kernel itself refuses
         // any other socket.
+        // Whether any protected process holds a socket at all (read once a round, as
+        // the inodes are): if none does, an unknown owner needs no inode either.
+        let none_protected = chosen.iter().any(|(_, t, _)| t.owner.is_none())
+            && !self.policy.protect.processes.is_empty()
+            && lookups
+                .protected_inodes
+                .get_or_insert_with(|| procfs::sockets_of(&self.policy.protect.processes))
+                .is_empty();
         let (direct, looked): (Vec<_>, Vec<_>) = chosen
             .into_iter()
-            .partition(|(_, t, rule)| self.needs_no_lookup(t, *rule));
+            .partition(|(_, t, rule)| self.needs_no_lookup(t, *rule, none_protected));
         for (key, chosen, rule) in direct {
             if let Some(target) = self.vet_direct(key, &chosen, rule, now, lookups) {
                 kills.push((key, rule, target));
@@ -128,7 +139,7 @@ impl Engine {
         }
         let results: Vec<Outcome> = if self.enforce {
             let socks: Vec<&DiagSocket> = kills.iter().map(|(_, _, live)| live).collect();
-            diag.destroy_many(&socks)
+            destroy_spread(diag, &socks, own_netns)
                 .into_iter()
                 .map(destroy::outcome_of)
                 .collect()
@@ -198,10 +209,10 @@ impl Engine {
     }
 
     /// Whether a due socket can be destroyed on what the map just said of it.
-    fn needs_no_lookup(&self, t: &Tracked, rule: RuleId) -> bool {
+    fn needs_no_lookup(&self, t: &Tracked, rule: RuleId, none_protected: bool) -> bool {
         t.source == Source::Map
             && !matches!(self.policy.rule(rule).limit, Limit::Idle(_))
-            && (t.owner.is_some() || self.policy.protect.processes.is_empty())
+            && (t.owner.is_some() || self.policy.protect.processes.is_empty() || none_protected)
     }
 
     /// [`Engine::vet`] for a socket the map holds and just confirmed (same identity,
@@ -313,4 +324,32 @@ impl Engine {
             .get(&live.inode)
             .copied()
     }
+}
+
+/// Destroys at or above this many at once run on two threads.
+const SPREAD_FROM: usize = 4096;
+
+/// Destroys `socks`, many at once on two threads (a sock_diag socket each) so that the
+/// kernel's abort work (the reset, waking the owners) uses two cores. Only in the
+/// daemon's own namespace, where a second socket is one `socket(2)` away; results come
+/// back in the order asked.
+fn destroy_spread(
+    diag: &mut SockDiag,
+    socks: &[&DiagSocket],
+    own_netns: bool,
+) -> Vec<Result<(), DestroyError>> {
+    if !own_netns || socks.len() < SPREAD_FROM {
+        return diag.destroy_many(socks);
+    }
+    let (first, second) = socks.split_at(socks.len() / 2);
+    std::thread::scope(|s| {
+        let other = s.spawn(|| SockDiag::open().ok().map(|mut d| d.destroy_many(second)));
+        let mut done = diag.destroy_many(first);
+        match other.join().ok().flatten() {
+            Some(rest) => done.extend(rest),
+            // No second socket: this one does the rest.
+            None => done.extend(diag.destroy_many(second)),
+        }
+        done
+    })
 }
