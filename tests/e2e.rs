@@ -387,8 +387,9 @@ fn an_unselected_connection_is_listed_with_its_age_and_followed_after_a_reload()
     let rows = list_rows(&[]);
     let row_of = |c: &Conn| {
         let local = c.client.local_addr().unwrap().to_string();
+        let remote = c.client.peer_addr().unwrap().to_string();
         rows.iter()
-            .find(|r| r["local"] == local.as_str())
+            .find(|r| r["local"] == local.as_str() && r["remote"] == remote.as_str())
             .unwrap_or_else(|| panic!("{local} not listed: {rows:?}"))
             .clone()
     };

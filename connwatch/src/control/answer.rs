@@ -15,7 +15,7 @@ use crate::kernel::netns::Namespaces;
 use crate::kernel::{ConnMap, Stats};
 use crate::observe::journal::Journal;
 use crate::observe::view::{self, Query};
-use crate::track::Tracked;
+use crate::track::{Source, Tracked};
 
 /// What answering needs from the event loop.
 pub struct Ctx<'a> {
@@ -35,11 +35,22 @@ pub fn unfollowed(engine: &Engine, conns: Option<&ConnMap>) -> HashMap<u64, Trac
     if !engine.is_filtered() {
         return HashMap::new();
     }
+    let Some(conns) = conns else {
+        return HashMap::new();
+    };
+    // Keys only where the engine follows the entry's socket already: one `bpf` call an
+    // entry, not two.
     conns
-        .into_iter()
-        .flat_map(|c| c.iter())
-        .filter_map(|item| {
-            let (key, info) = item.ok()?;
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|key| {
+            engine
+                .tracker
+                .get(*key)
+                .is_none_or(|t| t.source != Source::Map)
+        })
+        .filter_map(|key| {
+            let info = conns.get(&key, 0).ok()?;
             let t = Tracked::from_info(&info)?;
             (engine.tracker.key_of(&t.id).is_none()).then_some((key, t))
         })
