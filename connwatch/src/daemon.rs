@@ -114,17 +114,24 @@ fn refilter(
     ring: &mut RingBuf<MapData>,
     namespaces: &mut Namespaces,
     conns: &mut ConnMap,
-) -> Result<()> {
-    kernel::write_filter(filter, engine.filter())?;
+) {
+    // Failures are logged, not fatal: the daemon stays up with the new policy, and the
+    // next stats tick's reconcile (after any loss) or the next reload tries again.
+    if let Err(e) = kernel::write_filter(filter, engine.filter()) {
+        tracing::error!("{e:#}: the kernel goes on sending what the previous policy asked for");
+    }
     drain(ring, engine);
-    let done = full_reconcile(engine, namespaces, conns)?;
-    tracing::info!(
-        "following the sockets the policy can act on: {} from the map, {} from the dump, {} stale entries removed",
-        done.from_map,
-        done.seeded,
-        done.stale
-    );
-    Ok(())
+    match full_reconcile(engine, namespaces, conns) {
+        Ok(done) => tracing::info!(
+            "following the sockets the policy can act on: {} from the map, {} from the dump, {} stale entries removed",
+            done.from_map,
+            done.seeded,
+            done.stale
+        ),
+        Err(e) => tracing::error!(
+            "cannot reconcile after the reload: {e:#}; sockets the new policy selects are followed as their next state change is seen"
+        ),
+    }
 }
 
 /// One dump of every network namespace, and the tracker and map brought in line with
@@ -297,7 +304,7 @@ pub async fn run(opts: Options) -> Result<()> {
                     Err(e) => tracing::error!("{e:#}; logging goes on to the file as it was"),
                 }
                 if reload(&mut engine, &opts.source, metrics.as_deref(), "").is_ok() {
-                    refilter(&mut engine, &mut filter_map, ring.get_mut(), &mut namespaces, &mut conns)?;
+                    refilter(&mut engine, &mut filter_map, ring.get_mut(), &mut namespaces, &mut conns);
                 }
             }
             Some(job) = jobs.recv() => {
@@ -308,7 +315,7 @@ pub async fn run(opts: Options) -> Result<()> {
                     Request::Reload => {
                         match reload(&mut engine, &opts.source, metrics.as_deref(), " (control API)") {
                             Ok(description) => {
-                                refilter(&mut engine, &mut filter_map, ring.get_mut(), &mut namespaces, &mut conns)?;
+                                refilter(&mut engine, &mut filter_map, ring.get_mut(), &mut namespaces, &mut conns);
                                 Reply::Json(serde_json::json!({"ok": true, "description": description}))
                             }
                             Err(e) => error(format!("reload refused, keeping the last good policy: {e:#}")),
