@@ -233,6 +233,8 @@ fn json_log_format_carries_the_fields() {
 fn a_reused_tuple_survives() {
     let _x = exclusive();
     let mut loaded = load::load_and_attach(load::Sizes::default()).expect("load the eBPF program");
+    // No daemon here: the kernel program sends only what a filter asks for.
+    load::write_filter(&mut loaded.filter, &connwatch_common::Filter::everything()).unwrap();
     let mut diag = SockDiag::open().unwrap();
     let listener = listen("127.0.0.1");
     let addr = listener.local_addr().unwrap();
@@ -360,6 +362,81 @@ fn list_reports_ages_of_connections_opened_at_known_times() {
         "{text}"
     );
     d.stop();
+}
+
+/// The kernel sends the daemon only what its policy can act on. A connection no rule
+/// can select crosses no ring buffer, yet `list` shows it with its true age (read from
+/// the map); a reload that selects it makes the daemon follow it and act on it.
+#[test]
+fn an_unselected_connection_is_listed_with_its_age_and_followed_after_a_reload() {
+    let _x = exclusive();
+    let dir = std::env::temp_dir().join(format!("connwatch-filter-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("connwatch.toml");
+    let selected = listen("127.0.0.1");
+    let other = listen("127.0.0.1");
+    let (ps, po) = (port(&selected), port(&other));
+    std::fs::write(&path, format!("max-age = \"1h\"\nremote-port = [{ps}]\n")).unwrap();
+    let d = Daemon::start(&["--config", path.to_str().unwrap(), "--enforce"]);
+    let events_before = api(&serde_json::json!({"cmd": "status"}))["counters"]["events"]
+        .as_u64()
+        .unwrap();
+    let quiet = Conn::open(&other);
+    thread::sleep(Duration::from_secs(2));
+    let followed = Conn::open(&selected);
+    thread::sleep(Duration::from_millis(300));
+    let status = api(&serde_json::json!({"cmd": "status"}));
+    let events = status["counters"]["events"].as_u64().unwrap() - events_before;
+    let rows = list_rows(&[]);
+    let row_of = |c: &Conn| {
+        let local = c.client.local_addr().unwrap().to_string();
+        let remote = c.client.peer_addr().unwrap().to_string();
+        rows.iter()
+            .find(|r| r["local"] == local.as_str() && r["remote"] == remote.as_str())
+            .unwrap_or_else(|| panic!("{local} not listed: {rows:?}"))
+            .clone()
+    };
+    let q = row_of(&quiet);
+    assert_eq!(q["state"], "ESTABLISHED");
+    let age = q["age_secs"].as_f64().expect("a known age");
+    let want = quiet.opened.elapsed().as_secs_f64();
+    assert!(
+        (age - want).abs() < 1.0,
+        "listed {age}, opened {want} s ago"
+    );
+    assert!(q["next_rule"].is_null(), "no rule selects it: {q}");
+    assert!(row_of(&followed)["next_rule"].is_string());
+    // The followed connection's client end became established (its server end is
+    // on another port, unselected): the unselected one sent nothing at all.
+    assert!(
+        events <= 3,
+        "{events} events for one followed connection and one unselected"
+    );
+
+    // Widened: the unselected connection is followed from the map, with its true
+    // birth, and destroyed when it is older than the new limit.
+    std::fs::write(
+        &path,
+        format!("max-age = \"1h\"\nremote-port = [{ps}]\n\n[[rule]]\nname = \"wide\"\nmax-age = \"3s\"\nremote-port = [{po}]\n"),
+    )
+    .unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGHUP) };
+    d.wait_for("reloaded the policy", Duration::from_secs(2));
+    let after = quiet
+        .died_within(Duration::from_secs(5))
+        .expect("the widened policy did not act on the connection");
+    let age_at_death = quiet.opened.elapsed().as_secs_f64();
+    assert!(
+        age_at_death >= 3.0,
+        "destroyed at {age_at_death} s, before its 3 s ({after:?} after the reload)"
+    );
+    assert!(
+        !followed.is_dead(),
+        "the 1h rule's connection was destroyed"
+    );
+    d.stop();
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -634,5 +711,56 @@ fn a_device_bound_connection_is_destroyed() {
         .expect("the device-bound connection was not destroyed");
     let line = d.wait_for(&format!("destroyed {}", c.tuple()), Duration::from_secs(1));
     assert!(line.contains("reason=max-age"), "{line}");
+    d.stop();
+}
+
+/// Many destroys due at once are spread over two sock_diag sockets: each connection is
+/// destroyed once, each logged once, none missed, none of another port touched.
+#[test]
+fn a_mass_destroy_on_two_threads_destroys_each_connection_once() {
+    let _x = exclusive();
+    let l = listen("127.0.0.1");
+    let spared = listen("127.0.0.1");
+    // Server ends on the selected local port, all older than the limit when the daemon
+    // starts, so all due at once: more than the 4096 that go to two threads.
+    let conns: Vec<Conn> = (0..4500).map(|_| Conn::open(&l)).collect();
+    let other = Conn::open(&spared);
+    thread::sleep(Duration::from_millis(1200));
+    let d = Daemon::start(&["--max-age", "1s", "--local-port", &port(&l), "--enforce"]);
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while conns.iter().any(|c| !c.is_dead()) && std::time::Instant::now() < end {
+        thread::sleep(Duration::from_millis(100));
+    }
+    let alive = conns.iter().filter(|c| !c.is_dead()).count();
+    assert_eq!(alive, 0, "{alive} of {} connections survived", conns.len());
+    assert!(
+        !other.is_dead(),
+        "a connection no rule selects was destroyed"
+    );
+    thread::sleep(Duration::from_millis(300));
+    let lines = d.lines();
+    let destroyed: Vec<&String> = lines.iter().filter(|l| l.contains(" destroyed ")).collect();
+    let unique: BTreeSet<&String> = destroyed.iter().copied().collect();
+    assert_eq!(
+        destroyed.len(),
+        conns.len(),
+        "one destroy line a connection"
+    );
+    assert_eq!(unique.len(), destroyed.len());
+    // They were due in one round (the debug log says how many), large enough to be
+    // spread over two threads.
+    let round = lines
+        .iter()
+        .filter_map(|l| {
+            l.split("round of ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(round >= 4096, "the largest round had {round} deadlines");
     d.stop();
 }

@@ -236,6 +236,94 @@ pub struct ConnEvent {
     pub info: ConnInfo,
 }
 
+/// Name of the one-entry array map through which the daemon tells the kernel program
+/// what to send it (see [`Filter`]).
+pub const MAP_FILTER: &str = "CW_FILTER";
+
+/// Words of [`Filter::ports`]: one bit for each of the 65536 ports.
+pub const PORT_WORDS: usize = 1024;
+
+/// What the daemon wants to hear of: the one value of the filter map, written by the
+/// daemon at start, on every policy reload and (with `active` 0) at a clean stop. The
+/// kernel program keeps every socket in the connection map whatever this says; it only
+/// decides which lifecycle events cross the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Filter {
+    /// 1 while a daemon reads the ring; 0 (no daemon) sends nothing at all.
+    pub active: u32,
+    /// Bit `1 << state`: the TCP states in which some rule can give a socket a deadline
+    /// (or, for a TIME_WAIT limit, the states a connection enters TIME_WAIT from).
+    pub states: u32,
+    /// 1 when some rule can select a socket whatever its ports.
+    pub any_port: u32,
+    pub _pad: u32,
+    /// Bit `port % 64` of word `port / 64`: a port some rule selects, local or remote.
+    pub ports: [u64; PORT_WORDS],
+}
+
+impl Filter {
+    /// Sends nothing: what the kernel program does before any daemon wrote the map.
+    pub const fn off() -> Self {
+        Filter {
+            active: 0,
+            states: 0,
+            any_port: 0,
+            _pad: 0,
+            ports: [0; PORT_WORDS],
+        }
+    }
+
+    /// Sends everything: every state, every port.
+    pub const fn everything() -> Self {
+        Filter {
+            active: 1,
+            states: u32::MAX,
+            any_port: 1,
+            _pad: 0,
+            ports: [0; PORT_WORDS],
+        }
+    }
+
+    pub fn add_state(&mut self, state: u32) {
+        if state < 32 {
+            self.states |= 1 << state;
+        }
+    }
+
+    pub fn add_port(&mut self, port: u16) {
+        self.ports[(port >> 6) as usize] |= 1 << (port & 63);
+    }
+
+    #[inline(always)]
+    pub fn has_port(&self, port: u16) -> bool {
+        let i = (port >> 6) as usize;
+        // The index is below PORT_WORDS for every u16: no bounds check is emitted.
+        i < PORT_WORDS && (self.ports[i] >> (port & 63)) & 1 == 1
+    }
+}
+
+/// Whether a socket in `state` with these ports is one the daemon must follow: some rule
+/// can give it a deadline. The eBPF program and the daemon both decide with this.
+#[inline(always)]
+pub fn matters(f: &Filter, state: u32, sport: u16, dport: u16) -> bool {
+    state < 32
+        && (f.states >> state) & 1 == 1
+        && (f.any_port != 0 || f.has_port(sport) || f.has_port(dport))
+}
+
+/// Whether one lifecycle event crosses the ring: while a daemon runs, a socket first
+/// seen now (`DISCOVERED`: the daemon may know it from a dump) always does; any other
+/// event when the socket matters before or after the change, so the daemon hears of a
+/// socket entering a state that matters and of it leaving one (and then forgets it).
+#[inline(always)]
+pub fn sends(f: &Filter, kind: u32, oldstate: u32, newstate: u32, sport: u16, dport: u16) -> bool {
+    f.active != 0
+        && (kind == event_kind::DISCOVERED
+            || matters(f, oldstate, sport, dport)
+            || matters(f, newstate, sport, dport))
+}
+
 /// Indexes of the per-CPU statistics array.
 pub mod stat {
     /// State changes of TCP sockets seen.
@@ -256,6 +344,7 @@ mod user {
     // padding fields, so every bit pattern is valid and there is no hidden padding.
     unsafe impl aya::Pod for super::ConnInfo {}
     unsafe impl aya::Pod for super::ConnEvent {}
+    unsafe impl aya::Pod for super::Filter {}
 }
 
 #[cfg(test)]
@@ -299,6 +388,65 @@ mod tests {
                 assert_eq!(a & b, 0);
             }
         }
+    }
+
+    #[test]
+    fn the_filter_matters_by_state_and_port() {
+        let mut f = Filter::off();
+        assert!(
+            !sends(&f, event_kind::DISCOVERED, 1, 1, 1, 1),
+            "no daemon, nothing sent"
+        );
+        f.active = 1;
+        f.add_state(tcp_state::CLOSE_WAIT);
+        f.add_port(8080);
+        f.add_port(65535);
+        assert!(matters(&f, tcp_state::CLOSE_WAIT, 8080, 40000));
+        assert!(matters(&f, tcp_state::CLOSE_WAIT, 40000, 8080));
+        assert!(matters(&f, tcp_state::CLOSE_WAIT, 1, 65535));
+        assert!(!matters(&f, tcp_state::CLOSE_WAIT, 8081, 40000));
+        assert!(!matters(&f, tcp_state::ESTABLISHED, 8080, 40000));
+        assert!(!matters(&f, 40, 8080, 40000), "no state beyond the mask");
+        // Into and out of a state that matters is sent; between others is not.
+        assert!(sends(
+            &f,
+            event_kind::STATE,
+            tcp_state::ESTABLISHED,
+            tcp_state::CLOSE_WAIT,
+            8080,
+            1
+        ));
+        assert!(sends(
+            &f,
+            event_kind::CLOSED,
+            tcp_state::CLOSE_WAIT,
+            tcp_state::CLOSE,
+            8080,
+            1
+        ));
+        assert!(!sends(
+            &f,
+            event_kind::STATE,
+            tcp_state::SYN_SENT,
+            tcp_state::ESTABLISHED,
+            8080,
+            1
+        ));
+        assert!(sends(
+            &f,
+            event_kind::DISCOVERED,
+            tcp_state::SYN_SENT,
+            tcp_state::ESTABLISHED,
+            9,
+            9
+        ));
+        f.any_port = 1;
+        assert!(matters(&f, tcp_state::CLOSE_WAIT, 1, 2));
+        let all = Filter::everything();
+        for st in 0..16 {
+            assert!(matters(&all, st, 0, 0));
+        }
+        assert_eq!(size_of::<Filter>(), 16 + 8 * PORT_WORDS);
     }
 
     #[test]

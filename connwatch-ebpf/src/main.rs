@@ -19,11 +19,11 @@ use aya_ebpf::{
         bpf_get_socket_cookie, bpf_ktime_get_ns,
     },
     macros::{btf_tracepoint, map, tracepoint},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, TracePointContext},
 };
 use connwatch_common::{
-    event_kind, length_offsets, probe_offsets, stat, tcp_state, ConnEvent, ConnInfo,
+    event_kind, length_offsets, probe_offsets, sends, stat, tcp_state, ConnEvent, ConnInfo, Filter,
     ACTIVITY_GRANULE_NS, AF_INET, AF_INET6, DEFAULT_MAX_CONNS, DEFAULT_RING_BYTES,
     FLAG_BIRTH_UNKNOWN, FLAG_INBOUND, FLAG_OUTBOUND, IPPROTO_TCP,
 };
@@ -37,6 +37,11 @@ static EVENTS: RingBuf = RingBuf::pinned(DEFAULT_RING_BYTES, 0);
 
 #[map(name = "CW_STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
+
+// What the daemon wants to hear of (`connwatch_common::Filter`): all zero, so nothing is
+// sent, until a daemon writes it; cleared again at a clean stop.
+#[map(name = "CW_FILTER")]
+static FILTER: Array<Filter> = Array::pinned(1, 0);
 
 // The running kernel's layout, set by the daemon from BTF (names in
 // `connwatch_common::sock_globals`). Offsets are from the start of `struct sock`, except
@@ -242,9 +247,16 @@ fn count(index: u32) {
 /// Bytes one event takes in the ring buffer: the record and its 8-byte header.
 const EVENT_BYTES: u64 = (core::mem::size_of::<ConnEvent>() + 8) as u64;
 
-/// Writes the event straight into the ring buffer (no copy on the stack).
+/// Writes the event straight into the ring buffer (no copy on the stack), if the
+/// daemon's filter wants it.
 #[inline(always)]
 fn send(key: u64, kind: u32, oldstate: u32, info: &ConnInfo) {
+    let Some(filter) = FILTER.get(0) else {
+        return;
+    };
+    if !sends(filter, kind, oldstate, info.state, info.sport, info.dport) {
+        return;
+    }
     match EVENTS.reserve::<ConnEvent>(0) {
         Some(mut entry) => {
             entry.write(ConnEvent {

@@ -23,7 +23,7 @@ use crate::engine::{Engine, Reconciled};
 use crate::kernel::cgroup::Cgroups;
 use crate::kernel::netns::Namespaces;
 use crate::kernel::sock_diag::{DestroySupport, SockDiag};
-use crate::kernel::{self, pins, privilege, ConnMap, Loaded, Stats};
+use crate::kernel::{self, pins, privilege, ConnMap, FilterMap, Loaded, Stats};
 use crate::observe::journal::Journal;
 use crate::observe::log::reopen_log_file;
 use crate::observe::metrics::Metrics;
@@ -31,6 +31,11 @@ use crate::policy::{Policy, PolicySource};
 
 /// How often the kernel's drop counters are read: a constant cost, whatever the load.
 const STATS_EVERY: Duration = Duration::from_secs(2);
+
+/// How often the event ring is drained when the kernel has not woken the daemon: it
+/// wakes it only once a share of the ring is unread (`kernel::load::WAKEUP_SHARE`), so
+/// an event waits at most this long (a deadline drains the ring before it fires).
+const DRAIN_EVERY: Duration = Duration::from_millis(50);
 
 pub struct Options {
     pub policy: Policy,
@@ -96,6 +101,37 @@ fn drain(ring: &mut RingBuf<MapData>, engine: &mut Engine) {
             let ev = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const ConnEvent) };
             engine.on_event(&ev);
         }
+    }
+}
+
+/// Puts the engine's filter in force in the kernel, then follows what it newly lets
+/// through: the events already in the ring first, then one reconcile with the map
+/// (which holds every socket) and a dump, so a reload that widens the policy picks up
+/// sockets nothing sent before, and one that narrows it forgets those that no longer
+/// matter.
+fn refilter(
+    engine: &mut Engine,
+    filter: &mut FilterMap,
+    ring: &mut RingBuf<MapData>,
+    namespaces: &mut Namespaces,
+    conns: &mut ConnMap,
+) {
+    // Failures are logged, not fatal: the daemon stays up with the new policy, and the
+    // next stats tick's reconcile (after any loss) or the next reload tries again.
+    if let Err(e) = kernel::write_filter(filter, engine.filter()) {
+        tracing::error!("{e:#}: the kernel goes on sending what the previous policy asked for");
+    }
+    drain(ring, engine);
+    match full_reconcile(engine, namespaces, conns) {
+        Ok(done) => tracing::info!(
+            "following the sockets the policy can act on: {} from the map, {} from the dump, {} stale entries removed",
+            done.from_map,
+            done.seeded,
+            done.stale
+        ),
+        Err(e) => tracing::error!(
+            "cannot reconcile after the reload: {e:#}; sockets the new policy selects are followed as their next state change is seen"
+        ),
     }
 }
 
@@ -174,7 +210,10 @@ pub async fn run(opts: Options) -> Result<()> {
         mut conns,
         events,
         stats,
+        filter: mut filter_map,
+        set_state,
     } = kernel::load_and_attach(opts.sizes)?;
+    let read_stats = || kernel::read_stats(&stats, set_state.as_ref());
     let dropped = privilege::drop_after_load()?;
     if opts.enforce && dropped.destroy == DestroySupport::NotSupported {
         anyhow::bail!(
@@ -189,9 +228,15 @@ pub async fn run(opts: Options) -> Result<()> {
         // After the privilege drop: nft must work with what the daemon keeps.
         engine.open_firewall()?;
     }
+    // The kernel sends only what the policy can act on, from now until a clean stop
+    // (which sends nothing again); a start after a crash writes it anew.
+    engine.filtered();
+    kernel::write_filter(&mut filter_map, engine.filter())?;
     // The drop counters' baseline comes before the start-up reconcile: records dropped
-    // after it are reconciled again at the next stats tick, none go unnoticed.
-    let mut last_stats = kernel::read_stats(&stats).unwrap_or_default();
+    // after it are reconciled again at the next stats tick, none go unnoticed. Drops
+    // are reported from here: since this start, not since boot.
+    let start_stats = read_stats().unwrap_or_default();
+    let mut last_stats = start_stats;
     let done = full_reconcile(&mut engine, &mut namespaces, &mut conns)?;
     // Before the line that says it runs: a stop right after it must be a clean stop.
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -208,7 +253,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let journal = Rc::new(RefCell::new(Journal::default()));
     let metrics = opts
         .metrics_addr
-        .map(|_| Rc::new(Metrics::new(kernel::read_stats(&stats).unwrap_or_default())));
+        .map(|_| Rc::new(Metrics::new(start_stats)));
     {
         let (journal, metrics) = (journal.clone(), metrics.clone());
         engine.observe(Box::new(move |o| {
@@ -228,6 +273,8 @@ pub async fn run(opts: Options) -> Result<()> {
     drop(jobs_tx);
     let mut ring = watch_ring(events)?;
     let mut tick = tokio::time::interval(STATS_EVERY);
+    let mut drain_tick = tokio::time::interval(DRAIN_EVERY);
+    drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let now = monotonic_ns();
         let wake = engine
@@ -246,10 +293,13 @@ pub async fn run(opts: Options) -> Result<()> {
                 drain(ring.get_mut(), &mut engine);
                 engine.fire_due(monotonic_ns(), &mut namespaces, Some(&conns));
             }
+            _ = drain_tick.tick() => {
+                drain(ring.get_mut(), &mut engine);
+            }
             _ = tick.tick() => {
-                let s = kernel::read_stats(&stats).unwrap_or(last_stats);
+                let s = read_stats().unwrap_or(last_stats);
                 let mut reconciled = true;
-                if s.map_full > last_stats.map_full || s.ring_full > last_stats.ring_full {
+                if s.lost_since(&last_stats) {
                     report_drops(last_stats, s);
                     drain(ring.get_mut(), &mut engine);
                     match full_reconcile(&mut engine, &mut namespaces, &mut conns) {
@@ -275,21 +325,29 @@ pub async fn run(opts: Options) -> Result<()> {
                     Ok(None) => {}
                     Err(e) => tracing::error!("{e:#}; logging goes on to the file as it was"),
                 }
-                let _ = reload(&mut engine, &opts.source, metrics.as_deref(), "");
+                if reload(&mut engine, &opts.source, metrics.as_deref(), "").is_ok() {
+                    refilter(&mut engine, &mut filter_map, ring.get_mut(), &mut namespaces, &mut conns);
+                }
             }
             Some(job) = jobs.recv() => {
                 // Answer with what the kernel has said so far.
                 drain(ring.get_mut(), &mut engine);
-                let kernel_now = kernel::read_stats(&stats).unwrap_or(last_stats);
+                let kernel_now = read_stats().unwrap_or(last_stats);
                 let reply = match job.req {
                     Request::Reload => {
                         match reload(&mut engine, &opts.source, metrics.as_deref(), " (control API)") {
-                            Ok(description) => Reply::Json(serde_json::json!({"ok": true, "description": description})),
+                            Ok(description) => {
+                                refilter(&mut engine, &mut filter_map, ring.get_mut(), &mut namespaces, &mut conns);
+                                Reply::Json(serde_json::json!({"ok": true, "description": description}))
+                            }
                             Err(e) => error(format!("reload refused, keeping the last good policy: {e:#}")),
                         }
                     }
                     Request::Metrics => match &metrics {
-                        Some(m) => Reply::Text(m.scrape(&engine, kernel_now, monotonic_ns())),
+                        Some(m) => {
+                            let others: Vec<_> = answer::unfollowed(&engine, Some(&conns)).into_values().collect();
+                            Reply::Text(m.scrape_with(&engine, &others, kernel_now, monotonic_ns()))
+                        }
                         None => error("metrics are off"),
                     },
                     req => answer::answer(req, &mut Ctx {
@@ -297,7 +355,7 @@ pub async fn run(opts: Options) -> Result<()> {
                         namespaces: &mut namespaces,
                         conns: Some(&conns),
                         journal: &journal,
-                        kernel: kernel_now,
+                        kernel: kernel_now.since(&start_stats),
                         started,
                         api_socket: &opts.api_socket,
                         metrics_addr: opts.metrics_addr,
@@ -311,6 +369,11 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     // A clean stop leaves no firewall rule behind that no daemon shows or bounds.
     engine.remove_firewall();
+    // A clean stop: the programs stay attached to keep the map true, and send nothing
+    // while no daemon reads the ring.
+    if let Err(e) = kernel::write_filter(&mut filter_map, &connwatch_common::Filter::off()) {
+        tracing::warn!("{e:#}: the kernel program goes on sending events no one reads");
+    }
     let c = &engine.counters;
     tracing::info!(
         "stopping: {} events, {} destroyed, {} would destroy, {} skipped, {} failed; {}",
@@ -335,8 +398,9 @@ impl Drop for RemoveOnDrop {
 
 fn report_drops(before: Stats, after: Stats) {
     tracing::warn!(
-        "the kernel side dropped records: {} sockets not recorded (map full), {} events lost (ring full); reconciling with one sock_diag dump",
+        "the kernel side dropped records: {} sockets not recorded (map full), {} events lost (ring full), {} state changes missed (recursion); reconciling with one sock_diag dump",
         after.map_full - before.map_full,
-        after.ring_full - before.ring_full
+        after.ring_full - before.ring_full,
+        after.recursion_misses.saturating_sub(before.recursion_misses)
     );
 }

@@ -135,7 +135,7 @@ pub fn from_daemon(client: &mut Client, filter: &Filter) -> Result<View> {
         ages,
         last_minute: Some(pairs(&s.last_minute)),
         dry_run,
-        drops: s.kernel.map_full + s.kernel.ring_full,
+        drops: s.kernel.map_full + s.kernel.ring_full + s.kernel.recursion_misses,
         oldest: Vec::new(),
         idle: Vec::new(),
     };

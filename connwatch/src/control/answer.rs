@@ -1,6 +1,7 @@
 //! Answering requests in the event loop, with the engine in hand. Reloads and metrics
 //! scrapes are the daemon's own to answer.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Instant;
@@ -16,6 +17,7 @@ use crate::kernel::netns::Namespaces;
 use crate::kernel::{ConnMap, Stats};
 use crate::observe::journal::Journal;
 use crate::observe::view::{self, Query, SortKey};
+use crate::track::{Source, Tracked};
 
 /// What answering needs from the event loop.
 pub struct Ctx<'a> {
@@ -29,16 +31,47 @@ pub struct Ctx<'a> {
     pub metrics_addr: Option<SocketAddr>,
 }
 
+/// The map entries of sockets the engine does not follow (a filtered engine follows
+/// only what its policy can act on; the map holds every socket, with its age).
+pub fn unfollowed(engine: &Engine, conns: Option<&ConnMap>) -> HashMap<u64, Tracked> {
+    if !engine.is_filtered() {
+        return HashMap::new();
+    }
+    let Some(conns) = conns else {
+        return HashMap::new();
+    };
+    // Keys only where the engine follows the entry's socket already: one `bpf` call an
+    // entry, not two.
+    conns
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|key| {
+            engine
+                .tracker
+                .get(*key)
+                .is_none_or(|t| t.source != Source::Map)
+        })
+        .filter_map(|key| {
+            let info = conns.get(&key, 0).ok()?;
+            let t = Tracked::from_info(&info)?;
+            (engine.tracker.key_of(&t.id).is_none()).then_some((key, t))
+        })
+        .collect()
+}
+
 fn rows(
     engine: &Engine,
+    conns: Option<&ConnMap>,
     namespaces: &mut Namespaces,
     query: &Query,
     now: u64,
 ) -> Result<Reply, String> {
     let filter = query.filter()?;
+    let others = unfollowed(engine, conns);
     let items = engine
         .tracker
         .iter()
+        .chain(others.iter().map(|(k, t)| (*k, t)))
         .filter(|(_, t)| view::listed(t))
         .map(|(k, t)| view::item_of(engine, k, t, now));
     // Traffic comes from one dump per namespace: of every match when it orders the
@@ -62,7 +95,8 @@ fn rows(
                 row.next_in_secs = Some(next.at_ns.saturating_sub(now) as f64 / 1e9)
                     .map(|s| (s * 1000.0).round() / 1000.0);
             }
-            if let Some(t) = engine.tracker.get(key) {
+            let t = engine.tracker.get(key).or_else(|| others.get(&key));
+            if let Some(t) = t {
                 row.protected = engine
                     .policy
                     .protected(&engine.subject(t))
@@ -77,7 +111,8 @@ fn rows(
 fn status(ctx: &Ctx, now: u64) -> Status {
     let e = &*ctx.engine;
     let c = &e.counters;
-    let (by_state, ages) = view::census(e, now);
+    let others = unfollowed(e, ctx.conns);
+    let (by_state, ages) = view::census_with(e, others.values(), now);
     let hist = view::age_histogram(ages.into_iter());
     let owned = |m: BTreeMap<&'static str, u64>| -> BTreeMap<String, u64> {
         m.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
@@ -106,6 +141,7 @@ fn status(ctx: &Ctx, now: u64) -> Status {
             events: ctx.kernel.events,
             map_full: ctx.kernel.map_full,
             ring_full: ctx.kernel.ring_full,
+            recursion_misses: ctx.kernel.recursion_misses,
         },
         by_state: owned(by_state),
         ages: hist
@@ -200,7 +236,9 @@ pub fn answer(req: Request, ctx: &mut Ctx) -> Reply {
             Err(e) => error(format!("cannot encode the status: {e}")),
         },
         Request::Policy => Reply::Json(policy(ctx.engine)),
-        Request::List(q) => rows(ctx.engine, ctx.namespaces, &q, now).unwrap_or_else(error),
+        Request::List(q) => {
+            rows(ctx.engine, ctx.conns, ctx.namespaces, &q, now).unwrap_or_else(error)
+        }
         Request::Blocked => Reply::Json(blocked(ctx.engine)),
         Request::Destroys { limit } => {
             Reply::Json(json!({"ok": true, "records": ctx.journal.borrow().recent(limit)}))

@@ -233,6 +233,10 @@ pub struct KernelCounts {
     pub map_full: u64,
     /// Events lost: the ring was full.
     pub ring_full: u64,
+    /// Runs of the set-state program the kernel skipped (a run nested in another on
+    /// the same CPU): each a state change not recorded.
+    #[serde(default)]
+    pub recursion_misses: u64,
 }
 
 /// One bucket of the age histogram.

@@ -106,6 +106,22 @@ pub fn target(chosen: &Tracked, live: &DiagSocket) -> DiagSocket {
     }
 }
 
+/// What `SOCK_DESTROY` names for a socket known from the map alone (no lookup): its
+/// tuple, bound device and the cookie the kernel recorded. The kernel finds the socket
+/// by tuple and device and refuses it unless the cookie is the same.
+pub fn recorded(chosen: &Tracked) -> DiagSocket {
+    DiagSocket {
+        tuple: chosen.tuple,
+        state: chosen.state,
+        cookie: cookie_to_diag(chosen.id.cookie),
+        inode: 0,
+        uid: 0,
+        ifindex: chosen.ifindex,
+        activity: None,
+        traffic: None,
+    }
+}
+
 /// Destroys the chosen socket [`lookup`] found (or, in a dry run, says it would).
 pub fn kill(diag: &mut SockDiag, chosen: &Tracked, live: &DiagSocket, enforce: bool) -> Outcome {
     if !enforce {

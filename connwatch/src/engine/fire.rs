@@ -103,8 +103,9 @@ impl Engine {
         let mut lookups = Lookups::default();
         for (netns, group) in by_ns {
             let pid = group.iter().find_map(|(_, t, _)| t.owner.map(|o| o.pid));
+            let own = netns == namespaces.host;
             match namespaces.diag(netns, pid) {
-                Ok(diag) => self.fire_in(diag, group, now, conns, &mut lookups),
+                Ok(diag) => self.fire_in(diag, own, group, now, conns, &mut lookups),
                 Err(e) => {
                     let why = format!("cannot reach network namespace {netns}: {e:#}");
                     for (key, chosen, rule) in group {
@@ -122,25 +123,49 @@ impl Engine {
 
     /// Looks up, re-checks and destroys the due sockets of one namespace through its
     /// sock_diag socket.
+    #[allow(clippy::too_many_arguments)]
     fn fire_in(
         &mut self,
         diag: &mut SockDiag,
+        own_netns: bool,
         chosen: Vec<(u64, Tracked, RuleId)>,
         now: u64,
         conns: Option<&ConnMap>,
         lookups: &mut Lookups,
     ) {
         let started = std::time::Instant::now();
-        let tuples: Vec<Tuple> = chosen.iter().map(|(_, t, _)| t.tuple).collect();
+        let n_due = chosen.len();
+        let mut kills = Vec::with_capacity(chosen.len());
+        // A socket the map holds, just re-read there, needs no lookup unless the
+        // decision needs what only the kernel's socket says: tcp_info for an idle
+        // limit, the inode for protection by process when the owner is unknown. The
+        // destroy names the cookie the kernel recorded, so the kernel itself refuses
+        // any other socket.
+        // Whether any protected process holds a socket at all (read once a round, as
+        // the inodes are): if none does, an unknown owner needs no inode either.
+        let none_protected = chosen.iter().any(|(_, t, _)| t.owner.is_none())
+            && !self.policy.protect.processes.is_empty()
+            && lookups
+                .protected_inodes
+                .get_or_insert_with(|| procfs::sockets_of(&self.policy.protect.processes))
+                .is_empty();
+        let (direct, looked): (Vec<_>, Vec<_>) = chosen
+            .into_iter()
+            .partition(|(_, t, rule)| self.needs_no_lookup(t, *rule, none_protected));
+        for (key, chosen, rule) in direct {
+            if let Some(target) = self.vet_direct(key, &chosen, rule, now, lookups) {
+                kills.push((key, rule, target));
+            }
+        }
+        let tuples: Vec<Tuple> = looked.iter().map(|(_, t, _)| t.tuple).collect();
         // Each with the device it is bound to, which the kernel's lookup must be given.
-        let wanted: Vec<(Tuple, u32)> = chosen
+        let wanted: Vec<(Tuple, u32)> = looked
             .iter()
             .map(|(_, t, _)| (t.tuple, t.ifindex))
             .collect();
         let found = diag.get_many_on(&wanted);
         let looked_up = started.elapsed();
-        let mut kills = Vec::with_capacity(chosen.len());
-        for ((key, chosen, rule), found) in chosen.into_iter().zip(found) {
+        for ((key, chosen, rule), found) in looked.into_iter().zip(found) {
             if let Some(live) = self.vet(key, &chosen, rule, found, now, conns, lookups) {
                 // Named by the cookie the kernel recorded: it refuses any other socket.
                 kills.push((key, rule, destroy::target(&chosen, &live)));
@@ -148,7 +173,7 @@ impl Engine {
         }
         let results: Vec<Outcome> = if self.enforce {
             let socks: Vec<&DiagSocket> = kills.iter().map(|(_, _, live)| live).collect();
-            diag.destroy_many(&socks)
+            destroy_spread(diag, &socks, own_netns)
                 .into_iter()
                 .map(destroy::outcome_of)
                 .collect()
@@ -185,7 +210,7 @@ impl Engine {
             }
         }
         tracing::debug!(
-            "round of {} deadlines: lookups took {:?}, {n} kills ended at {:?}, records at {:?}",
+            "round of {n_due} deadlines ({} looked up): lookups took {:?}, {n} kills ended at {:?}, records at {:?}",
             tuples.len(),
             looked_up,
             killed,
@@ -228,6 +253,44 @@ impl Engine {
             return None;
         };
         Some((key, *self.tracker.get(key)?, rule))
+    }
+
+    /// Whether a due socket can be destroyed on what the map just said of it.
+    fn needs_no_lookup(&self, t: &Tracked, rule: RuleId, none_protected: bool) -> bool {
+        t.source == Source::Map
+            && !matches!(self.policy.rule(rule).limit, Limit::Idle(_))
+            && (t.owner.is_some() || self.policy.protect.processes.is_empty() || none_protected)
+    }
+
+    /// [`Engine::vet`] for a socket the map holds and just confirmed (same identity,
+    /// same state): protections judged on its owner's current name; returns what the
+    /// destroy names.
+    fn vet_direct(
+        &mut self,
+        key: u64,
+        chosen: &Tracked,
+        rule: RuleId,
+        now: u64,
+        lookups: &mut Lookups,
+    ) -> Option<DiagSocket> {
+        let target = destroy::recorded(chosen);
+        if let Some(o) = self.owner_of(chosen, &target, lookups) {
+            self.tracker.note_owner(key, o);
+        }
+        let chosen = *self.tracker.get(key)?;
+        match self.policy.judge(&self.subject(&chosen), rule) {
+            Decision::Destroy(_) => Some(target),
+            Decision::Protected(_, p) => {
+                self.counters.protected += 1;
+                let outcome = Outcome::Skipped(format!("protected by {p}"));
+                self.record(&chosen, rule, now, &outcome, Some(Action::Protected));
+                None
+            }
+            Decision::NotDue => {
+                self.plan(key);
+                None
+            }
+        }
     }
 
     /// Checks a looked-up socket against the choice, the kernel's own activity timers,
@@ -314,4 +377,32 @@ impl Engine {
             .get(&live.inode)
             .copied()
     }
+}
+
+/// Destroys at or above this many at once run on two threads.
+const SPREAD_FROM: usize = 4096;
+
+/// Destroys `socks`, many at once on two threads (a sock_diag socket each) so that the
+/// kernel's abort work (the reset, waking the owners) uses two cores. Only in the
+/// daemon's own namespace, where a second socket is one `socket(2)` away; results come
+/// back in the order asked.
+fn destroy_spread(
+    diag: &mut SockDiag,
+    socks: &[&DiagSocket],
+    own_netns: bool,
+) -> Vec<Result<(), DestroyError>> {
+    if !own_netns || socks.len() < SPREAD_FROM {
+        return diag.destroy_many(socks);
+    }
+    let (first, second) = socks.split_at(socks.len() / 2);
+    std::thread::scope(|s| {
+        let other = s.spawn(|| SockDiag::open().ok().map(|mut d| d.destroy_many(second)));
+        let mut done = diag.destroy_many(first);
+        match other.join().ok().flatten() {
+            Some(rest) => done.extend(rest),
+            // No second socket: this one does the rest.
+            None => done.extend(diag.destroy_many(second)),
+        }
+        done
+    })
 }

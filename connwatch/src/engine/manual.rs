@@ -25,6 +25,39 @@ impl Engine {
         namespaces: &mut Namespaces,
         conns: Option<&ConnMap>,
     ) -> Result<Record, String> {
+        // A filtered engine does not follow sockets no rule selects: the map knows
+        // them (with their ages), so they are taken in for this destroy, and let go of
+        // after it.
+        let mut adopted = Vec::new();
+        if self.is_filtered() {
+            for (key, info) in conns.into_iter().flat_map(|c| c.iter()).flatten() {
+                if Tuple::from_info(&info) != Some(tuple) {
+                    continue;
+                }
+                if let Some(t) = Tracked::from_info(&info) {
+                    if self.tracker.key_of(&t.id).is_none() {
+                        self.tracker.upsert(key, t);
+                        adopted.push(key);
+                    }
+                }
+            }
+        }
+        let done = self.destroy_named(tuple, netns, now, namespaces, conns);
+        for key in adopted {
+            self.tracker.remove(key);
+            self.plan(key);
+        }
+        done
+    }
+
+    fn destroy_named(
+        &mut self,
+        tuple: Tuple,
+        netns: Option<u32>,
+        now: u64,
+        namespaces: &mut Namespaces,
+        conns: Option<&ConnMap>,
+    ) -> Result<Record, String> {
         let mut keys = Vec::new();
         for k in self.tracker.keys_with_tuple(&tuple) {
             let in_ns = |t: &Tracked| netns.is_none_or(|ns| t.id.netns == ns);

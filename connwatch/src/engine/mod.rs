@@ -11,6 +11,7 @@
 pub mod audit;
 mod block;
 pub mod destroy;
+mod filter;
 mod fire;
 mod manual;
 pub mod per_ip;
@@ -22,7 +23,9 @@ mod record;
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use connwatch_common::{event_kind, ConnEvent, FLAG_INBOUND, FLAG_OUTBOUND};
+use connwatch_common::{
+    event_kind, matters, ConnEvent, ConnInfo, Filter, FLAG_INBOUND, FLAG_OUTBOUND,
+};
 
 use crate::conn::{canonical, SockId, TcpState, Tuple};
 use crate::kernel::cgroup::Cgroups;
@@ -31,6 +34,7 @@ use crate::track::{Deadlines, Tracked, Tracker};
 use audit::Record;
 use per_ip::PerIp;
 
+pub use filter::filter_of;
 pub use reconcile::Reconciled;
 
 /// Milliseconds, as `tcp_info` counts them, in nanoseconds.
@@ -121,6 +125,11 @@ pub struct Engine {
     /// of destroys asked for.
     firewall: Option<crate::kernel::firewall::Firewall>,
     to_block: Vec<block::ToBlock>,
+    /// What the kernel sends, from the policy: see [`Engine::filtered`].
+    filter: Box<Filter>,
+    /// Whether the kernel sends only what [`Engine::filter`] says matters: the engine
+    /// then follows exactly those sockets (the map holds the others).
+    filtered: bool,
 }
 
 /// A decision that stands.
@@ -142,6 +151,8 @@ pub(super) enum SettledAs {
 impl Engine {
     pub fn new(policy: Policy, enforce: bool) -> Self {
         Engine {
+            filter: Box::new(filter_of(&policy)),
+            filtered: false,
             policy,
             enforce,
             tracker: Tracker::new(),
@@ -172,6 +183,28 @@ impl Engine {
             (id, Some(c)) => c.path(id),
         };
         t.subject_in(path)
+    }
+
+    /// From now on the kernel sends only the events [`Engine::filter`] lets through
+    /// (the daemon writes it into the filter map): the engine follows only the sockets
+    /// that matter, and forgets one when it leaves a state that does.
+    pub fn filtered(&mut self) {
+        self.filtered = true;
+    }
+
+    pub fn is_filtered(&self) -> bool {
+        self.filtered
+    }
+
+    /// What the kernel should send under the current policy.
+    pub fn filter(&self) -> &Filter {
+        &self.filter
+    }
+
+    /// Whether the engine follows a socket the map describes so: always, unless
+    /// filtered.
+    pub fn follows(&self, info: &ConnInfo) -> bool {
+        !self.filtered || matters(&self.filter, info.state, info.sport, info.dport)
     }
 
     /// Calls `f` with every decision from now on.
@@ -290,6 +323,7 @@ impl Engine {
     /// Replaces the policy, keeping everything known of the sockets; every socket is
     /// decided afresh under it.
     pub fn set_policy(&mut self, policy: Policy) {
+        *self.filter = filter_of(&policy);
         self.policy = policy;
         self.settled.clear();
         self.per_ip = PerIp::default();
@@ -330,6 +364,15 @@ impl Engine {
                 if let Some(key) = self.tracker.time_wait(&was, ev.info.state_since_ns) {
                     self.plan(key);
                 }
+            }
+        }
+        // Filtered, the kernel says no more of a socket that left the states that
+        // matter until it enters one again: forget it (the map still holds it).
+        if ev.kind != event_kind::CLOSED && !self.follows(&ev.info) {
+            let id = SockId::new(ev.info.netns, ev.info.cookie);
+            if self.tracker.get(ev.key).is_some_and(|t| t.id == id) {
+                self.tracker.remove(ev.key);
+                self.plan(ev.key);
             }
         }
     }

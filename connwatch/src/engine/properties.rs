@@ -326,3 +326,326 @@ proptest! {
         deadlines_follow_the_policy(&once)?;
     }
 }
+
+/// The event filter: a richer life than above, as the kernel reports it (born in
+/// SYN_SENT or SYN_RECV, established, then one of the ways a connection ends), over
+/// ports that rules may or may not select.
+mod filtered {
+    use super::*;
+    use crate::engine::filter_of;
+    use crate::policy::PortRange;
+    use connwatch_common::{sends, Filter};
+    use std::collections::BTreeMap;
+
+    /// How a connection ends, if it does.
+    #[derive(Clone, Copy, Debug)]
+    enum End {
+        /// Still established.
+        Open,
+        /// Its peer closed: CLOSE_WAIT, perhaps then LAST_ACK, perhaps closed.
+        Passive { last_ack: bool, closed: bool },
+        /// It closed: FIN_WAIT1, perhaps FIN_WAIT2, perhaps TIME_WAIT (leaves the map).
+        Active { fin_wait2: bool, closed: bool },
+        /// Reset while established.
+        Reset,
+    }
+
+    #[derive(Clone, Debug)]
+    struct Life {
+        born_s: u64,
+        inbound: bool,
+        lport: u16,
+        rport: u16,
+        remote: u8,
+        steps_s: [u64; 3],
+        end: End,
+    }
+
+    fn arb_life() -> impl Strategy<Value = Life> {
+        let end = prop_oneof![
+            Just(End::Open),
+            (any::<bool>(), any::<bool>())
+                .prop_map(|(last_ack, closed)| End::Passive { last_ack, closed }),
+            (any::<bool>(), any::<bool>())
+                .prop_map(|(fin_wait2, closed)| End::Active { fin_wait2, closed }),
+            Just(End::Reset),
+        ];
+        (
+            0u64..100,
+            any::<bool>(),
+            8000u16..8004,
+            40000u16..40004,
+            0u8..3,
+            [1u64..40, 1u64..40, 1u64..40],
+            end,
+        )
+            .prop_map(
+                |(born_s, inbound, lport, rport, remote, steps_s, end)| Life {
+                    born_s,
+                    inbound,
+                    lport,
+                    rport,
+                    remote,
+                    steps_s,
+                    end,
+                },
+            )
+    }
+
+    fn ports() -> impl Strategy<Value = Vec<PortRange>> {
+        prop::collection::vec(
+            prop_oneof![
+                (8000u16..8005).prop_map(|p| PortRange { lo: p, hi: p }),
+                (40000u16..40005).prop_map(|p| PortRange { lo: p, hi: p + 1 }),
+            ],
+            0..2,
+        )
+    }
+
+    fn arb_policy() -> impl Strategy<Value = Policy> {
+        let limit = prop_oneof![
+            (1u64..200).prop_map(|s| Limit::MaxAge(Duration::from_secs(s))),
+            (1u64..200).prop_map(|s| Limit::Idle(Duration::from_secs(s))),
+            (0usize..6, 1u64..200).prop_map(|(i, s)| Limit::StateTimeout(
+                crate::policy::TIMEOUT_STATES[i],
+                Duration::from_secs(s)
+            )),
+            Just(Limit::Block),
+            (1u32..3).prop_map(Limit::MaxConnsPerIp),
+        ];
+        let rule = (limit, ports(), ports(), ports()).prop_map(
+            |(limit, ports, local_ports, remote_ports)| Rule {
+                name: limit.kind().into(),
+                selector: Selector {
+                    ports,
+                    local_ports,
+                    remote_ports,
+                    ..Selector::default()
+                },
+                limit,
+            },
+        );
+        prop::collection::vec(rule, 0..4).prop_map(|rules| Policy {
+            rules,
+            ..Policy::default()
+        })
+    }
+
+    fn life_info(i: usize, l: &Life, state: u32, since: u64) -> ConnInfo {
+        let mut info = ConnInfo::zeroed();
+        info.family = AF_INET;
+        info.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        info.daddr[..4].copy_from_slice(&[10, 0, 0, l.remote]);
+        // The local port is 0 until the connection is established (SYN_SENT).
+        info.sport = if state == tcp_state::SYN_SENT {
+            0
+        } else {
+            l.lport
+        };
+        info.dport = l.rport;
+        info.birth_ns = l.born_s * SEC;
+        info.seen_ns = l.born_s * SEC;
+        info.state_since_ns = since;
+        info.state = state;
+        info.netns = netns(i);
+        info.cookie = id(i).cookie;
+        info.last_rx_ns = (l.born_s + l.steps_s[0] / 2) * SEC;
+        info
+    }
+
+    /// Every event of every life in time order, as the kernel program sees them.
+    fn events(lives: &[Life]) -> Vec<ConnEvent> {
+        let mut evs: Vec<(u64, ConnEvent)> = Vec::new();
+        for (i, l) in lives.iter().enumerate() {
+            let mut at = l.born_s * SEC;
+            let first = if l.inbound {
+                tcp_state::SYN_RECV
+            } else {
+                tcp_state::SYN_SENT
+            };
+            let mut states = vec![first, tcp_state::ESTABLISHED];
+            match l.end {
+                End::Open => {}
+                End::Reset => states.push(tcp_state::CLOSE),
+                End::Passive { last_ack, closed } => {
+                    states.push(tcp_state::CLOSE_WAIT);
+                    if last_ack {
+                        states.push(tcp_state::LAST_ACK);
+                    }
+                    if closed {
+                        states.push(tcp_state::CLOSE);
+                    }
+                }
+                End::Active { fin_wait2, closed } => {
+                    states.push(tcp_state::FIN_WAIT1);
+                    if fin_wait2 {
+                        states.push(tcp_state::FIN_WAIT2);
+                    }
+                    if closed {
+                        states.push(tcp_state::CLOSE);
+                    }
+                }
+            }
+            let mut old = tcp_state::CLOSE;
+            for (n, st) in states.into_iter().enumerate() {
+                if n > 0 {
+                    at += l.steps_s[(n - 1).min(2)] * SEC;
+                }
+                let kind = match (n, st) {
+                    (0, _) => event_kind::OPENED,
+                    (_, tcp_state::CLOSE) => event_kind::CLOSED,
+                    _ => event_kind::STATE,
+                };
+                evs.push((
+                    at,
+                    ConnEvent {
+                        key: key(i),
+                        kind,
+                        oldstate: old,
+                        info: life_info(i, l, st, at),
+                    },
+                ));
+                old = st;
+            }
+        }
+        evs.sort_by_key(|(at, e)| (*at, e.key));
+        evs.into_iter().map(|(_, e)| e).collect()
+    }
+
+    /// What the kernel program sends under `f`, exactly as it decides.
+    fn sent(evs: &[ConnEvent], f: &Filter) -> Vec<ConnEvent> {
+        evs.iter()
+            .filter(|e| {
+                sends(
+                    f,
+                    e.kind,
+                    e.oldstate,
+                    e.info.state,
+                    e.info.sport,
+                    e.info.dport,
+                )
+            })
+            .copied()
+            .collect()
+    }
+
+    /// Each socket's deadline and the rule due at it, by identity.
+    fn decisions(e: &Engine) -> BTreeMap<SockId, (u64, Option<String>)> {
+        e.tracker
+            .iter()
+            .filter_map(|(k, t)| {
+                let at = e.deadlines.get(k)?;
+                let rule = e.due_rule(k, at).map(|r| e.policy.rule(r).name.clone());
+                Some((t.id, (at, rule)))
+            })
+            .collect()
+    }
+
+    /// The map at the end: the last entry of each life still in it.
+    fn map_of(evs: &[ConnEvent]) -> Vec<(u64, ConnInfo)> {
+        let mut m: BTreeMap<u64, ConnInfo> = BTreeMap::new();
+        for e in evs {
+            if e.kind == event_kind::CLOSED {
+                m.remove(&e.key);
+            } else {
+                m.insert(e.key, e.info);
+            }
+        }
+        m.into_iter().collect()
+    }
+
+    fn dump_of(map: &[(u64, ConnInfo)]) -> Dump {
+        let all: HashSet<u32> = (0..NAMESPACES).map(netns).collect();
+        Dump {
+            sockets: map
+                .iter()
+                .map(|(_, info)| {
+                    (
+                        info.netns,
+                        DiagSocket {
+                            tuple: Tuple::from_info(info).unwrap(),
+                            state: TcpState(info.state),
+                            cookie: cookie_to_diag(info.cookie),
+                            inode: 1,
+                            uid: 0,
+                            ifindex: 0,
+                            activity: None,
+                            traffic: None,
+                        },
+                    )
+                })
+                .collect(),
+            dumped: all.clone(),
+            existing: all,
+            failed: Vec::new(),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        /// An engine fed only what the kernel's filter lets through makes exactly
+        /// the decisions of one fed every event, after every event: the same
+        /// deadline for every socket, under the same rule.
+        #[test]
+        fn the_filter_changes_no_decision(
+            lives in prop::collection::vec(arb_life(), 0..30),
+            policy in arb_policy(),
+        ) {
+            let evs = events(&lives);
+            let f = filter_of(&policy);
+            let mut all = Engine::new(policy.clone(), false);
+            let mut some = Engine::new(policy, false);
+            some.filtered();
+            for ev in &evs {
+                all.on_event(ev);
+                if sends(&f, ev.kind, ev.oldstate, ev.info.state, ev.info.sport, ev.info.dport) {
+                    some.on_event(ev);
+                }
+                prop_assert_eq!(decisions(&some), decisions(&all), "after {:?}", ev);
+            }
+            // The filtered engine follows nothing the filter says cannot matter.
+            for (_, t) in some.tracker.iter() {
+                prop_assert!(t.source != crate::track::Source::Map
+                    || connwatch_common::matters(&f, t.state.0, t.tuple.local.port(), t.tuple.remote.port()));
+            }
+        }
+
+        /// A reload, then one reconcile with the map, leaves a filtered engine with
+        /// the decisions of an unfiltered one reloaded the same way: a policy that
+        /// widens picks up the sockets nothing sent before, one that narrows forgets.
+        #[test]
+        fn a_reload_then_the_map_catches_up(
+            lives in prop::collection::vec(arb_life(), 0..30),
+            before in arb_policy(),
+            after in arb_policy(),
+        ) {
+            let evs = events(&lives);
+            let mut all = Engine::new(before.clone(), false);
+            let mut some = Engine::new(before.clone(), false);
+            some.filtered();
+            let _ = some.reconcile_with(std::iter::empty(), &dump_of(&[]), 0);
+            for ev in sent(&evs, &filter_of(&before)) {
+                some.on_event(&ev);
+            }
+            for ev in &evs {
+                all.on_event(ev);
+            }
+            all.set_policy(after.clone());
+            some.set_policy(after.clone());
+            let map = map_of(&evs);
+            let _ = some.reconcile_with(map.iter().copied(), &dump_of(&map), 1000 * SEC);
+            // Sockets in the map (TIME_WAIT ones live only in the engine that followed
+            // them when they closed).
+            let in_map: HashSet<SockId> = map
+                .iter()
+                .map(|(_, i)| SockId::new(i.netns, i.cookie))
+                .collect();
+            let mut want = decisions(&all);
+            want.retain(|id, _| in_map.contains(id));
+            let mut got = decisions(&some);
+            got.retain(|id, _| in_map.contains(id));
+            prop_assert_eq!(got, want);
+        }
+    }
+}

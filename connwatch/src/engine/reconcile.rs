@@ -10,6 +10,7 @@ use crate::kernel::netns::Dump;
 use crate::kernel::ConnMap;
 use crate::policy::Policy;
 use crate::track::{Seed, Source, Tracked};
+use connwatch_common::ConnInfo;
 
 #[derive(Default, Debug)]
 pub struct Reconciled {
@@ -28,6 +29,20 @@ impl Engine {
     pub fn reconcile(
         &mut self,
         conns: Option<&ConnMap>,
+        dump: &Dump,
+        now: u64,
+    ) -> (Reconciled, Vec<u64>) {
+        let entries = conns
+            .into_iter()
+            .flat_map(|c| c.iter())
+            .filter_map(Result::ok);
+        self.reconcile_with(entries, dump, now)
+    }
+
+    /// [`Engine::reconcile`] with the map's entries given.
+    pub fn reconcile_with(
+        &mut self,
+        entries: impl Iterator<Item = (u64, ConnInfo)>,
         dump: &Dump,
         now: u64,
     ) -> (Reconciled, Vec<u64>) {
@@ -51,9 +66,10 @@ impl Engine {
             }
         };
         let mut in_map = HashSet::new();
+        // Every socket the map holds, followed or not: none is seeded from the dump.
+        let mut map_ids = HashSet::new();
         let mut stale_keys = Vec::new();
-        for item in conns.into_iter().flat_map(|c| c.iter()) {
-            let Ok((key, info)) = item else { continue };
+        for (key, info) in entries {
             let Some(t) = Tracked::from_info(&info) else {
                 continue;
             };
@@ -62,6 +78,11 @@ impl Engine {
             // now in TIME_WAIT, a state the map never holds.
             if info.seen_ns < now && gone(&t.id, false) {
                 stale_keys.push(key);
+                continue;
+            }
+            map_ids.insert(t.id);
+            // Filtered, only what can matter is followed; the map holds the rest.
+            if !self.follows(&info) {
                 continue;
             }
             in_map.insert(key);
@@ -100,6 +121,9 @@ impl Engine {
             if !Policy::actionable(s.state)
                 || (s.state == TcpState::TIME_WAIT && !time_wait_limited)
             {
+                continue;
+            }
+            if map_ids.contains(&SockId::new(*netns, cookie_from_diag(s.cookie))) {
                 continue;
             }
             // tcp_info's data timers start at the connection's establishment, so the

@@ -6,11 +6,14 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 
 use anyhow::{bail, Context, Result};
-use aya::maps::{HashMap, Map, MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{BtfTracePoint, ProgramError, TracePoint};
 use aya::{Btf, Ebpf, EbpfLoader};
-use connwatch_common::{stat, ConnInfo, LAYOUT_VERSION, MAP_CONNS, MAP_EVENTS, MAP_STATS};
+use connwatch_common::{
+    sock_globals, stat, ConnInfo, Filter, DEFAULT_RING_BYTES, LAYOUT_VERSION, MAP_CONNS,
+    MAP_EVENTS, MAP_FILTER, MAP_STATS, SET_STATE_PROGRAM,
+};
 
 use crate::kernel::btf::SockOffsets;
 use crate::kernel::fs::ensure_filesystems;
@@ -23,6 +26,11 @@ use crate::kernel::pins::{
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/connwatch.bpf.o"));
 
 pub type ConnMap = HashMap<MapData, u64, ConnInfo>;
+pub type FilterMap = Array<MapData, Filter>;
+
+/// The ring buffer wakes the daemon only when this share of it is unread (the daemon
+/// also drains it on a short timer): one wakeup a batch, not one an event.
+pub const WAKEUP_SHARE: u32 = 4;
 
 /// The loaded program and the maps the daemon uses. Dropping it leaves the pinned
 /// maps and links: the programs stay attached until `connwatch cleanup`.
@@ -31,6 +39,10 @@ pub struct Loaded {
     pub conns: ConnMap,
     pub events: RingBuf<MapData>,
     pub stats: PerCpuArray<MapData, u64>,
+    /// What the kernel program sends (see `connwatch_common::Filter`).
+    pub filter: FilterMap,
+    /// The pinned set-state program, for its `recursion_misses`; None if not pinned.
+    pub set_state: Option<std::os::fd::OwnedFd>,
 }
 
 /// Kernel-side drop counters, summed over CPUs.
@@ -39,6 +51,29 @@ pub struct Stats {
     pub events: u64,
     pub map_full: u64,
     pub ring_full: u64,
+    /// Runs of the set-state program the kernel skipped because a BPF program was
+    /// already running on that CPU (`recursion_misses` in its `bpf_prog_info`): each
+    /// is a state change never recorded.
+    pub recursion_misses: u64,
+}
+
+impl Stats {
+    /// What happened since `start` (counters read then): what the daemon reports.
+    pub fn since(&self, start: &Stats) -> Stats {
+        Stats {
+            events: self.events.saturating_sub(start.events),
+            map_full: self.map_full.saturating_sub(start.map_full),
+            ring_full: self.ring_full.saturating_sub(start.ring_full),
+            recursion_misses: self.recursion_misses.saturating_sub(start.recursion_misses),
+        }
+    }
+
+    /// Whether anything was lost between `before` and this reading.
+    pub fn lost_since(&self, before: &Stats) -> bool {
+        self.map_full > before.map_full
+            || self.ring_full > before.ring_full
+            || self.recursion_misses > before.recursion_misses
+    }
 }
 
 /// The embedded object, or an error if this binary was built without it.
@@ -242,6 +277,10 @@ pub fn load_and_attach(sizes: Sizes) -> Result<Loaded> {
     for (name, value) in &globals {
         loader.override_global(name, value, true);
     }
+    // One wakeup a batch: the kernel wakes the daemon when a quarter of the ring is
+    // unread; the daemon drains it on a short timer as well.
+    let wakeup = sizes.ring_bytes.unwrap_or(DEFAULT_RING_BYTES) / WAKEUP_SHARE;
+    loader.override_global(sock_globals::RB_WAKEUP_BYTES, &wakeup, true);
     if let Some(n) = sizes.max_conns {
         loader.map_max_entries(MAP_CONNS, n);
     }
@@ -309,19 +348,36 @@ pub fn load_and_attach(sizes: Sizes) -> Result<Loaded> {
         );
     }
     let stats = PerCpuArray::try_from(ebpf.take_map(MAP_STATS).context("no stats map")?)?;
+    let filter = FilterMap::try_from(ebpf.take_map(MAP_FILTER).context("no filter map")?)?;
+    let set_state = pins::open_prog(&prog_pin(SET_STATE_PROGRAM)).ok();
     Ok(Loaded {
         ebpf,
         conns,
         events,
         stats,
+        filter,
+        set_state,
     })
 }
 
-pub fn read_stats(stats: &PerCpuArray<MapData, u64>) -> Result<Stats> {
+/// Tells the kernel program what to send: `filter` (its `active` 0 sends nothing).
+pub fn write_filter(map: &mut FilterMap, filter: &Filter) -> Result<()> {
+    map.set(0, filter, 0)
+        .context("cannot write the kernel program's event filter")
+}
+
+pub fn read_stats(
+    stats: &PerCpuArray<MapData, u64>,
+    set_state: Option<&std::os::fd::OwnedFd>,
+) -> Result<Stats> {
     let sum = |i: u32| -> Result<u64> { Ok(stats.get(&i, 0)?.iter().sum()) };
     Ok(Stats {
         events: sum(stat::EVENTS)?,
         map_full: sum(stat::MAP_FULL)?,
         ring_full: sum(stat::RING_FULL)?,
+        // 0 where the program is not pinned (attached without a link): unknown.
+        recursion_misses: set_state
+            .and_then(|fd| pins::recursion_misses(fd.as_fd()).ok())
+            .unwrap_or(0),
     })
 }

@@ -14,4 +14,6 @@ pub mod privilege;
 pub mod procfs;
 pub mod sock_diag;
 
-pub use load::{load_and_attach, read_stats, ConnMap, Loaded, Sizes, Stats};
+pub use load::{
+    load_and_attach, read_stats, write_filter, ConnMap, FilterMap, Loaded, Sizes, Stats,
+};

@@ -127,6 +127,48 @@ pub(crate) fn prog_identity(fd: BorrowedFd<'_>) -> std::io::Result<ProgIdentity>
     })
 }
 
+/// A program's `recursion_misses` (`struct bpf_prog_info`, Linux 5.12+; 0 before):
+/// runs the kernel skipped because a BPF program was already running on that CPU.
+pub fn recursion_misses(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
+    // `struct bpf_prog_info` up to `recursion_misses` (offset 208) and the u32 after it.
+    const RECURSION_MISSES: usize = 208;
+    #[repr(C, align(8))]
+    struct Info([u8; 224]);
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    let mut info = Info([0; 224]);
+    let attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<Info>() as u32,
+        info: &mut info as *mut Info as u64,
+    };
+    // SAFETY: the kernel writes at most info_len bytes into `info`; every pointer field
+    // in it is zero, so it writes nowhere else.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &attr as *const InfoAttr,
+            std::mem::size_of::<InfoAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let b = &info.0[RECURSION_MISSES..RECURSION_MISSES + 8];
+    Ok(u64::from_ne_bytes(b.try_into().expect("8 bytes")))
+}
+
+/// Opens a pinned program, to read its statistics.
+pub fn open_prog(path: &Path) -> std::io::Result<OwnedFd> {
+    obj_get(path)
+}
+
 /// Opens a pinned object (`BPF_OBJ_GET`): needs only permission on the pin.
 fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
     #[repr(C)]

@@ -21,7 +21,7 @@
 //! | `connwatch_connections_opened_total` | counter | `direction` (`in`, `out`) |
 //! | `connwatch_connections_closed_total` | counter | |
 //! | `connwatch_kernel_events_total` | counter | |
-//! | `connwatch_kernel_drops_total` | counter | `reason` (`map_full`, `ring_full`) |
+//! | `connwatch_kernel_drops_total` | counter | `reason` (`map_full`, `ring_full`, `recursion`) |
 //! | `connwatch_deadline_to_destroy_seconds` | histogram | |
 //! | `connwatch_policy_reloads_total` | counter | `result` |
 
@@ -32,7 +32,8 @@ use std::time::Duration;
 
 use crate::engine::{Engine, Observed};
 use crate::kernel::Stats;
-use crate::observe::view::{age_histogram, census, AGE_BUCKETS};
+use crate::observe::view::{age_histogram, census_with, AGE_BUCKETS};
+use crate::track::Tracked;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
@@ -227,7 +228,7 @@ impl Metrics {
         );
         registry.register(
             "kernel_drops",
-            "Records the kernel program could not keep: map_full (a socket not recorded), ring_full (an event lost).",
+            "Records the kernel program could not keep since the daemon started: map_full (a socket not recorded), ring_full (an event lost), recursion (a state change the kernel did not run the program for).",
             m.kernel_drops.clone(),
         );
         registry.register_with_unit(
@@ -241,7 +242,7 @@ impl Metrics {
             "Policy reloads by result (ok, refused).",
             m.reloads.clone(),
         );
-        for reason in ["map_full", "ring_full"] {
+        for reason in ["map_full", "ring_full", "recursion"] {
             let _ = m.kernel_drops.get_or_create(&ReasonLabels { reason });
         }
         for direction in ["in", "out"] {
@@ -276,7 +277,19 @@ impl Metrics {
 
     /// The exposition, with the gauges and the age histogram taken now.
     pub fn scrape(&self, engine: &Engine, kernel: Stats, now: u64) -> String {
-        let (by_state, ages) = census(engine, now);
+        self.scrape_with(engine, &[], kernel, now)
+    }
+
+    /// [`Metrics::scrape`] with the sockets the map holds that the engine does not
+    /// follow counted too.
+    pub fn scrape_with(
+        &self,
+        engine: &Engine,
+        others: &[Tracked],
+        kernel: Stats,
+        now: u64,
+    ) -> String {
+        let (by_state, ages) = census_with(engine, others.iter(), now);
         let mut seen_states = self.states_seen.borrow_mut();
         for state in seen_states.iter() {
             if !by_state.contains_key(state) {
@@ -291,7 +304,8 @@ impl Metrics {
                 .get_or_create(&StateLabels { state })
                 .set(*n as i64);
         }
-        self.tracked.set(engine.tracker.len() as i64);
+        self.tracked
+            .set((engine.tracker.len() + others.len()) as i64);
         self.namespaces.set(engine.tracker.namespaces() as i64);
         self.deadlines.set(engine.deadlines.len() as i64);
         self.firewall_blocked.set(engine.blocked_count() as i64);
@@ -333,6 +347,15 @@ impl Metrics {
                 reason: "ring_full",
             })
             .inc_by(kernel.ring_full.saturating_sub(before.kernel.ring_full));
+        self.kernel_drops
+            .get_or_create(&ReasonLabels {
+                reason: "recursion",
+            })
+            .inc_by(
+                kernel
+                    .recursion_misses
+                    .saturating_sub(before.kernel.recursion_misses),
+            );
         self.seen.set(LastScrape {
             deferred: c.deferred,
             events: c.events,
@@ -343,6 +366,7 @@ impl Metrics {
                 events: kernel.events.max(before.kernel.events),
                 map_full: kernel.map_full.max(before.kernel.map_full),
                 ring_full: kernel.ring_full.max(before.kernel.ring_full),
+                recursion_misses: kernel.recursion_misses.max(before.kernel.recursion_misses),
             },
         });
         let mut out = String::new();
@@ -396,6 +420,7 @@ mod tests {
             events: 10,
             map_full: 1,
             ring_full: 0,
+            recursion_misses: 3,
         };
         let text = m.scrape(&engine, kernel, 0);
         for want in [
@@ -405,6 +430,7 @@ mod tests {
             "connwatch_kernel_events_total 10",
             "connwatch_kernel_drops_total{reason=\"map_full\"} 1",
             "connwatch_kernel_drops_total{reason=\"ring_full\"} 0",
+            "connwatch_kernel_drops_total{reason=\"recursion\"} 3",
             "connwatch_connection_age_seconds_count 0",
             "connwatch_connection_age_seconds_bucket{le=\"+Inf\"} 0",
             "connwatch_sockets_tracked 0",

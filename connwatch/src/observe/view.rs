@@ -492,9 +492,19 @@ pub fn listed(t: &Tracked) -> bool {
 
 /// Counts by state and the age histogram of the tracked connections: one pass.
 pub fn census(engine: &Engine, now: u64) -> (BTreeMap<&'static str, u64>, Vec<u64>) {
+    census_with(engine, std::iter::empty(), now)
+}
+
+/// [`census`] of the tracked connections and `others` (those the map holds that a
+/// filtered engine does not follow).
+pub fn census_with<'a>(
+    engine: &'a Engine,
+    others: impl Iterator<Item = &'a Tracked>,
+    now: u64,
+) -> (BTreeMap<&'static str, u64>, Vec<u64>) {
     let mut by_state = BTreeMap::new();
     let mut ages = Vec::with_capacity(engine.tracker.len());
-    for (_, t) in engine.tracker.iter() {
+    for t in engine.tracker.iter().map(|(_, t)| t).chain(others) {
         *by_state.entry(t.state.name()).or_default() += 1;
         if listed(t) {
             ages.push(now.saturating_sub(t.birth.no_later_than()));

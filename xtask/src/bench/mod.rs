@@ -12,6 +12,7 @@ mod fleet;
 mod host;
 mod population;
 mod stats;
+mod web;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -24,8 +25,8 @@ use host::{Sysctls, Tools};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Run only this figure (1-7; repeatable). Default: all.
-    #[arg(long = "figure", value_name = "N", value_parser = clap::value_parser!(u8).range(1..=7))]
+    /// Run only this figure (1-8; repeatable). Default: all.
+    #[arg(long = "figure", value_name = "N", value_parser = clap::value_parser!(u8).range(1..=8))]
     figures: Vec<u8>,
     /// Small sizes and short windows: a smoke run of a few minutes.
     #[arg(long)]
@@ -154,7 +155,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         notes: Vec::new(),
     };
     let figures: Vec<u8> = if args.figures.is_empty() {
-        (1..=7).collect()
+        (1..=8).collect()
     } else {
         args.figures
     };
@@ -202,6 +203,11 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     if want(5) {
         if let Err(e) = figures::churn(&mut bench) {
             failed.push((5, e));
+        }
+    }
+    if want(8) {
+        if let Err(e) = web::real_server(&mut bench) {
+            failed.push((8, e));
         }
     }
     drop(sysctls);
