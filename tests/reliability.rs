@@ -171,6 +171,11 @@ fn signal(d: &Daemon, sig: i32) {
     assert_eq!(unsafe { libc::kill(d.child.id() as i32, sig) }, 0);
 }
 
+/// The CPUs the kernel counts per-CPU values over.
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// The hooks the running kernel has: those the daemon attaches and pins.
 fn available_hooks() -> impl Iterator<Item = &'static layout::Hook> {
     layout::HOOKS
@@ -560,6 +565,17 @@ fn overflow_of_the_map_and_the_ring_is_noticed_and_reconciled() {
     let map_full = number_before(&drops, " sockets not recorded (map full)");
     let ring_full = number_before(&drops, " events lost (ring full)");
     assert!(map_full > 0 && ring_full > 0, "{drops}");
+    // The kernel program said so itself, through aya-log, once per CPU at most.
+    let told = d.wait_for("the connection map is full", Duration::from_secs(2));
+    assert!(told.contains("--max-conns"), "{told}");
+    assert!(
+        d.lines()
+            .iter()
+            .filter(|l| l.contains("the connection map is full"))
+            .count()
+            <= num_cpus(),
+        "the kernel's diagnostic is not rare"
+    );
     d.wait_for("reconciled with the kernel", Duration::from_secs(2));
 
     // Some more close while it runs; a second burst overflows again.

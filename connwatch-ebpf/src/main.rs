@@ -22,6 +22,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, TracePointContext},
 };
+use aya_log_ebpf::warn;
 use connwatch_common::{
     event_kind, length_offsets, probe_offsets, sends, stat, tcp_state, ConnEvent, ConnInfo, Filter,
     ACTIVITY_GRANULE_NS, AF_INET, AF_INET6, DEFAULT_MAX_CONNS, DEFAULT_RING_BYTES,
@@ -124,7 +125,7 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> u32 {
     let oldstate: i32 = ctx.arg(1);
     let newstate: i32 = ctx.arg(2);
     // SAFETY: sk is the tracepoint's BTF-typed socket; offsets come from BTF.
-    unsafe { record(sk, oldstate as u32, newstate as u32) };
+    unsafe { record(&ctx, sk, oldstate as u32, newstate as u32) };
     0
 }
 
@@ -236,11 +237,17 @@ impl Seen {
     }
 }
 
+/// Counts one more in a per-CPU slot; returns the count on this CPU (0 if the slot is
+/// missing), so a rare condition can be told to the daemon's log the first time only.
 #[inline(always)]
-fn count(index: u32) {
-    if let Some(v) = STATS.get_ptr_mut(index) {
+fn count(index: u32) -> u64 {
+    match STATS.get_ptr_mut(index) {
         // SAFETY: a per-CPU slot, written only from this CPU.
-        unsafe { *v += 1 };
+        Some(v) => unsafe {
+            *v += 1;
+            *v
+        },
+        None => 0,
     }
 }
 
@@ -250,7 +257,7 @@ const EVENT_BYTES: u64 = (core::mem::size_of::<ConnEvent>() + 8) as u64;
 /// Writes the event straight into the ring buffer (no copy on the stack), if the
 /// daemon's filter wants it.
 #[inline(always)]
-fn send(key: u64, kind: u32, oldstate: u32, info: &ConnInfo) {
+fn send(ctx: &BtfTracePointContext, key: u64, kind: u32, oldstate: u32, info: &ConnInfo) {
     let Some(filter) = FILTER.get(0) else {
         return;
     };
@@ -279,7 +286,15 @@ fn send(key: u64, kind: u32, oldstate: u32, info: &ConnInfo) {
             };
             entry.submit(flags);
         }
-        None => count(stat::RING_FULL),
+        None => {
+            // Rare, and told once per CPU: the daemon counts every loss.
+            if count(stat::RING_FULL) == 1 {
+                warn!(
+                    ctx,
+                    "the event ring is full: events are lost until the daemon reads them (it reconciles with the kernel)"
+                );
+            }
+        }
     }
 }
 
@@ -341,12 +356,12 @@ unsafe fn netns_of(sk: *const u8) -> u32 {
 /// # Safety
 /// `sk` is the tracepoint's BTF-typed socket pointer.
 #[inline(always)]
-unsafe fn record(sk: *const u8, oldstate: u32, newstate: u32) {
+unsafe fn record(ctx: &BtfTracePointContext, sk: *const u8, oldstate: u32, newstate: u32) {
     let protocol: u16 = load(sk, global(&CW_OFF_SK_PROTOCOL));
     if protocol != IPPROTO_TCP {
         return;
     }
-    count(stat::EVENTS);
+    let _ = count(stat::EVENTS);
     let key = sk as u64;
     let now = bpf_ktime_get_ns();
     let cookie = cookie_of(sk);
@@ -360,9 +375,9 @@ unsafe fn record(sk: *const u8, oldstate: u32, newstate: u32) {
             info.state_since_ns = now;
             let _ = CONNS.remove(&key);
             if info.cookie != cookie {
-                count(stat::REPLACED);
+                let _ = count(stat::REPLACED);
             }
-            send(key, event_kind::CLOSED, oldstate, &info);
+            send(ctx, key, event_kind::CLOSED, oldstate, &info);
         }
         return;
     }
@@ -384,11 +399,11 @@ unsafe fn record(sk: *const u8, oldstate: u32, newstate: u32) {
             let info = &mut *entry;
             if info.cookie == cookie {
                 seen.write_to(info);
-                send(key, event_kind::STATE, oldstate, info);
+                send(ctx, key, event_kind::STATE, oldstate, info);
                 return;
             }
             // Another socket's entry at this address: this one is first seen now.
-            count(stat::REPLACED);
+            let _ = count(stat::REPLACED);
             replaced = true;
         }
     }
@@ -426,7 +441,13 @@ unsafe fn record(sk: *const u8, oldstate: u32, newstate: u32) {
         BPF_NOEXIST
     };
     if CONNS.insert(&key, &info, flags).is_err() {
-        count(stat::MAP_FULL);
+        // Rare, and told once per CPU: the daemon counts every one.
+        if count(stat::MAP_FULL) == 1 {
+            warn!(
+                ctx,
+                "the connection map is full: new sockets are not recorded (restart with a larger --max-conns after `connwatch cleanup`)"
+            );
+        }
         return;
     }
     let kind = if born {
@@ -434,7 +455,7 @@ unsafe fn record(sk: *const u8, oldstate: u32, newstate: u32) {
     } else {
         event_kind::DISCOVERED
     };
-    send(key, kind, oldstate, &info);
+    send(ctx, key, kind, oldstate, &info);
 }
 
 #[cfg(not(test))]

@@ -212,7 +212,16 @@ pub async fn run(opts: Options) -> Result<()> {
         stats,
         filter: mut filter_map,
         set_state,
+        logger,
     } = kernel::load_and_attach(opts.sizes)?;
+    let mut kernel_log = match logger {
+        // SAFETY: the logger owns its ring's descriptor and moves into the AsyncFd,
+        // which deregisters it before the descriptor is closed.
+        Some(l) => {
+            Some(unsafe { AsyncFd::register_with_interest(l, tokio::io::Interest::READABLE) }?)
+        }
+        None => None,
+    };
     let read_stats = || kernel::read_stats(&stats, set_state.as_ref());
     let dropped = privilege::drop_after_load()?;
     if opts.enforce && dropped.destroy == DestroySupport::NotSupported {
@@ -286,6 +295,16 @@ pub async fn run(opts: Options) -> Result<()> {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("event ring failed")?;
                 drain(guard.get_inner_mut(), &mut engine);
+                guard.clear_ready();
+            }
+            // The kernel program's rare diagnostics, into this log.
+            Some(mut guard) = async {
+                match kernel_log.as_mut() {
+                    Some(l) => l.readable_mut().await.ok(),
+                    None => std::future::pending().await,
+                }
+            } => {
+                guard.get_inner_mut().flush();
                 guard.clear_ready();
             }
             _ = tokio::time::sleep_until(wake) => {

@@ -43,7 +43,13 @@ pub struct Loaded {
     pub filter: FilterMap,
     /// The pinned set-state program, for its `recursion_misses`; None if not pinned.
     pub set_state: Option<std::os::fd::OwnedFd>,
+    /// The kernel program's rare diagnostics (a full map, a full ring), through
+    /// aya-log; None if its log ring could not be opened. Poll it and `flush()`.
+    pub logger: Option<KernelLog>,
 }
+
+/// The reader of the kernel program's log records, which go to the daemon's log.
+pub type KernelLog = aya_log::EbpfLogger<&'static dyn log::Log>;
 
 /// Kernel-side drop counters, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -290,6 +296,16 @@ pub fn load_and_attach(sizes: Sizes) -> Result<Loaded> {
     let mut ebpf = loader
         .load(object()?)
         .context("cannot load the eBPF object (is this root, with CAP_BPF and CAP_PERFMON?)")?;
+    // Before the programs load: the logger owns the log ring they write to. Only the
+    // set-state program logs, and it is loaded anew at every start, so its records
+    // come here (a kept program would write to its own start's ring).
+    let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!("the kernel program's diagnostics will not be logged: {e}");
+            None
+        }
+    };
     let mut how = Vec::new();
     for hook in usable {
         let program = ebpf
@@ -357,6 +373,7 @@ pub fn load_and_attach(sizes: Sizes) -> Result<Loaded> {
         stats,
         filter,
         set_state,
+        logger,
     })
 }
 
