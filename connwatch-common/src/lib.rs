@@ -7,7 +7,7 @@
 
 /// Bumped whenever [`ConnInfo`] or [`ConnEvent`] change shape; part of the pin path so a
 /// new daemon never reads an old map with the wrong layout.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Names of the maps, as the eBPF object declares them and bpffs pins them.
 pub const MAP_CONNS: &str = "CW_CONNS";
@@ -335,7 +335,13 @@ pub mod stat {
     /// An entry at a socket's address belonged to another socket (another cookie), whose
     /// close went unseen: it was replaced.
     pub const REPLACED: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// Connections born accepted from a peer (entering SYN_RECV), whatever the filter.
+    pub const OPENED_IN: u32 = 4;
+    /// Connections born connecting out (CLOSE to SYN_SENT), whatever the filter.
+    pub const OPENED_OUT: u32 = 5;
+    /// Connections (not listeners) that reached CLOSE.
+    pub const CLOSED: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
 
 #[cfg(feature = "user")]

@@ -377,6 +377,9 @@ unsafe fn record(ctx: &BtfTracePointContext, sk: *const u8, oldstate: u32, newst
             if info.cookie != cookie {
                 let _ = count(stat::REPLACED);
             }
+            if oldstate != tcp_state::LISTEN {
+                let _ = count(stat::CLOSED);
+            }
             send(ctx, key, event_kind::CLOSED, oldstate, &info);
         }
         return;
@@ -449,6 +452,12 @@ unsafe fn record(ctx: &BtfTracePointContext, sk: *const u8, oldstate: u32, newst
             );
         }
         return;
+    }
+    // Counted here, not from the events: the filter lets few of them through.
+    if born && info.flags & FLAG_INBOUND != 0 {
+        let _ = count(stat::OPENED_IN);
+    } else if born && info.flags & FLAG_OUTBOUND != 0 {
+        let _ = count(stat::OPENED_OUT);
     }
     let kind = if born {
         event_kind::OPENED

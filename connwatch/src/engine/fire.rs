@@ -135,6 +135,9 @@ impl Engine {
     ) {
         let started = std::time::Instant::now();
         let n_due = chosen.len();
+        // Only a mass round skips the lookup: an ordinary one looks each socket up, so
+        // its audit record carries the traffic tcp_info counts.
+        let mass = n_due >= SPREAD_FROM;
         let mut kills = Vec::with_capacity(chosen.len());
         // A socket the map holds, just re-read there, needs no lookup unless the
         // decision needs what only the kernel's socket says: tcp_info for an idle
@@ -151,7 +154,7 @@ impl Engine {
                 .is_empty();
         let (direct, looked): (Vec<_>, Vec<_>) = chosen
             .into_iter()
-            .partition(|(_, t, rule)| self.needs_no_lookup(t, *rule, none_protected));
+            .partition(|(_, t, rule)| mass && self.needs_no_lookup(t, *rule, none_protected));
         for (key, chosen, rule) in direct {
             if let Some(target) = self.vet_direct(key, &chosen, rule, now, lookups) {
                 kills.push((key, rule, target));

@@ -23,9 +23,7 @@ mod record;
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use connwatch_common::{
-    event_kind, matters, ConnEvent, ConnInfo, Filter, FLAG_INBOUND, FLAG_OUTBOUND,
-};
+use connwatch_common::{event_kind, matters, ConnEvent, ConnInfo, Filter};
 
 use crate::conn::{canonical, SockId, TcpState, Tuple};
 use crate::kernel::cgroup::Cgroups;
@@ -61,12 +59,6 @@ pub struct Counters {
     pub by_reason: HashMap<&'static str, u64>,
     /// Destroys the kernel refused as unsupported, by state.
     pub unsupported: HashMap<TcpState, u64>,
-    /// Connections born, from OPENED events: accepted from a peer (`in`), connected
-    /// out (`out`, each connect() counted, a refused one too); listeners are not.
-    pub opened_in: u64,
-    pub opened_out: u64,
-    /// Connections that closed (CLOSED events of sockets that were not listening).
-    pub closed: u64,
 }
 
 /// One decision as it happens, for whoever watches the engine (metrics, the control
@@ -332,13 +324,6 @@ impl Engine {
 
     pub fn on_event(&mut self, ev: &ConnEvent) {
         self.counters.events += 1;
-        let c = &mut self.counters;
-        match ev.kind {
-            event_kind::OPENED if ev.info.flags & FLAG_INBOUND != 0 => c.opened_in += 1,
-            event_kind::OPENED if ev.info.flags & FLAG_OUTBOUND != 0 => c.opened_out += 1,
-            event_kind::CLOSED if TcpState(ev.oldstate) != TcpState::LISTEN => c.closed += 1,
-            _ => {}
-        }
         tracing::trace!(
             key = format_args!("{:#x}", ev.key),
             kind = ev.kind,

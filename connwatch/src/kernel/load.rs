@@ -61,6 +61,10 @@ pub struct Stats {
     /// already running on that CPU (`recursion_misses` in its `bpf_prog_info`): each
     /// is a state change never recorded.
     pub recursion_misses: u64,
+    /// Connections born accepted from a peer, and connecting out; connections closed.
+    pub opened_in: u64,
+    pub opened_out: u64,
+    pub closed: u64,
 }
 
 impl Stats {
@@ -71,6 +75,9 @@ impl Stats {
             map_full: self.map_full.saturating_sub(start.map_full),
             ring_full: self.ring_full.saturating_sub(start.ring_full),
             recursion_misses: self.recursion_misses.saturating_sub(start.recursion_misses),
+            opened_in: self.opened_in.saturating_sub(start.opened_in),
+            opened_out: self.opened_out.saturating_sub(start.opened_out),
+            closed: self.closed.saturating_sub(start.closed),
         }
     }
 
@@ -396,5 +403,8 @@ pub fn read_stats(
         recursion_misses: set_state
             .and_then(|fd| pins::recursion_misses(fd.as_fd()).ok())
             .unwrap_or(0),
+        opened_in: sum(stat::OPENED_IN)?,
+        opened_out: sum(stat::OPENED_OUT)?,
+        closed: sum(stat::CLOSED)?,
     })
 }

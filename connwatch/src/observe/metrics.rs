@@ -105,9 +105,6 @@ impl Collector for Ages {
 struct LastScrape {
     deferred: u64,
     events: u64,
-    opened_in: u64,
-    opened_out: u64,
-    closed: u64,
     kernel: Stats,
 }
 
@@ -218,7 +215,7 @@ impl Metrics {
         );
         registry.register(
             "connections_closed",
-            "Connections that closed (listeners not counted); of the sockets the daemon follows.",
+            "Connections that closed (listeners not counted), counted by the kernel program.",
             m.closed.clone(),
         );
         registry.register(
@@ -328,15 +325,17 @@ impl Metrics {
         self.deferred
             .inc_by(c.deferred.saturating_sub(before.deferred));
         self.events.inc_by(c.events.saturating_sub(before.events));
+        // Counted in the kernel: the event filter lets few of these events through.
         for (direction, now, was) in [
-            ("in", c.opened_in, before.opened_in),
-            ("out", c.opened_out, before.opened_out),
+            ("in", kernel.opened_in, before.kernel.opened_in),
+            ("out", kernel.opened_out, before.kernel.opened_out),
         ] {
             self.opened
                 .get_or_create(&DirectionLabels { direction })
                 .inc_by(now.saturating_sub(was));
         }
-        self.closed.inc_by(c.closed.saturating_sub(before.closed));
+        self.closed
+            .inc_by(kernel.closed.saturating_sub(before.kernel.closed));
         self.kernel_events
             .inc_by(kernel.events.saturating_sub(before.kernel.events));
         self.kernel_drops
@@ -359,14 +358,14 @@ impl Metrics {
         self.seen.set(LastScrape {
             deferred: c.deferred,
             events: c.events,
-            opened_in: c.opened_in,
-            opened_out: c.opened_out,
-            closed: c.closed,
             kernel: Stats {
                 events: kernel.events.max(before.kernel.events),
                 map_full: kernel.map_full.max(before.kernel.map_full),
                 ring_full: kernel.ring_full.max(before.kernel.ring_full),
                 recursion_misses: kernel.recursion_misses.max(before.kernel.recursion_misses),
+                opened_in: kernel.opened_in.max(before.kernel.opened_in),
+                opened_out: kernel.opened_out.max(before.kernel.opened_out),
+                closed: kernel.closed.max(before.kernel.closed),
             },
         });
         let mut out = String::new();
@@ -421,6 +420,9 @@ mod tests {
             map_full: 1,
             ring_full: 0,
             recursion_misses: 3,
+            opened_in: 4,
+            opened_out: 4,
+            closed: 2,
         };
         let text = m.scrape(&engine, kernel, 0);
         for want in [
@@ -436,9 +438,9 @@ mod tests {
             "connwatch_sockets_tracked 0",
             "connwatch_network_namespaces 0",
             "connwatch_firewall_blocked 0",
-            "connwatch_connections_opened_total{direction=\"in\"} 0",
-            "connwatch_connections_opened_total{direction=\"out\"} 0",
-            "connwatch_connections_closed_total 0",
+            "connwatch_connections_opened_total{direction=\"in\"} 4",
+            "connwatch_connections_opened_total{direction=\"out\"} 4",
+            "connwatch_connections_closed_total 2",
             "# EOF",
         ] {
             assert!(text.contains(want), "{want} missing from\n{text}");
