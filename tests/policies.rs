@@ -625,6 +625,11 @@ fn the_safety_budget_spreads_a_mass_destroy() {
         c.dies_within(Duration::from_secs(5))
             .expect("a put-off connection was never destroyed");
     }
-    assert!(start.elapsed() >= Duration::from_secs(2), "the budget held");
+    // Three windows of two: the last pair two seconds after the first, which came
+    // as the daemon started (just before `start`).
+    assert!(
+        start.elapsed() >= Duration::from_millis(1800),
+        "the budget held"
+    );
     d.stop();
 }
