@@ -681,10 +681,7 @@ fn overflow_of_the_map_and_the_ring_is_noticed_and_reconciled() {
     );
     // And no closed one is: not a single line names it (unless a live connection
     // took its tuple since: ephemeral ports are reused, and a log line names a tuple).
-    let live_tuples: HashSet<String> = conns
-        .iter()
-        .flat_map(|c| ends(c.local, c.remote))
-        .collect();
+    let live_tuples: HashSet<String> = conns.iter().flat_map(|c| ends(c.local, c.remote)).collect();
     for t in closed_early
         .iter()
         .chain(&closed_late)
