@@ -423,16 +423,34 @@ fn kill_9_and_restart_keep_every_age_and_every_deadline() {
     // kill cut off between the destroy and its log line.
     let by_second = destroyed_counts(&lines2).len();
     let by_third = destroyed_counts(&lines3).len();
+    // What the daemons said they were about to destroy, before each batch went out:
+    // a kill between a destroy and its record leaves the intent naming it.
+    let intended: HashSet<String> = [&lines1, &lines2, &lines3]
+        .iter()
+        .flat_map(|lines| lines.iter())
+        .filter_map(|l| l.split_once(" (each is logged again once done): "))
+        .flat_map(|(_, named)| named.split(", ").map(str::to_string))
+        .collect();
     let mut unlogged = 0;
+    let mut intent_only = 0;
     for e in &server_ends {
         if !e.iter().any(|t| count.contains_key(t)) {
-            unlogged += 1;
+            if e.iter().any(|t| intended.contains(t)) {
+                intent_only += 1;
+            } else {
+                unlogged += 1;
+            }
         }
     }
     eprintln!(
         "restart: {same} ages kept, 200 sockets born while down recorded, 100 closed while down gone; destroys: {by_second} by the daemon killed mid-wave, {by_third} by its successor; {unlogged} connections died with no line (cut off by kill -9)"
     );
     assert!(by_third > 0, "the successor had nothing left to destroy");
+    // Printed, not asserted: runs here left 0 or 1 connection of 10 000 with no line
+    // at all, which is not understood yet (RELIABILITY.md).
+    eprintln!(
+        "{intent_only} connections logged by their intent alone (the kill came between), {unlogged} with no line at all"
+    );
     drop(holder_a);
     drop(holder_b);
 }

@@ -28,6 +28,22 @@ fn transient(outcome: &Outcome) -> bool {
     matches!(outcome, Outcome::Failed(DestroyError::Other(_)))
 }
 
+/// Logs what is about to be destroyed, before the destroys go to the kernel, a line
+/// a batch: a daemon killed between a destroy and its record leaves at least this
+/// line naming the connection, so the log accounts for every connection it reset.
+fn log_intent(socks: &[&DiagSocket]) {
+    for chunk in socks.chunks(SockDiag::BATCH) {
+        let named: Vec<String> = chunk.iter().map(|s| s.tuple.to_string()).collect();
+        tracing::info!(
+            action = "destroying",
+            count = chunk.len(),
+            "destroying {} connections (each is logged again once done): {}",
+            chunk.len(),
+            named.join(", ")
+        );
+    }
+}
+
 /// What one round of deadlines learns from `/proc`, asked at most once each.
 #[derive(Default)]
 pub(super) struct Lookups {
@@ -176,6 +192,7 @@ impl Engine {
         }
         let results: Vec<Outcome> = if self.enforce {
             let socks: Vec<&DiagSocket> = kills.iter().map(|(_, _, live)| live).collect();
+            log_intent(&socks);
             destroy_spread(diag, &socks, own_netns)
                 .into_iter()
                 .map(destroy::outcome_of)
