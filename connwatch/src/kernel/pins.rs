@@ -61,9 +61,7 @@ pub(crate) struct ProgIdentity {
     map_ids: Vec<u32>,
 }
 
-/// `BPF_OBJ_GET_INFO_BY_FD` on a program descriptor, map ids included. Done by hand:
-/// aya fetches map ids through `BPF_PROG_GET_FD_BY_ID`, which needs CAP_SYS_ADMIN,
-/// where this needs nothing beyond the descriptor.
+/// The identity of a loaded program, map ids included (see [`prog_info`]).
 pub(crate) fn prog_identity(fd: BorrowedFd<'_>) -> std::io::Result<ProgIdentity> {
     // The leading fields of `struct bpf_prog_info` (include/uapi/linux/bpf.h), stable ABI.
     #[repr(C)]
@@ -81,33 +79,10 @@ pub(crate) fn prog_identity(fd: BorrowedFd<'_>) -> std::io::Result<ProgIdentity>
         nr_map_ids: u32,
         map_ids: u64,
     }
-    #[repr(C)]
-    struct InfoAttr {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    let get = |info: &mut Info| -> std::io::Result<()> {
-        let attr = InfoAttr {
-            bpf_fd: fd.as_raw_fd() as u32,
-            info_len: std::mem::size_of::<Info>() as u32,
-            info: info as *mut Info as u64,
-        };
-        // SAFETY: the kernel writes at most info_len bytes into `info`, and at most
-        // nr_map_ids ids where map_ids points.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_OBJ_GET_INFO_BY_FD,
-                &attr as *const InfoAttr,
-                std::mem::size_of::<InfoAttr>(),
-            )
-        };
-        if rc < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(())
+    let get = |info: &mut Info| {
+        // SAFETY: `Info` is the leading part of `bpf_prog_info`; the kernel writes at
+        // most its size into it, and at most nr_map_ids ids where map_ids points.
+        unsafe { prog_info(fd, (info as *mut Info).cast(), std::mem::size_of::<Info>()) }
     };
     let mut info = Info::default();
     get(&mut info)?;
@@ -127,13 +102,14 @@ pub(crate) fn prog_identity(fd: BorrowedFd<'_>) -> std::io::Result<ProgIdentity>
     })
 }
 
-/// A program's `recursion_misses` (`struct bpf_prog_info`, Linux 5.12+; 0 before):
-/// runs the kernel skipped because a BPF program was already running on that CPU.
-pub fn recursion_misses(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
-    // `struct bpf_prog_info` up to `recursion_misses` (offset 208) and the u32 after it.
-    const RECURSION_MISSES: usize = 208;
-    #[repr(C, align(8))]
-    struct Info([u8; 224]);
+/// `BPF_OBJ_GET_INFO_BY_FD` on a program descriptor into `len` bytes at `info` (a
+/// leading part of `struct bpf_prog_info`). Done by hand: aya fetches program info
+/// through calls that need CAP_SYS_ADMIN, where this needs only the descriptor.
+///
+/// # Safety
+/// `info` must be valid for `len` bytes of writes, and any pointer field in it must
+/// point where the kernel may write what that field asks for.
+unsafe fn prog_info(fd: BorrowedFd<'_>, info: *mut u8, len: usize) -> std::io::Result<()> {
     #[repr(C)]
     struct InfoAttr {
         bpf_fd: u32,
@@ -141,14 +117,12 @@ pub fn recursion_misses(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
         info: u64,
     }
     const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    let mut info = Info([0; 224]);
     let attr = InfoAttr {
         bpf_fd: fd.as_raw_fd() as u32,
-        info_len: std::mem::size_of::<Info>() as u32,
-        info: &mut info as *mut Info as u64,
+        info_len: len as u32,
+        info: info as u64,
     };
-    // SAFETY: the kernel writes at most info_len bytes into `info`; every pointer field
-    // in it is zero, so it writes nowhere else.
+    // SAFETY: the caller vouches for `info`; attr is a valid bpf_attr prefix.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -160,6 +134,20 @@ pub fn recursion_misses(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    Ok(())
+}
+
+/// A program's `recursion_misses` (`struct bpf_prog_info`, Linux 5.12+; 0 before):
+/// runs the kernel skipped because a BPF program was already running on that CPU.
+pub fn recursion_misses(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
+    // `struct bpf_prog_info` up to `recursion_misses` (offset 208) and the u32 after it.
+    const RECURSION_MISSES: usize = 208;
+    #[repr(C, align(8))]
+    struct Info([u8; 224]);
+    let mut info = Info([0; 224]);
+    // SAFETY: the kernel writes at most the buffer's size into it; every pointer field
+    // in it is zero, so it writes nowhere else.
+    unsafe { prog_info(fd, info.0.as_mut_ptr(), info.0.len())? };
     let b = &info.0[RECURSION_MISSES..RECURSION_MISSES + 8];
     Ok(u64::from_ne_bytes(b.try_into().expect("8 bytes")))
 }
