@@ -387,6 +387,60 @@ fn a_protected_process_keeps_its_connections() {
     d.stop();
 }
 
+/// An accepted socket is shown with its listener's owner (the kernel learns owners
+/// at connect and listen, never per packet), but only the process that holds it can
+/// protect it: here the listener is this test, and the accepted end was handed to a
+/// protected `sleep`. Trusting the listener's owner would destroy it.
+#[test]
+fn an_accepted_socket_shows_its_listener_but_is_protected_by_its_holder() {
+    use std::os::fd::OwnedFd;
+    let _x = exclusive();
+    // The port is chosen first, so the rule can name it before the listener exists.
+    let p = port(&listen("127.0.0.1"));
+    let d = Daemon::start(&[
+        "--max-age",
+        "3s",
+        "--local-port",
+        &p,
+        "--exclude-process",
+        "sleep",
+        "--enforce",
+    ]);
+    // Listened to after the program is attached: the listener's owner is recorded.
+    let l = std::net::TcpListener::bind(format!("127.0.0.1:{p}")).unwrap();
+    let client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (accepted, _) = l.accept().unwrap();
+    let server_end = accepted.local_addr().unwrap();
+    let client_end = client.local_addr().unwrap();
+    let rows = list_rows(&["--port", &p]);
+    let row = rows
+        .iter()
+        .find(|r| r["local"] == server_end.to_string() && r["remote"] == client_end.to_string())
+        .unwrap_or_else(|| panic!("the accepted end is listed: {rows:#?}"));
+    let me = std::fs::read_to_string("/proc/thread-self/comm").unwrap();
+    assert_eq!(row["process"], me.trim_end(), "the listener's owner: {row}");
+    assert_eq!(row["pid"], std::process::id(), "{row}");
+    // The accepted end goes to `sleep` (as its stdin); this process keeps none of it.
+    let mut sleep = Command::new("sleep")
+        .arg("30")
+        .stdin(std::process::Stdio::from(OwnedFd::from(accepted)))
+        .spawn()
+        .expect("sleep");
+    let line = d.wait_for(
+        &format!("protected {server_end} -> {client_end}"),
+        Duration::from_secs(8),
+    );
+    assert!(line.contains("process sleep"), "{line}");
+    assert_eq!(
+        state_of(client_end, server_end),
+        Some(TcpState::ESTABLISHED),
+        "the accepted end was not destroyed"
+    );
+    let _ = sleep.kill();
+    let _ = sleep.wait();
+    d.stop();
+}
+
 /// `enforce` in the config file, reloaded, turns destroying off and on again; the log
 /// warns at each change. (`--enforce` on the command line would hold it on.)
 #[test]

@@ -7,12 +7,17 @@
 
 /// Bumped whenever [`ConnInfo`] or [`ConnEvent`] change shape; part of the pin path so a
 /// new daemon never reads an old map with the wrong layout.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Names of the maps, as the eBPF object declares them and bpffs pins them.
 pub const MAP_CONNS: &str = "CW_CONNS";
 pub const MAP_EVENTS: &str = "CW_EVENTS";
 pub const MAP_STATS: &str = "CW_STATS";
+pub const MAP_LISTENERS: &str = "CW_LISTENERS";
+
+/// Capacity of the listener map (one entry per listening port and network namespace;
+/// allocated as used).
+pub const MAX_LISTENERS: u32 = 65_536;
 
 /// Default capacity of the connection map; the daemon may size it at load time.
 pub const DEFAULT_MAX_CONNS: u32 = 262_144;
@@ -117,25 +122,6 @@ pub mod sock_globals {
 pub const SET_STATE_PROGRAM: &str = "inet_sock_set_state";
 pub const SET_STATE_BTF_TRACEPOINT: &str = "inet_sock_set_state";
 
-/// Field offsets of `tcp:tcp_probe` (every segment reaching an established socket;
-/// `skaddr` since about 6.9), checked against the format file like the ones above.
-pub mod probe_offsets {
-    pub const DATA_LEN: usize = 76;
-    pub const SKADDR: usize = 128;
-}
-
-/// Field offsets of `sock:sock_send_length` and `sock:sock_recv_length` (6.3+); they
-/// fire in the calling process, which is how the owner of a socket is learned.
-pub mod length_offsets {
-    pub const SK: usize = 8;
-    pub const PROTOCOL: usize = 18;
-    pub const RET: usize = 20;
-}
-
-/// Activity is stamped at most once per granule: the data path pays a map lookup and,
-/// once a second, a store.
-pub const ACTIVITY_GRANULE_NS: u64 = 1_000_000_000;
-
 /// `ConnInfo::flags`: the socket existed before connwatch saw it, so its birth is unknown.
 pub const FLAG_BIRTH_UNKNOWN: u32 = 1;
 /// `ConnInfo::flags`: an accepted child (born entering SYN_RECV, or first seen leaving it).
@@ -143,6 +129,30 @@ pub const FLAG_INBOUND: u32 = 2;
 /// `ConnInfo::flags`: a connect()ed socket (CLOSE -> SYN_SENT, or first seen leaving
 /// SYN_SENT). Listeners carry neither direction flag.
 pub const FLAG_OUTBOUND: u32 = 4;
+/// `ConnInfo::flags`: an accepted socket whose owner fields are its listener's (the
+/// process that called listen() on that port), not necessarily the process holding it:
+/// shown to users, never trusted to protect it.
+pub const FLAG_OWNER_LISTENER: u32 = 8;
+
+/// Key of the listener map: a listening port in a network namespace.
+#[inline(always)]
+pub const fn listener_key(netns: u32, port: u16) -> u64 {
+    ((netns as u64) << 16) | port as u64
+}
+
+/// Who listens on a port: written when a socket enters LISTEN (in the caller of
+/// listen()), removed when that socket leaves it. Accepted sockets are born in softirq,
+/// where the current task is unrelated; they take their listener's owner from here.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenOwner {
+    /// The listening socket's cookie: only its own close removes the entry.
+    pub cookie: u64,
+    pub cgroup_id: u64,
+    pub pid: u32,
+    pub _pad: u32,
+    pub comm: [u8; 16],
+}
 
 /// One tracked TCP socket: the value of the connection map, keyed by the kernel's socket
 /// address (stable for the socket's life, reused after it). The socket's identity is
@@ -159,9 +169,6 @@ pub struct ConnInfo {
     pub seen_ns: u64,
     /// When the current state began.
     pub state_since_ns: u64,
-    /// Last time data was received / sent; 0 when none was seen. Kept coarse.
-    pub last_rx_ns: u64,
-    pub last_tx_ns: u64,
     /// Local and remote address; IPv4 uses the first 4 bytes.
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
@@ -172,7 +179,8 @@ pub struct ConnInfo {
     pub _pad0: u16,
     pub state: u32,
     pub flags: u32,
-    /// Owning process where known (0 = unknown).
+    /// Owning process where known (0 = unknown): the caller of connect() or listen(),
+    /// or for an accepted socket its listener's (`FLAG_OWNER_LISTENER`).
     pub pid: u32,
     /// Inode number of the socket's network namespace (`stat -L -c %i /proc/PID/ns/net`).
     pub netns: u32,
@@ -193,8 +201,6 @@ impl ConnInfo {
             birth_ns: 0,
             seen_ns: 0,
             state_since_ns: 0,
-            last_rx_ns: 0,
-            last_tx_ns: 0,
             saddr: [0; 16],
             daddr: [0; 16],
             sport: 0,
@@ -351,6 +357,7 @@ mod user {
     unsafe impl aya::Pod for super::ConnInfo {}
     unsafe impl aya::Pod for super::ConnEvent {}
     unsafe impl aya::Pod for super::Filter {}
+    unsafe impl aya::Pod for super::ListenOwner {}
 }
 
 #[cfg(test)]
@@ -362,32 +369,38 @@ mod tests {
 
     #[test]
     fn layouts_have_no_padding() {
-        // 5 times, 2 addresses, 3 u16 + pad, state/flags/pid/netns, comm, cookie,
+        // 3 times, 2 addresses, 3 u16 + pad, state/flags/pid/netns, comm, cookie,
         // cgroup id, bound_dev_if + pad: the sum of the fields is the size.
         assert_eq!(
             size_of::<ConnInfo>(),
-            5 * 8 + 32 + 4 * 2 + 4 * 4 + 16 + 8 + 8 + 4 + 4
+            3 * 8 + 32 + 4 * 2 + 4 * 4 + 16 + 8 + 8 + 4 + 4
         );
-        assert_eq!(size_of::<ConnInfo>(), 136);
+        assert_eq!(size_of::<ConnInfo>(), 120);
         assert_eq!(size_of::<ConnInfo>() % 8, 0);
         assert_eq!(size_of::<ConnEvent>(), 8 + 4 + 4 + size_of::<ConnInfo>());
-        assert_eq!(size_of::<ConnEvent>(), 152);
+        assert_eq!(size_of::<ConnEvent>(), 136);
+        assert_eq!(size_of::<ListenOwner>(), 8 + 8 + 4 + 4 + 16);
     }
 
     #[test]
     fn identity_fields_are_where_the_layout_says() {
-        assert_eq!(offset_of!(ConnInfo, pid), 88);
-        assert_eq!(offset_of!(ConnInfo, netns), 92);
-        assert_eq!(offset_of!(ConnInfo, comm), 96);
-        assert_eq!(offset_of!(ConnInfo, cookie), 112);
-        assert_eq!(offset_of!(ConnInfo, cgroup_id), 120);
-        assert_eq!(offset_of!(ConnInfo, bound_dev_if), 128);
+        assert_eq!(offset_of!(ConnInfo, pid), 72);
+        assert_eq!(offset_of!(ConnInfo, netns), 76);
+        assert_eq!(offset_of!(ConnInfo, comm), 80);
+        assert_eq!(offset_of!(ConnInfo, cookie), 96);
+        assert_eq!(offset_of!(ConnInfo, cgroup_id), 104);
+        assert_eq!(offset_of!(ConnInfo, bound_dev_if), 112);
         assert_eq!(offset_of!(ConnEvent, info), 16);
     }
 
     #[test]
     fn direction_flags_are_distinct_bits() {
-        let all = [FLAG_BIRTH_UNKNOWN, FLAG_INBOUND, FLAG_OUTBOUND];
+        let all = [
+            FLAG_BIRTH_UNKNOWN,
+            FLAG_INBOUND,
+            FLAG_OUTBOUND,
+            FLAG_OWNER_LISTENER,
+        ];
         for (i, a) in all.iter().enumerate() {
             assert_eq!(a.count_ones(), 1);
             for b in &all[i + 1..] {

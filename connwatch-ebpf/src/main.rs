@@ -1,7 +1,10 @@
-//! connwatch's kernel side: a BTF-typed tracepoint that records each TCP socket's
-//! identity (cookie, network namespace), birth and state in a map and reports lifecycle
-//! changes through a ring buffer, and three classic tracepoints that stamp activity and
-//! the owning process on the entry. It decides nothing; the daemon does.
+//! connwatch's kernel side: one BTF-typed tracepoint that records each TCP socket's
+//! identity (cookie, network namespace), birth, state and owner in a map and reports
+//! lifecycle changes through a ring buffer. It decides nothing; the daemon does.
+//!
+//! Nothing runs per packet or per send: the kernel already keeps each socket's last
+//! data times (`tcp_info`'s `tcpi_last_data_recv`/`tcpi_last_data_sent`), which the
+//! daemon reads at an idle deadline and in every dump.
 //!
 //! The set-state program reads `struct sock` directly. aya-ebpf has no CO-RE, so the
 //! daemon reads the member offsets from the running kernel's BTF and hands them in as
@@ -18,15 +21,15 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_socket_cookie, bpf_ktime_get_ns,
     },
-    macros::{btf_tracepoint, map, tracepoint},
+    macros::{btf_tracepoint, map},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
-    programs::{BtfTracePointContext, TracePointContext},
+    programs::BtfTracePointContext,
 };
 use aya_log_ebpf::warn;
 use connwatch_common::{
-    event_kind, length_offsets, probe_offsets, sends, stat, tcp_state, ConnEvent, ConnInfo, Filter,
-    ACTIVITY_GRANULE_NS, AF_INET, AF_INET6, DEFAULT_MAX_CONNS, DEFAULT_RING_BYTES,
-    FLAG_BIRTH_UNKNOWN, FLAG_INBOUND, FLAG_OUTBOUND, IPPROTO_TCP,
+    event_kind, listener_key, sends, stat, tcp_state, ConnEvent, ConnInfo, Filter, ListenOwner,
+    AF_INET, AF_INET6, DEFAULT_MAX_CONNS, DEFAULT_RING_BYTES, FLAG_BIRTH_UNKNOWN, FLAG_INBOUND,
+    FLAG_OUTBOUND, FLAG_OWNER_LISTENER, IPPROTO_TCP, MAX_LISTENERS,
 };
 
 // Pinned by name: a restarted daemon finds the same maps, and the ages in them.
@@ -38,6 +41,11 @@ static EVENTS: RingBuf = RingBuf::pinned(DEFAULT_RING_BYTES, 0);
 
 #[map(name = "CW_STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
+
+// Who listens on each port (`connwatch_common::listener_key`), for the sockets accepted
+// there. Few entries, allocated as used.
+#[map(name = "CW_LISTENERS")]
+static LISTENERS: HashMap<u64, ListenOwner> = HashMap::pinned(MAX_LISTENERS, BPF_F_NO_PREALLOC);
 
 // What the daemon wants to hear of (`connwatch_common::Filter`): all zero, so nothing is
 // sent, until a daemon writes it; cleared again at a clean stop.
@@ -77,6 +85,7 @@ static CW_OFF_NET_INUM: u32 = 0;
 #[unsafe(no_mangle)]
 static CW_RB_WAKEUP_BYTES: u32 = 0;
 
+const BPF_F_NO_PREALLOC: u32 = 1;
 const BPF_ANY: u64 = 0;
 const BPF_NOEXIST: u64 = 1;
 const BPF_RB_NO_WAKEUP: u64 = 1;
@@ -129,78 +138,8 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> u32 {
     0
 }
 
-/// Data arrived on an established socket: stamp `last_rx`, once per granule.
-#[tracepoint]
-pub fn tcp_probe(ctx: TracePointContext) -> u32 {
-    // SAFETY: offsets checked against the format file before load.
-    let Ok(len) = (unsafe { ctx.read_at::<u16>(probe_offsets::DATA_LEN) }) else {
-        return 0;
-    };
-    // Pure ACKs and keepalives carry no data: they are not activity.
-    if len == 0 {
-        return 0;
-    }
-    let Ok(key) = (unsafe { ctx.read_at::<u64>(probe_offsets::SKADDR) }) else {
-        return 0;
-    };
-    if let Some(entry) = CONNS.get_ptr_mut(&key) {
-        let now = unsafe { bpf_ktime_get_ns() };
-        // SAFETY: a map value pointer; a lost race between CPUs only loses a stamp
-        // that the next segment writes again.
-        let info = unsafe { &mut *entry };
-        if now.wrapping_sub(info.last_rx_ns) >= ACTIVITY_GRANULE_NS {
-            info.last_rx_ns = now;
-        }
-    }
-    0
-}
-
-/// A process sent on a socket: stamp `last_tx` and learn the owner.
-#[tracepoint]
-pub fn sock_send_length(ctx: TracePointContext) -> u32 {
-    on_length(&ctx, true);
-    0
-}
-
-/// A process received from a socket: learn the owner.
-#[tracepoint]
-pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
-    on_length(&ctx, false);
-    0
-}
-
-#[inline(always)]
-fn on_length(ctx: &TracePointContext, sent: bool) {
-    // SAFETY: offsets checked against the format file before load.
-    let Ok(protocol) = (unsafe { ctx.read_at::<u16>(length_offsets::PROTOCOL) }) else {
-        return;
-    };
-    if protocol != IPPROTO_TCP {
-        return;
-    }
-    let Ok(ret) = (unsafe { ctx.read_at::<i32>(length_offsets::RET) }) else {
-        return;
-    };
-    let Ok(key) = (unsafe { ctx.read_at::<u64>(length_offsets::SK) }) else {
-        return;
-    };
-    let Some(entry) = CONNS.get_ptr_mut(&key) else {
-        return;
-    };
-    let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: a map value pointer; see tcp_probe.
-    let info = unsafe { &mut *entry };
-    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if info.pid != pid {
-        set_owner(info);
-    }
-    if sent && ret > 0 && now.wrapping_sub(info.last_tx_ns) >= ACTIVITY_GRANULE_NS {
-        info.last_tx_ns = now;
-    }
-}
-
 /// Records the current process as the socket's owner; only called where the current
-/// process is certainly the one using the socket.
+/// process is certainly the one using the socket (connect, listen).
 #[inline(always)]
 fn set_owner(info: &mut ConnInfo) {
     info.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
@@ -209,6 +148,42 @@ fn set_owner(info: &mut ConnInfo) {
     }
     // SAFETY: no arguments; the cgroup v2 id of the current task (0 without cgroup v2).
     info.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+}
+
+/// A socket entered LISTEN: remember its owner for the sockets it will accept.
+#[inline(always)]
+fn remember_listener(info: &ConnInfo) {
+    let owner = ListenOwner {
+        cookie: info.cookie,
+        cgroup_id: info.cgroup_id,
+        pid: info.pid,
+        _pad: 0,
+        comm: info.comm,
+    };
+    // A full map only costs accepted sockets their shown owner.
+    let _ = LISTENERS.insert(&listener_key(info.netns, info.sport), &owner, BPF_ANY);
+}
+
+/// A listening socket closed: forget it, unless another socket listens there now.
+#[inline(always)]
+fn forget_listener(info: &ConnInfo) {
+    let key = listener_key(info.netns, info.sport);
+    // SAFETY: read-only use of a map value.
+    if unsafe { LISTENERS.get(&key) }.is_some_and(|l| l.cookie == info.cookie) {
+        let _ = LISTENERS.remove(&key);
+    }
+}
+
+/// An accepted socket takes its listener's owner, flagged as such.
+#[inline(always)]
+fn inherit_owner(info: &mut ConnInfo) {
+    // SAFETY: read-only use of a map value.
+    if let Some(l) = unsafe { LISTENERS.get(&listener_key(info.netns, info.sport)) } {
+        info.pid = l.pid;
+        info.comm = l.comm;
+        info.cgroup_id = l.cgroup_id;
+        info.flags |= FLAG_OWNER_LISTENER;
+    }
 }
 
 /// What one state change says of a socket: its state since now, its tuple and device.
@@ -377,7 +352,9 @@ unsafe fn record(ctx: &BtfTracePointContext, sk: *const u8, oldstate: u32, newst
             if info.cookie != cookie {
                 let _ = count(stat::REPLACED);
             }
-            if oldstate != tcp_state::LISTEN {
+            if oldstate == tcp_state::LISTEN {
+                forget_listener(&info);
+            } else {
                 let _ = count(stat::CLOSED);
             }
             send(ctx, key, event_kind::CLOSED, oldstate, &info);
@@ -434,9 +411,15 @@ unsafe fn record(ctx: &BtfTracePointContext, sk: *const u8, oldstate: u32, newst
     };
     seen.write_to(&mut info);
     // connect() and listen() run in the owner's process; everything else here may run
-    // in softirq, where the current task is unrelated.
+    // in softirq, where the current task is unrelated: an accepted socket is told its
+    // listener's.
     if oldstate == tcp_state::CLOSE {
         set_owner(&mut info);
+        if newstate == tcp_state::LISTEN {
+            remember_listener(&info);
+        }
+    } else if born {
+        inherit_owner(&mut info);
     }
     let flags = if born || replaced {
         BPF_ANY

@@ -458,14 +458,8 @@ mod tests {
             .iter()
             .filter(|p| {
                 let name = p["name"].as_str().unwrap_or_default();
-                [
-                    "inet_sock_set_state",
-                    "tcp_probe",
-                    "sock_send_length",
-                    "sock_recv_length",
-                ]
-                .iter()
-                .any(|n| n.starts_with(name) && !name.is_empty())
+                !name.is_empty()
+                    && "inet_sock_set_state".starts_with(name)
                     && p.get("pids").is_none()
             })
             .map(|p| format!("{} (id {})", p["name"], p["id"]))

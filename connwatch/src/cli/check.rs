@@ -140,16 +140,7 @@ pub fn run() -> bool {
         lines.push(line("BPF", bpf_syscall()));
         lines.push(line("tracefs/bpffs", filesystems()));
         for hook in &layout::HOOKS {
-            let mut l = line("tracepoint", tracepoint(hook));
-            if !l.ok && !hook.required {
-                // Optional: connwatch works without it, learning less.
-                l.ok = true;
-                l.detail = format!(
-                    "{} (optional: activity and owners come from sock_diag instead)",
-                    l.detail
-                );
-            }
-            lines.push(l);
+            lines.push(line("tracepoint", tracepoint(hook)));
         }
         lines.push(line("SOCK_DESTROY", sock_destroy()));
         lines.push(line("namespaces", namespaces()));

@@ -74,15 +74,17 @@ fn rows(
         .chain(others.iter().map(|(k, t)| (*k, t)))
         .filter(|(_, t)| view::listed(t))
         .map(|(k, t)| view::item_of(engine, k, t, now));
-    // Traffic comes from one dump per namespace: of every match when it orders the
-    // list, else only of the rows kept.
-    let (kept, matched) = if filter.sort == SortKey::Bytes {
-        let mut matching: Vec<_> = items.filter(|i| filter.matches(i)).collect();
-        view::join_traffic(&mut matching, namespaces);
-        filter.apply(matching.into_iter())
+    // Traffic and idle times come from one dump per namespace: of every candidate when
+    // they order or select the list, else only of the rows kept.
+    let needs_dump =
+        matches!(filter.sort, SortKey::Bytes | SortKey::Idle) || filter.idle_longer_than.is_some();
+    let (kept, matched) = if needs_dump {
+        let mut candidates: Vec<_> = items.collect();
+        view::join_dump(&mut candidates, namespaces);
+        filter.apply(candidates.into_iter())
     } else {
         let (mut kept, matched) = filter.apply(items);
-        view::join_traffic(&mut kept, namespaces);
+        view::join_dump(&mut kept, namespaces);
         (kept, matched)
     };
     let rows = kept

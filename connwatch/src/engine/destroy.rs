@@ -172,6 +172,7 @@ mod tests {
             ifindex: 0,
             last_activity_ns: 0,
             owner: None,
+            owner_from_listener: false,
         }
     }
 

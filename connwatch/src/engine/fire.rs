@@ -162,7 +162,7 @@ impl Engine {
         // any other socket.
         // Whether any protected process holds a socket at all (read once a round, as
         // the inodes are): if none does, an unknown owner needs no inode either.
-        let none_protected = chosen.iter().any(|(_, t, _)| t.owner.is_none())
+        let none_protected = chosen.iter().any(|(_, t, _)| t.trusted_owner().is_none())
             && !self.policy.protect.processes.is_empty()
             && lookups
                 .protected_inodes
@@ -279,7 +279,9 @@ impl Engine {
     fn needs_no_lookup(&self, t: &Tracked, rule: RuleId, none_protected: bool) -> bool {
         t.source == Source::Map
             && !matches!(self.policy.rule(rule).limit, Limit::Idle(_))
-            && (t.owner.is_some() || self.policy.protect.processes.is_empty() || none_protected)
+            && (t.trusted_owner().is_some()
+                || self.policy.protect.processes.is_empty()
+                || none_protected)
     }
 
     /// [`Engine::vet`] for a socket the map holds and just confirmed (same identity,
@@ -372,16 +374,17 @@ impl Engine {
         }
     }
 
-    /// The owner to judge protection by: the process's own name where its pid is known
-    /// (the kernel program sees thread names), else whoever of the protected processes
-    /// holds the socket's inode.
+    /// The owner to judge protection by: the process's own name where the kernel saw it
+    /// connect or listen (the program sees thread names), else whoever of the protected
+    /// processes holds the socket's inode (an accepted socket's listener may have handed
+    /// it to another process).
     pub(super) fn owner_of(
         &self,
         chosen: &Tracked,
         live: &DiagSocket,
         lookups: &mut Lookups,
     ) -> Option<Owner> {
-        if let Some(o) = chosen.owner {
+        if let Some(o) = chosen.trusted_owner() {
             let name = lookups
                 .names
                 .entry(o.pid)

@@ -107,6 +107,7 @@ impl Engine {
                     ifindex: live.ifindex,
                     last_activity_ns: activity,
                     owner: None,
+                    owner_from_listener: false,
                 }
             }
         };
@@ -132,9 +133,12 @@ impl Engine {
             Err(outcome) => return Err(refuse(self, &chosen, outcome, None)),
         };
         let mut chosen = chosen;
-        chosen.owner = self.owner_of(&chosen, &live, &mut Lookups::default());
-        if let (Some(k), Some(o)) = (key, chosen.owner) {
-            self.tracker.note_owner(k, o);
+        if let Some(o) = self.owner_of(&chosen, &live, &mut Lookups::default()) {
+            chosen.owner = Some(o);
+            chosen.owner_from_listener = false;
+            if let Some(k) = key {
+                self.tracker.note_owner(k, o);
+            }
         }
         if let Some(p) = self.policy.protected(&self.subject(&chosen)) {
             self.counters.protected += 1;

@@ -449,7 +449,6 @@ mod filtered {
         info.state = state;
         info.netns = netns(i);
         info.cookie = id(i).cookie;
-        info.last_rx_ns = (l.born_s + l.steps_s[0] / 2) * SEC;
         info
     }
 

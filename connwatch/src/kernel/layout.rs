@@ -5,7 +5,6 @@
 use std::fs;
 
 use anyhow::{bail, Context, Result};
-use connwatch_common::{length_offsets, probe_offsets};
 
 use crate::kernel::fs::TRACEFS;
 
@@ -18,57 +17,18 @@ pub struct Hook {
     /// A BTF-typed tracepoint (`tp_btf`): its program reads the kernel's structures at
     /// offsets from BTF, not the record, so `fields` is empty.
     pub typed: bool,
-    /// Without it connwatch cannot work; without the others it learns activity and
-    /// owners only from sock_diag, at deadlines.
-    pub required: bool,
 }
 
-pub const HOOKS: [Hook; 4] = [
-    Hook {
-        program: "inet_sock_set_state",
-        category: "sock",
-        name: "inet_sock_set_state",
-        // Typed: it reads `struct sock` at offsets from this kernel's BTF.
-        fields: &[],
-        typed: true,
-        required: true,
-    },
-    Hook {
-        program: "tcp_probe",
-        category: "tcp",
-        name: "tcp_probe",
-        fields: &[
-            ("data_len", probe_offsets::DATA_LEN),
-            ("skaddr", probe_offsets::SKADDR),
-        ],
-        typed: false,
-        required: false,
-    },
-    Hook {
-        program: "sock_send_length",
-        category: "sock",
-        name: "sock_send_length",
-        fields: &[
-            ("sk", length_offsets::SK),
-            ("protocol", length_offsets::PROTOCOL),
-            ("ret", length_offsets::RET),
-        ],
-        typed: false,
-        required: false,
-    },
-    Hook {
-        program: "sock_recv_length",
-        category: "sock",
-        name: "sock_recv_length",
-        fields: &[
-            ("sk", length_offsets::SK),
-            ("protocol", length_offsets::PROTOCOL),
-            ("ret", length_offsets::RET),
-        ],
-        typed: false,
-        required: false,
-    },
-];
+/// The one hook: every socket's state changes. Nothing is hooked per packet or per
+/// send; activity comes from the kernel's own `tcp_info` timers, read by sock_diag.
+pub const HOOKS: [Hook; 1] = [Hook {
+    program: "inet_sock_set_state",
+    category: "sock",
+    name: "inet_sock_set_state",
+    // Typed: it reads `struct sock` at offsets from this kernel's BTF.
+    fields: &[],
+    typed: true,
+}];
 
 /// Offsets of the tracepoint's fields as the running kernel's format file gives them.
 pub fn tracepoint_fields(format: &str) -> Vec<(String, usize)> {
@@ -139,7 +99,6 @@ mod tests {
             ("daddr_v6", off::DADDR_V6),
         ],
         typed: false,
-        required: true,
     };
 
     const FORMAT_6_18: &str = "name: inet_sock_set_state
@@ -183,14 +142,8 @@ format:
         crate::testing::require_root("reads the tracepoint format file under tracefs");
         crate::kernel::fs::ensure_filesystems().unwrap();
         for hook in &HOOKS {
-            match check_hook(hook) {
-                Ok(()) => {}
-                // An optional hook younger than this kernel: named, and not fatal.
-                Err(e) if !hook.required => {
-                    let e = format!("{e:#}");
-                    assert!(e.contains(hook.name), "{e}");
-                }
-                Err(e) => panic!("{}: {e:#}", hook.name),
+            if let Err(e) = check_hook(hook) {
+                panic!("{}: {e:#}", hook.name);
             }
         }
     }

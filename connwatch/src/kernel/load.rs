@@ -253,15 +253,8 @@ fn attach_pinned(mut program: Prog, hook: &Hook, btf: &Btf) -> Result<Attached> 
 /// dump before it reads the ring.
 pub fn load_and_attach(sizes: Sizes) -> Result<Loaded> {
     ensure_filesystems()?;
-    let mut usable = Vec::new();
     for hook in &HOOKS {
-        match check_hook(hook) {
-            Ok(()) => usable.push(hook),
-            Err(e) if hook.required => return Err(e),
-            Err(e) => tracing::warn!(
-                "{e:#}: activity and owners will be learned from sock_diag at deadlines only"
-            ),
-        }
+        check_hook(hook)?;
     }
     let foreign = pins::foreign_layouts();
     if !foreign.is_empty() {
@@ -314,7 +307,7 @@ pub fn load_and_attach(sizes: Sizes) -> Result<Loaded> {
         }
     };
     let mut how = Vec::new();
-    for hook in usable {
+    for hook in &HOOKS {
         let program = ebpf
             .program_mut(hook.program)
             .with_context(|| format!("the eBPF object has no {} program", hook.program))?;

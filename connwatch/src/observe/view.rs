@@ -456,11 +456,13 @@ pub fn item_of(engine: &Engine, key: u64, t: &Tracked, now: u64) -> Item {
     }
 }
 
-/// Fills in what each item carried, from one sock_diag dump per network namespace
-/// the items live in (only the states they are in), joined by socket identity
-/// (namespace and cookie): never a lookup per socket. What the daemon's `list` pays
-/// on top of its tracker; a namespace that cannot be dumped leaves its items without.
-pub fn join_traffic(items: &mut [Item], namespaces: &mut Namespaces) {
+/// Fills in what each item carried and how long it has been quiet (tcp_info's data
+/// timers, exact where the tracker knows only what a deadline last learned), from one
+/// sock_diag dump per network namespace the items live in (only the states they are
+/// in), joined by socket identity (namespace and cookie): never a lookup per socket.
+/// What the daemon's `list` pays on top of its tracker; a namespace that cannot be
+/// dumped leaves its items as they were.
+pub fn join_dump(items: &mut [Item], namespaces: &mut Namespaces) {
     let mut by_ns: BTreeMap<u32, u32> = BTreeMap::new();
     for it in items.iter() {
         *by_ns.entry(it.id.netns).or_default() |= 1 << it.state.0;
@@ -477,6 +479,9 @@ pub fn join_traffic(items: &mut [Item], namespaces: &mut Namespaces) {
                     let id = SockId::new(netns, cookie_from_diag(s.cookie));
                     if let Some(&i) = wanted.get(&id) {
                         items[i].traffic = s.traffic;
+                        if let Some(a) = s.activity {
+                            items[i].idle_ns = Some(u64::from(a.quiet_ms()) * 1_000_000);
+                        }
                     }
                 }
             }
@@ -517,6 +522,7 @@ pub fn census_with<'a>(
 mod tests {
     use super::*;
     use crate::conn::cookie_to_diag;
+    use crate::kernel::sock_diag::TcpActivity;
     use connwatch_common::{ConnInfo, AF_INET, FLAG_BIRTH_UNKNOWN};
 
     const NS: u32 = 4026531840;
@@ -563,9 +569,15 @@ mod tests {
         // socket, nothing recorded of it.
         let (_, mut twin) = sock(2, TcpState::ESTABLISHED);
         twin.cookie = cookie_to_diag(99);
+        // tcp_info says port 2's connection last received data 5 s ago.
+        let (_, mut chatty) = sock(2, TcpState::ESTABLISHED);
+        chatty.activity = Some(TcpActivity {
+            last_data_sent_ms: 20_000,
+            last_data_recv_ms: 5_000,
+        });
         let live = [
             sock(1, TcpState::ESTABLISHED),
-            sock(2, TcpState::ESTABLISHED),
+            (NS, chatty),
             sock(3, TcpState::ESTABLISHED),
             sock(4, TcpState::LISTEN),
             sock(5, TcpState::CLOSE_WAIT),
@@ -575,7 +587,6 @@ mod tests {
         let mut owned = entry(2, 40 * SEC, 0);
         owned.pid = 77;
         owned.comm[..5].copy_from_slice(b"nginx");
-        owned.last_rx_ns = 95 * SEC;
         for e in [
             entry(1, 90 * SEC, 0),
             owned,

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use connwatch_common::{event_kind, ConnEvent, ConnInfo, FLAG_BIRTH_UNKNOWN};
+use connwatch_common::{event_kind, ConnEvent, ConnInfo, FLAG_BIRTH_UNKNOWN, FLAG_OWNER_LISTENER};
 
 use crate::conn::{Birth, Direction, Owner, SockId};
 use crate::conn::{TcpState, Tuple};
@@ -38,9 +38,12 @@ pub struct Tracked {
     pub direction: Option<Direction>,
     /// The device the socket is bound to (`SO_BINDTODEVICE`, an IPv6 scope); 0 if none.
     pub ifindex: u32,
-    /// Last data in either direction as the kernel program stamped it (coarse); 0 if none.
+    /// Last data in either direction, as `tcp_info` last told it; 0 if not yet asked.
     pub last_activity_ns: u64,
     pub owner: Option<Owner>,
+    /// `owner` is the listener's, inherited by an accepted socket: shown, but never
+    /// trusted to protect it (the accepting process may be another).
+    pub owner_from_listener: bool,
 }
 
 impl Tracked {
@@ -61,12 +64,19 @@ impl Tracked {
             cgroup_id: info.cgroup_id,
             direction: Direction::from_flags(info.flags),
             ifindex: info.bound_dev_if,
-            last_activity_ns: info.last_rx_ns.max(info.last_tx_ns),
+            last_activity_ns: 0,
             owner: (info.pid != 0).then_some(Owner {
                 pid: info.pid,
                 comm: info.comm,
             }),
+            owner_from_listener: info.pid != 0 && info.flags & FLAG_OWNER_LISTENER != 0,
         })
+    }
+
+    /// The owner protections may be judged by: one the kernel saw use the socket
+    /// (connect, listen) or /proc found holding it, never a listener's.
+    pub fn trusted_owner(&self) -> Option<Owner> {
+        self.owner.filter(|_| !self.owner_from_listener)
     }
 
     /// When the connection last did something: its last data, or its birth.
@@ -86,7 +96,7 @@ impl Tracked {
             birth: self.birth,
             state_since_ns: self.state_since_ns,
             last_activity_ns: self.last_activity_ns,
-            owner: self.owner,
+            owner: self.trusted_owner(),
         }
     }
 }
@@ -224,9 +234,16 @@ impl Tracker {
         };
         match self.conns.get(&key) {
             Some(t) if t.id == fresh.id => {
+                // An owner found holding the socket outranks the listener's.
+                let (owner, owner_from_listener) = match (t.trusted_owner(), fresh.owner) {
+                    (Some(o), _) => (Some(o), false),
+                    (None, Some(o)) => (Some(o), fresh.owner_from_listener),
+                    (None, None) => (t.owner, t.owner_from_listener),
+                };
                 let merged = Tracked {
                     birth: t.birth,
-                    owner: fresh.owner.or(t.owner),
+                    owner,
+                    owner_from_listener,
                     cgroup_id: if fresh.cgroup_id != 0 {
                         fresh.cgroup_id
                     } else {
@@ -256,6 +273,7 @@ impl Tracker {
     pub fn note_owner(&mut self, key: u64, owner: Owner) {
         if let Some(t) = self.conns.get_mut(&key) {
             t.owner = Some(owner);
+            t.owner_from_listener = false;
         }
     }
 
@@ -326,6 +344,7 @@ impl Tracker {
             ifindex: s.ifindex,
             last_activity_ns: s.last_activity_ns,
             owner: None,
+            owner_from_listener: false,
         })
     }
 }
@@ -418,6 +437,33 @@ mod tests {
         t.apply(&ev_at(SK + 64, event_kind::CLOSED, pod));
         assert_eq!(t.keys_with_tuple(&tuple), vec![SK]);
         assert_eq!((t.in_netns(HOST), t.in_netns(POD)), (1, 0));
+    }
+
+    #[test]
+    fn a_listeners_owner_is_shown_but_not_trusted_and_never_replaces_a_holder() {
+        let mut t = Tracker::new();
+        let mut accepted = info(tcp_state::ESTABLISHED, 8080, 7, FLAG_OWNER_LISTENER);
+        accepted.pid = 10;
+        accepted.comm[..5].copy_from_slice(b"inetd");
+        t.apply(&ev_at(SK, event_kind::OPENED, accepted));
+        let got = *t.get(SK).unwrap();
+        assert_eq!(got.owner.map(|o| o.pid), Some(10), "shown");
+        assert_eq!(got.trusted_owner(), None, "not trusted");
+        assert_eq!(got.subject_in(None).owner, None, "not judged by");
+        // /proc found another process holding it: that one counts, and stays.
+        t.note_owner(SK, Owner::new(11, "sshd"));
+        assert_eq!(t.get(SK).unwrap().trusted_owner().map(|o| o.pid), Some(11));
+        assert!(t.refresh(SK, &accepted));
+        let got = t.get(SK).unwrap();
+        assert_eq!(got.trusted_owner().map(|o| o.pid), Some(11), "{got:?}");
+        // A socket that connected is its own process's.
+        let mut out = info(tcp_state::ESTABLISHED, 40001, 8, 0);
+        out.pid = 12;
+        t.apply(&ev_at(SK + 64, event_kind::OPENED, out));
+        assert_eq!(
+            t.get(SK + 64).unwrap().trusted_owner().map(|o| o.pid),
+            Some(12)
+        );
     }
 
     #[test]
