@@ -320,7 +320,10 @@ fn kill_9_and_restart_keep_every_age_and_every_deadline() {
         .chain(born_down.iter().map(|c| ends(c.local, c.remote)))
         .collect();
     let d2 = Daemon::start(&args);
-    let kept = d2.wait_for("kept the attached programs", Duration::from_secs(1));
+    let kept = d2.wait_for(
+        "attached anew in place of the same build's",
+        Duration::from_secs(1),
+    );
     eprintln!("{kept}");
     let after = map_entries();
     let mut same = 0;

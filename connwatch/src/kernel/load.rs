@@ -19,7 +19,7 @@ use crate::kernel::btf::SockOffsets;
 use crate::kernel::fs::ensure_filesystems;
 use crate::kernel::layout::{check_hook, Hook, HOOKS};
 use crate::kernel::pins::{
-    self, link_pin, pinned_runs, prog_identity, prog_pin, remove_pin, PIN_DIR, PIN_ROOT,
+    self, link_pin, pinned_tag, prog_pin, prog_tag, remove_pin, PIN_DIR, PIN_ROOT,
 };
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time.
@@ -107,10 +107,12 @@ pub struct Sizes {
 /// How a hook's program came to be attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attached {
-    /// The pinned link of an earlier start runs this very program: kept, nothing attached.
-    Reused,
     /// Attached now and pinned.
     Pinned,
+    /// Attached now, replacing the pinned link of an earlier start that ran this same
+    /// build's program: each start loads its own, so that the program's diagnostics
+    /// reach this start's log.
+    Renewed,
     /// Attached now, replacing a pinned link that ran another program (an upgrade).
     Replaced,
     /// Attached now but not pinnable (no bpf_link for tracepoints on this kernel): it
@@ -137,13 +139,6 @@ impl Prog<'_> {
         match self {
             Prog::Classic(p) => p.fd(),
             Prog::Typed(p) => p.fd(),
-        }
-    }
-
-    fn unload(&mut self) -> Result<(), ProgramError> {
-        match self {
-            Prog::Classic(p) => p.unload(),
-            Prog::Typed(p) => p.unload(),
         }
     }
 
@@ -188,13 +183,13 @@ impl Prog<'_> {
     }
 }
 
-/// Loads one hook's program and attaches it through a pinned link, or keeps the pinned
-/// link of an earlier start when it runs the same program on the same maps.
+/// Loads one hook's program and attaches it through a pinned link, replacing the pinned
+/// link of an earlier start (the new one runs before the old one goes).
 fn attach_pinned(mut program: Prog, hook: &Hook, btf: &Btf) -> Result<Attached> {
     program
         .load(hook, btf)
         .with_context(|| format!("the kernel refused the {} program", hook.program))?;
-    let ours = prog_identity(program.fd()?.as_fd())
+    let ours = prog_tag(program.fd()?.as_fd())
         .with_context(|| format!("cannot read back the loaded {} program", hook.program))?;
     let link_path = link_pin(hook.program);
     let old: Option<FdLink> = match PinnedLink::from_pin(&link_path) {
@@ -208,13 +203,7 @@ fn attach_pinned(mut program: Prog, hook: &Hook, btf: &Btf) -> Result<Attached> 
             None
         }
     };
-    if let Some(old) = &old {
-        if pinned_runs(old, hook, &ours) {
-            // Ours stays unused: the attached one is identical.
-            program.unload()?;
-            return Ok(Attached::Reused);
-        }
-    }
+    let same_build = old.is_some() && pinned_tag(hook) == Some(ours);
     let link = match program.attach(hook)? {
         Ok(link) => link,
         Err(e) => {
@@ -237,10 +226,10 @@ fn attach_pinned(mut program: Prog, hook: &Hook, btf: &Btf) -> Result<Attached> 
         .pin(&prog_path)
         .with_context(|| format!("cannot pin {}", prog_path.display()))?;
     // Dropping the old link's last descriptor detaches it (its pin is gone).
-    Ok(if old.is_some() {
-        Attached::Replaced
-    } else {
-        Attached::Pinned
+    Ok(match (old.is_some(), same_build) {
+        (false, _) => Attached::Pinned,
+        (true, true) => Attached::Renewed,
+        (true, false) => Attached::Replaced,
     })
 }
 
@@ -325,11 +314,11 @@ pub fn load_and_attach(sizes: Sizes) -> Result<Loaded> {
             .collect()
     };
     for (what, a) in [
-        (
-            "kept the attached programs of an earlier start",
-            Attached::Reused,
-        ),
         ("attached and pinned", Attached::Pinned),
+        (
+            "attached anew in place of the same build's, pinned by an earlier start",
+            Attached::Renewed,
+        ),
         (
             "replaced the pinned programs of another build",
             Attached::Replaced,

@@ -10,7 +10,6 @@ use std::sync::LazyLock;
 
 use anyhow::{Context, Result};
 use aya::maps::{Map, MapData};
-use aya::programs::links::FdLink;
 use connwatch_common::{LAYOUT_VERSION, MAP_CONNS};
 
 use crate::kernel::layout::Hook;
@@ -52,17 +51,9 @@ pub fn prog_pin(program: &str) -> PathBuf {
     Path::new(PIN_DIR.as_str()).join(format!("prog_{program}"))
 }
 
-/// The kernel's identity of a loaded program: its id, its tag (a hash of its
-/// instructions) and the maps it uses.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) struct ProgIdentity {
-    id: u32,
-    tag: [u8; 8],
-    map_ids: Vec<u32>,
-}
-
-/// The identity of a loaded program, map ids included (see [`prog_info`]).
-pub(crate) fn prog_identity(fd: BorrowedFd<'_>) -> std::io::Result<ProgIdentity> {
+/// The tag of a loaded program: the kernel's hash of its instructions (see
+/// [`prog_info`]), the same for the same build's program on the same kernel.
+pub(crate) fn prog_tag(fd: BorrowedFd<'_>) -> std::io::Result<[u8; 8]> {
     // The leading fields of `struct bpf_prog_info` (include/uapi/linux/bpf.h), stable ABI.
     #[repr(C)]
     #[derive(Default)]
@@ -70,36 +61,18 @@ pub(crate) fn prog_identity(fd: BorrowedFd<'_>) -> std::io::Result<ProgIdentity>
         ty: u32,
         id: u32,
         tag: [u8; 8],
-        jited_prog_len: u32,
-        xlated_prog_len: u32,
-        jited_prog_insns: u64,
-        xlated_prog_insns: u64,
-        load_time: u64,
-        created_by_uid: u32,
-        nr_map_ids: u32,
-        map_ids: u64,
     }
-    let get = |info: &mut Info| {
-        // SAFETY: `Info` is the leading part of `bpf_prog_info`; the kernel writes at
-        // most its size into it, and at most nr_map_ids ids where map_ids points.
-        unsafe { prog_info(fd, (info as *mut Info).cast(), std::mem::size_of::<Info>()) }
-    };
     let mut info = Info::default();
-    get(&mut info)?;
-    let mut map_ids = vec![0u32; info.nr_map_ids as usize];
-    let mut again = Info {
-        nr_map_ids: info.nr_map_ids,
-        map_ids: map_ids.as_mut_ptr() as u64,
-        ..Info::default()
+    // SAFETY: `Info` is the leading part of `bpf_prog_info`; the kernel writes at most
+    // its size into it.
+    unsafe {
+        prog_info(
+            fd,
+            (&mut info as *mut Info).cast(),
+            std::mem::size_of::<Info>(),
+        )?
     };
-    get(&mut again)?;
-    map_ids.truncate(again.nr_map_ids.min(info.nr_map_ids) as usize);
-    map_ids.sort_unstable();
-    Ok(ProgIdentity {
-        id: info.id,
-        tag: info.tag,
-        map_ids,
-    })
+    Ok(info.tag)
 }
 
 /// `BPF_OBJ_GET_INFO_BY_FD` on a program descriptor into `len` bytes at `info` (a
@@ -198,23 +171,10 @@ pub(crate) fn remove_pin(path: &Path) -> Result<()> {
     }
 }
 
-/// Whether the pinned link of an earlier start runs the program just loaded (same
-/// instructions and maps). Anything missing or different answers no.
-pub(crate) fn pinned_runs(old_link: &FdLink, hook: &Hook, ours: &ProgIdentity) -> bool {
-    let Ok(link) = old_link.info() else {
-        return false;
-    };
-    let Ok(fd) = obj_get(&prog_pin(hook.program)) else {
-        return false;
-    };
-    match prog_identity(fd.as_fd()) {
-        Ok(pinned) => {
-            pinned.id == link.program_id()
-                && pinned.tag == ours.tag
-                && pinned.map_ids == ours.map_ids
-        }
-        Err(_) => false,
-    }
+/// The tag (instruction hash) of the hook's program pinned by an earlier start, if any.
+pub(crate) fn pinned_tag(hook: &Hook) -> Option<[u8; 8]> {
+    let fd = obj_get(&prog_pin(hook.program)).ok()?;
+    prog_tag(fd.as_fd()).ok()
 }
 
 /// What a stopping daemon leaves pinned, in one sentence for its last log line.
