@@ -583,6 +583,35 @@ fn sweep_applies_the_policy_once_and_summarises() {
         !fresh.is_dead(),
         "the connection that just spoke was destroyed"
     );
+
+    // A sweep destroys from its own dump, without a lookup each; a protected process's
+    // connection is still spared.
+    let mut bash = Command::new("bash")
+        .arg("-c")
+        .arg(format!("exec 3<>/dev/tcp/127.0.0.1/{p}; read -t 30 <&3"))
+        .spawn()
+        .expect("bash");
+    let (from_bash, _) = l.accept().unwrap();
+    let bash_end = from_bash.peer_addr().unwrap();
+    thread::sleep(Duration::from_millis(1500));
+    let protected = Command::new(BIN)
+        .args(["sweep", "--idle", "1s", "--remote-port", &p])
+        .args(["--exclude-process", "bash", "--enforce"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&protected.stdout);
+    let err = String::from_utf8_lossy(&protected.stderr);
+    assert!(
+        out.contains("skipped=1") && err.contains(&format!("protected {bash_end} -> ")),
+        "{out}{err}"
+    );
+    assert_eq!(
+        state_of(bash_end, l.local_addr().unwrap()),
+        Some(TcpState::ESTABLISHED),
+        "bash's connection survives the sweep"
+    );
+    let _ = bash.kill();
+    let _ = bash.wait();
 }
 
 #[test]

@@ -33,8 +33,10 @@ use connwatch_common::{
 };
 
 // Pinned by name: a restarted daemon finds the same maps, and the ages in them.
+// Allocated as sockets come (no preallocation): it costs what it holds, not what it
+// could hold.
 #[map(name = "CW_CONNS")]
-static CONNS: HashMap<u64, ConnInfo> = HashMap::pinned(DEFAULT_MAX_CONNS, 0);
+static CONNS: HashMap<u64, ConnInfo> = HashMap::pinned(DEFAULT_MAX_CONNS, BPF_F_NO_PREALLOC);
 
 #[map(name = "CW_EVENTS")]
 static EVENTS: RingBuf = RingBuf::pinned(DEFAULT_RING_BYTES, 0);

@@ -86,6 +86,7 @@ fn load(
 
 pub fn sweep(policy: Policy, enforce: bool) -> Result<Summary> {
     let (mut engine, mut namespaces, conns, scanned) = load(policy, enforce)?;
+    engine.one_shot();
     let now = monotonic_ns();
     let matched = engine
         .tracker

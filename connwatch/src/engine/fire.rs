@@ -153,7 +153,7 @@ impl Engine {
         let n_due = chosen.len();
         // Only a mass round skips the lookup: an ordinary one looks each socket up, so
         // its audit record carries the traffic tcp_info counts.
-        let mass = n_due >= SPREAD_FROM;
+        let mass = n_due >= SPREAD_FROM || self.one_shot;
         let mut kills = Vec::with_capacity(chosen.len());
         // A socket the map holds, just re-read there, needs no lookup unless the
         // decision needs what only the kernel's socket says: tcp_info for an idle
@@ -275,10 +275,12 @@ impl Engine {
         Some((key, *self.tracker.get(key)?, rule))
     }
 
-    /// Whether a due socket can be destroyed on what the map just said of it.
+    /// Whether a due socket can be destroyed on what the map (in a one-shot run, the
+    /// dump) just said of it.
     fn needs_no_lookup(&self, t: &Tracked, rule: RuleId, none_protected: bool) -> bool {
-        t.source == Source::Map
-            && !matches!(self.policy.rule(rule).limit, Limit::Idle(_))
+        let confirmed = self.one_shot
+            || (t.source == Source::Map && !matches!(self.policy.rule(rule).limit, Limit::Idle(_)));
+        confirmed
             && (t.trusted_owner().is_some()
                 || self.policy.protect.processes.is_empty()
                 || none_protected)

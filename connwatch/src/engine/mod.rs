@@ -122,6 +122,8 @@ pub struct Engine {
     /// Whether the kernel sends only what [`Engine::filter`] says matters: the engine
     /// then follows exactly those sockets (the map holds the others).
     filtered: bool,
+    /// A one-shot run (`sweep`): see [`Engine::one_shot`].
+    one_shot: bool,
 }
 
 /// A decision that stands.
@@ -159,7 +161,17 @@ impl Engine {
             retries: HashMap::new(),
             firewall: None,
             to_block: Vec::new(),
+            one_shot: false,
         }
+    }
+
+    /// For a run that acts once on the dump it was just loaded from (`sweep`): that
+    /// dump, an instant old, is the confirmation, so a due socket is destroyed by the
+    /// tuple and cookie it reported without a second lookup (the kernel refuses any
+    /// other socket by the cookie), idle decided on the dump's `tcp_info`. What a
+    /// one-shot dump-and-destroy tool does, with the policy's protections kept.
+    pub fn one_shot(&mut self) {
+        self.one_shot = true;
     }
 
     /// Names cgroups by walking this tree (the daemon's /sys/fs/cgroup); without it

@@ -434,6 +434,67 @@ pub fn mass_destroy(b: &mut Bench) -> Result<()> {
     Ok(())
 }
 
+/// Figure 9: `connwatch sweep` (one dump, the policy, the destroys, exit) against
+/// `ss -K` (one dump destroying what its filter matches: the one-shot inet_diag
+/// dump-and-destroy tools such as tcp_closer work so) on identical sets of idle
+/// connections; each tool's own run time.
+pub fn sweep(b: &mut Bench) -> Result<()> {
+    let n = b.size(5_000, 20_000);
+    let mut runs = Vec::new();
+    for (group, ours) in [(0, true), (1, false)] {
+        let net = Net { figure: 9, group };
+        b.quiet(9);
+        // A fresh host, and no daemon: the sweep alone reads the kernel.
+        let _none = NoDaemon::hold(&b.connwatch, &b.tools)?;
+        let (mut fleet, opened) = hold(b, net, n)?;
+        std::thread::sleep(Duration::from_secs(2));
+        let (lo, hi) = net.ports();
+        let cw = b.connwatch.display().to_string();
+        let port = net.port_arg();
+        let filter = format!("dport >= :{lo} and dport <= :{hi}");
+        let cmd: Vec<&str> = if ours {
+            vec![
+                &cw,
+                "sweep",
+                "--idle",
+                "1s",
+                "--local-port",
+                &port,
+                "--enforce",
+            ]
+        } else {
+            vec!["ss", "-K", "-tn", &filter]
+        };
+        let out = b.dir.join(format!("fig9-{group}.out"));
+        let usage = b.tools.rusage(&cmd, Some(&out), Duration::from_secs(600))?;
+        let ended = fleet.wait_ended(opened, Duration::from_secs(60))?;
+        fleet.quit()?;
+        if usage.exit != 0 {
+            eprintln!("bench: {} exited with status {}", cmd[0], usage.exit);
+        }
+        runs.push((opened, ended.ended, usage));
+    }
+    let (opened, ended, ours) = &runs[0];
+    let (peer_opened, peer_ended, peer) = &runs[1];
+    b.row(Row {
+        figure: 9,
+        what: format!("sweep of {} idle connections: run time", count(*opened)),
+        connwatch: format!("{} (CPU {:.2} s)", secs(ours.wall), ours.cpu),
+        peer: format!("{} (CPU {:.2} s) `ss -K`", secs(peer.wall), peer.cpu),
+        ratio: ratio(ours.wall, peer.wall),
+        goal: "no slower than a one-shot dump-and-destroy".into(),
+        met: Some(ended == opened && ours.wall <= peer.wall),
+    });
+    b.note(
+        9,
+        format!(
+            "connwatch sweep: {ended} of {opened} ended, max RSS {} KiB; ss -K: {peer_ended} of {peer_opened} ended, max RSS {} KiB",
+            ours.maxrss_kb, peer.maxrss_kb
+        ),
+    );
+    Ok(())
+}
+
 /// Figure 5: short connections at a fixed rate, every 200th held open until the
 /// daemon's max-age destroys it. At the end the map and `list` must match the kernel,
 /// and every held connection must have been destroyed.

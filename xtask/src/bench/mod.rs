@@ -25,8 +25,8 @@ use host::{Sysctls, Tools};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Run only this figure (1-8; repeatable). Default: all.
-    #[arg(long = "figure", value_name = "N", value_parser = clap::value_parser!(u8).range(1..=8))]
+    /// Run only this figure (1-9; repeatable). Default: all.
+    #[arg(long = "figure", value_name = "N", value_parser = clap::value_parser!(u8).range(1..=9))]
     figures: Vec<u8>,
     /// Small sizes and short windows: a smoke run of a few minutes.
     #[arg(long)]
@@ -155,7 +155,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         notes: Vec::new(),
     };
     let figures: Vec<u8> = if args.figures.is_empty() {
-        (1..=8).collect()
+        (1..=9).collect()
     } else {
         args.figures
     };
@@ -208,6 +208,11 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     if want(8) {
         if let Err(e) = web::real_server(&mut bench) {
             failed.push((8, e));
+        }
+    }
+    if want(9) {
+        if let Err(e) = figures::sweep(&mut bench) {
+            failed.push((9, e));
         }
     }
     drop(sysctls);

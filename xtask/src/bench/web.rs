@@ -143,7 +143,7 @@ fn start(b: &Bench, log: &str) -> Result<Daemon> {
 }
 
 pub fn real_server(b: &mut Bench) -> Result<()> {
-    let rounds = b.size(2, 3);
+    let rounds = b.size(2, 5);
     let secs = b.size(3.0, 5.0);
     let _nginx = Nginx::start(b)?;
     // Warm up: nginx's first requests open files and fill caches.
