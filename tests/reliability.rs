@@ -722,6 +722,120 @@ fn overflow_of_the_map_and_the_ring_is_noticed_and_reconciled() {
     );
 }
 
+/// A connection map too small for the host's sockets, and churn that keeps it
+/// overflowing (every new connection fails to get in): the daemon reconciles at
+/// doubling intervals rather than at every stats tick, says once that the map is full
+/// and which `--max-conns` to run with, and counts what it put off.
+#[test]
+fn a_full_map_is_reconciled_with_a_back_off_and_told_once() {
+    let _x = exclusive();
+    struct Restore;
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = Command::new(BIN).arg("cleanup").output();
+        }
+    }
+    cleanup();
+    let _restore = Restore;
+    let l = big_listener();
+    let p = port(&l);
+    let d = Daemon::start(&["--max-conns", "64", "--max-age", "1h", "--port", &p]);
+    // 400 sockets held: more than the map holds.
+    let held: Vec<Conn> = (0..200).map(|_| Conn::open(&l)).collect();
+    // Churn: a connection opened and reset every 20 ms.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let (stop, l) = (stop.clone(), l.try_clone().unwrap());
+        thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let c = Conn::open(&l);
+                abort_on_close(&c.client);
+                abort_on_close(&c.server);
+                drop(c);
+                n += 1;
+                thread::sleep(Duration::from_millis(20));
+            }
+            n
+        })
+    };
+    const RECONCILED: &str = "reconciled with the kernel";
+    let count = |d: &Daemon| d.lines().iter().filter(|l| l.contains(RECONCILED)).count();
+    // When each reconcile was seen.
+    let from = Instant::now();
+    let mut seen = Vec::new();
+    let mut last = count(&d);
+    while from.elapsed() < Duration::from_secs(32) {
+        let n = count(&d);
+        if n > last {
+            seen.push(from.elapsed());
+            last = n;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let churned = churn.join().unwrap();
+    let status = api(&serde_json::json!({"cmd": "status"}));
+    let lines = d.stop();
+    let gaps: Vec<f64> = seen
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_secs_f64())
+        .collect();
+    eprintln!(
+        "full map: {churned} connections churned in 32 s, {} reconciles at {seen:?} (gaps {gaps:?}); status counters {}",
+        seen.len(),
+        status["counters"]
+    );
+    // A reconcile at every 2 s tick would be 16; doubling waits (2, 4, 8, 16 s) leave 5.
+    assert!(
+        (3..=5).contains(&seen.len()),
+        "{} reconciles in 32 s of a full map: {seen:?}",
+        seen.len()
+    );
+    for w in gaps.windows(2) {
+        assert!(
+            w[1] >= 1.6 * w[0],
+            "the wait between reconciles does not double: {gaps:?}"
+        );
+    }
+    assert!(
+        gaps.last().is_some_and(|g| *g >= 7.5),
+        "the last wait is not long: {gaps:?}"
+    );
+    // Said once, with a size that fits.
+    let told: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("the kernel's connection map is full ("))
+        .collect();
+    assert_eq!(told.len(), 1, "{told:?}");
+    let told = told[0];
+    let number_after = |what: &str| -> u64 {
+        told.split(what)
+            .nth(1)
+            .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no number after {what:?} in {told}"))
+    };
+    assert_eq!(number_after("full ("), 64, "{told}");
+    let sockets = number_after(" entries for ");
+    let suggested = number_after("start with --max-conns ");
+    assert!(sockets >= 400, "{told}");
+    assert_eq!(
+        suggested,
+        (2 * sockets).next_power_of_two().max(128),
+        "{told}"
+    );
+    assert!(told.contains("connwatch cleanup"), "{told}");
+    // Counted: what ran, and the ticks that saw drops and left them for later.
+    let c = &status["counters"];
+    assert!(
+        c["reconciles"].as_u64().unwrap() >= seen.len() as u64,
+        "{c}"
+    );
+    assert!(c["reconciles_put_off"].as_u64().unwrap() >= 5, "{c}");
+    drop(held);
+}
+
 // ---------------------------------------------------------------------------------
 // 4. Least privilege
 

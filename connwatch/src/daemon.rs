@@ -19,7 +19,7 @@ use crate::clock::monotonic_ns;
 use crate::control::answer::{self, Ctx};
 use crate::control::protocol::{error, Reply, Request};
 use crate::control::{http, server};
-use crate::engine::{Engine, Reconciled};
+use crate::engine::{suggested_max_conns, Engine, Pace, Reconciled};
 use crate::kernel::cgroup::Cgroups;
 use crate::kernel::netns::Namespaces;
 use crate::kernel::sock_diag::{DestroySupport, SockDiag};
@@ -31,6 +31,10 @@ use crate::policy::{Policy, PolicySource};
 
 /// How often the kernel's drop counters are read: a constant cost, whatever the load.
 const STATS_EVERY: Duration = Duration::from_secs(2);
+
+/// The longest a reconcile after kernel drops is put off while the drops go on (the
+/// wait doubles from [`STATS_EVERY`] up to this; see `engine::Pace`).
+const RECONCILE_MAX_EVERY: Duration = Duration::from_secs(64);
 
 /// How often the event ring is drained when the kernel has not woken the daemon: it
 /// wakes it only once a share of the ring is unread (`kernel::load::WAKEUP_SHARE`), so
@@ -246,6 +250,12 @@ pub async fn run(opts: Options) -> Result<()> {
     // are reported from here: since this start, not since boot.
     let start_stats = read_stats().unwrap_or_default();
     let mut last_stats = start_stats;
+    let capacity = {
+        use aya::maps::IterableMap;
+        conns.map().info().map(|i| i.max_entries()).unwrap_or(0)
+    };
+    let mut pace = Pace::new(STATS_EVERY, RECONCILE_MAX_EVERY);
+    let mut told_map_full = false;
     let done = full_reconcile(&mut engine, &mut namespaces, &mut conns)?;
     // Before the line that says it runs: a stop right after it must be a clean stop.
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -315,24 +325,43 @@ pub async fn run(opts: Options) -> Result<()> {
             _ = drain_tick.tick() => {
                 drain(ring.get_mut(), &mut engine);
             }
-            _ = tick.tick() => {
+            at = tick.tick() => {
                 let s = read_stats().unwrap_or(last_stats);
-                let mut reconciled = true;
-                if s.lost_since(&last_stats) {
+                let mut caught_up = true;
+                if !s.lost_since(&last_stats) {
+                    pace.quiet();
+                } else if !pace.due(at.into_std()) {
+                    // Losses go on (a full map counts one at each state change of a
+                    // socket it cannot hold): the next reconcile takes them all in.
+                    engine.counters.reconciles_put_off += 1;
+                    caught_up = false;
+                } else {
                     report_drops(last_stats, s);
                     drain(ring.get_mut(), &mut engine);
                     match full_reconcile(&mut engine, &mut namespaces, &mut conns) {
-                        Ok(done) => tracing::warn!("reconciled with the kernel: {} sockets seeded, {} stale entries removed", done.seeded, done.stale),
+                        Ok(done) => {
+                            engine.counters.reconciles += 1;
+                            pace.reconciled(at.into_std());
+                            tracing::warn!("reconciled with the kernel: {} sockets seeded, {} stale entries removed", done.seeded, done.stale);
+                            if s.map_full > last_stats.map_full && !told_map_full {
+                                told_map_full = true;
+                                tracing::warn!(
+                                    "the kernel's connection map is full ({capacity} entries for {} TCP sockets): sockets it cannot hold are found only by reconciles, which are put off while it stays full (twice as long each time, up to {RECONCILE_MAX_EVERY:?}); run `connwatch cleanup`, then start with --max-conns {} (the next power of two above twice the sockets now)",
+                                    done.sockets,
+                                    suggested_max_conns(done.sockets, capacity)
+                                );
+                            }
+                        }
                         // Most likely when the host is under load: the daemon stays up
                         // and tries again at the next tick (the drops still show).
                         Err(e) => {
                             engine.counters.reconcile_failures += 1;
-                            reconciled = false;
+                            caught_up = false;
                             tracing::error!("reconciling with the kernel failed, trying again in {STATS_EVERY:?}: {e:#}");
                         }
                     }
                 }
-                if reconciled {
+                if caught_up {
                     last_stats = s;
                 }
                 // A namespace whose sockets are all gone is let go of.

@@ -137,6 +137,9 @@ fn status(ctx: &Ctx, now: u64) -> Status {
             protected: c.protected,
             deferred: c.deferred,
             retried: c.retried,
+            reconciles: c.reconciles,
+            reconciles_put_off: c.reconciles_put_off,
+            reconcile_failures: c.reconcile_failures,
         },
         by_reason: owned(c.by_reason.iter().map(|(k, v)| (*k, *v)).collect()),
         kernel: KernelCounts {

@@ -223,6 +223,14 @@ pub struct Counters {
     /// Destroys tried again after a failure that may pass.
     #[serde(default)]
     pub retried: u64,
+    /// Reconciles after the kernel dropped records: run, put off (the back-off while
+    /// drops go on, as under a full connection map), failed.
+    #[serde(default)]
+    pub reconciles: u64,
+    #[serde(default)]
+    pub reconciles_put_off: u64,
+    #[serde(default)]
+    pub reconcile_failures: u64,
 }
 
 /// The kernel side's counters.

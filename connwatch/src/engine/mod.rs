@@ -33,7 +33,7 @@ use audit::Record;
 use per_ip::PerIp;
 
 pub use filter::filter_of;
-pub use reconcile::Reconciled;
+pub use reconcile::{suggested_max_conns, Pace, Reconciled};
 
 /// Milliseconds, as `tcp_info` counts them, in nanoseconds.
 fn ms(n: u32) -> u64 {
@@ -55,6 +55,11 @@ pub struct Counters {
     pub retried: u64,
     /// Reconciles after kernel drops that failed (and were tried again).
     pub reconcile_failures: u64,
+    /// Reconciles after kernel drops that ran.
+    pub reconciles: u64,
+    /// Stats ticks that saw drops but left them to a later reconcile (the back-off
+    /// while losses go on, as under a full connection map).
+    pub reconciles_put_off: u64,
     /// Destroys and would-destroys by reason (limit kind).
     pub by_reason: HashMap<&'static str, u64>,
     /// Destroys the kernel refused as unsupported, by state.

@@ -2,6 +2,7 @@
 //! start-up and after the kernel reports dropped records.
 
 use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use super::per_ip::PerIp;
 use super::{ms, Engine};
@@ -17,6 +18,66 @@ pub struct Reconciled {
     pub from_map: usize,
     pub seeded: usize,
     pub stale: usize,
+    /// Sockets the dump found that the kernel map would hold (every state but
+    /// TIME_WAIT, which lives outside it), all namespaces together.
+    pub sockets: usize,
+}
+
+/// When the daemon reconciles after the kernel reports dropped records. The first
+/// stats tick that shows a loss reconciles at once; while every tick shows more (a
+/// full connection map fails again at each state change of a socket it could not
+/// hold), the next reconcile waits twice as long as the last wait, up to `max`; a
+/// tick with no loss brings it back to `base`. A full map thus costs a dump and a map
+/// walk every `max` at most, not at every tick.
+#[derive(Debug)]
+pub struct Pace {
+    base: Duration,
+    max: Duration,
+    /// Reconciles since the last tick without loss.
+    streak: u32,
+    next: Option<Instant>,
+}
+
+impl Pace {
+    pub fn new(base: Duration, max: Duration) -> Pace {
+        Pace {
+            base,
+            max,
+            streak: 0,
+            next: None,
+        }
+    }
+
+    /// Whether a tick at `now` that saw a loss reconciles (else it is put off).
+    pub fn due(&self, now: Instant) -> bool {
+        self.next.is_none_or(|next| now >= next)
+    }
+
+    /// A reconcile ran at `now`: the next one waits longer if losses go on.
+    pub fn reconciled(&mut self, now: Instant) {
+        self.streak = self.streak.saturating_add(1);
+        self.next = Some(now + self.every());
+    }
+
+    /// A tick without loss: the next loss is reconciled at once.
+    pub fn quiet(&mut self) {
+        self.streak = 0;
+        self.next = None;
+    }
+
+    /// How long after the last reconcile the next one may come.
+    pub fn every(&self) -> Duration {
+        let doublings = self.streak.saturating_sub(1).min(16);
+        (self.base * (1u32 << doublings)).min(self.max)
+    }
+}
+
+/// The `--max-conns` to suggest when the connection map is full: the next power of
+/// two above twice the sockets it must hold, and at least twice its size now.
+pub fn suggested_max_conns(sockets: usize, capacity: u32) -> u32 {
+    let want = (sockets.saturating_mul(2) as u64).next_power_of_two();
+    want.max(u64::from(capacity) * 2)
+        .min(u64::from(u32::MAX / 2 + 1)) as u32
 }
 
 impl Engine {
@@ -46,7 +107,14 @@ impl Engine {
         dump: &Dump,
         now: u64,
     ) -> (Reconciled, Vec<u64>) {
-        let mut done = Reconciled::default();
+        let mut done = Reconciled {
+            sockets: dump
+                .sockets
+                .iter()
+                .filter(|(_, s)| s.state != TcpState::TIME_WAIT)
+                .count(),
+            ..Reconciled::default()
+        };
         let live: HashMap<SockId, TcpState> = dump
             .sockets
             .iter()
@@ -150,5 +218,43 @@ impl Engine {
         self.per_ip = PerIp::default();
         self.replan_all();
         (done, stale_keys)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn losses_that_go_on_are_reconciled_less_and_less_often() {
+        let base = Duration::from_secs(2);
+        let mut p = Pace::new(base, Duration::from_secs(64));
+        let t0 = Instant::now();
+        assert!(p.due(t0));
+        // A tick every 2 s, each with a loss: reconciles at 0, 2, 6, 14, 30, 62, 126 s.
+        let mut at = Vec::new();
+        for tick in 0..80u64 {
+            let now = t0 + base * tick as u32;
+            if p.due(now) {
+                p.reconciled(now);
+                at.push(tick * 2);
+            }
+        }
+        assert_eq!(at, vec![0, 2, 6, 14, 30, 62, 126]);
+        assert_eq!(p.every(), Duration::from_secs(64), "bounded");
+        // One tick without loss: the next loss is reconciled at once.
+        p.quiet();
+        assert!(p.due(t0 + base * 81));
+        p.reconciled(t0 + base * 81);
+        assert_eq!(p.every(), base);
+    }
+
+    #[test]
+    fn the_suggested_size_holds_twice_the_sockets() {
+        assert_eq!(suggested_max_conns(600, 64), 2048);
+        assert_eq!(suggested_max_conns(512, 64), 1024);
+        assert_eq!(suggested_max_conns(10, 64), 128, "at least twice the map");
+        assert_eq!(suggested_max_conns(0, 262_144), 524_288);
+        assert_eq!(suggested_max_conns(usize::MAX / 4, 64), 1 << 31);
     }
 }

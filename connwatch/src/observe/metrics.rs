@@ -22,6 +22,7 @@
 //! | `connwatch_connections_closed_total` | counter | |
 //! | `connwatch_kernel_events_total` | counter | |
 //! | `connwatch_kernel_drops_total` | counter | `reason` (`map_full`, `ring_full`, `recursion`) |
+//! | `connwatch_reconciles_total` | counter | `outcome` (`done`, `put_off`, `failed`) |
 //! | `connwatch_deadline_to_destroy_seconds` | histogram | |
 //! | `connwatch_policy_reloads_total` | counter | `result` |
 
@@ -65,6 +66,11 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabels {
     direction: &'static str,
 }
@@ -105,6 +111,8 @@ impl Collector for Ages {
 struct LastScrape {
     deferred: u64,
     events: u64,
+    /// Reconciles done, put off, failed.
+    reconciles: [u64; 3],
     kernel: Stats,
 }
 
@@ -125,6 +133,7 @@ pub struct Metrics {
     closed: Counter,
     kernel_events: Counter,
     kernel_drops: Family<ReasonLabels, Counter>,
+    reconciles: Family<OutcomeLabels, Counter>,
     late: Histogram,
     reloads: Family<ResultLabels, Counter>,
     seen: Cell<LastScrape>,
@@ -154,6 +163,7 @@ impl Metrics {
             closed: Counter::default(),
             kernel_events: Counter::default(),
             kernel_drops: Family::default(),
+            reconciles: Family::default(),
             late: Histogram::new(LATE_BUCKETS),
             reloads: Family::default(),
             seen: Cell::new(LastScrape {
@@ -228,6 +238,11 @@ impl Metrics {
             "Records the kernel program could not keep since the daemon started: map_full (a socket not recorded), ring_full (an event lost), recursion (a state change the kernel did not run the program for).",
             m.kernel_drops.clone(),
         );
+        registry.register(
+            "reconciles",
+            "Reconciles with the kernel after it dropped records, by outcome: done, put_off (a stats tick that saw drops and left them to a later reconcile, the back-off while drops go on, as under a full connection map), failed.",
+            m.reconciles.clone(),
+        );
         registry.register_with_unit(
             "deadline_to_destroy",
             "Time from a socket's deadline to its destroy (or would-destroy).",
@@ -244,6 +259,9 @@ impl Metrics {
         }
         for direction in ["in", "out"] {
             let _ = m.opened.get_or_create(&DirectionLabels { direction });
+        }
+        for outcome in ["done", "put_off", "failed"] {
+            let _ = m.reconciles.get_or_create(&OutcomeLabels { outcome });
         }
         Metrics { registry, ..m }
     }
@@ -325,6 +343,15 @@ impl Metrics {
         self.deferred
             .inc_by(c.deferred.saturating_sub(before.deferred));
         self.events.inc_by(c.events.saturating_sub(before.events));
+        for (outcome, now, was) in [
+            ("done", c.reconciles, before.reconciles[0]),
+            ("put_off", c.reconciles_put_off, before.reconciles[1]),
+            ("failed", c.reconcile_failures, before.reconciles[2]),
+        ] {
+            self.reconciles
+                .get_or_create(&OutcomeLabels { outcome })
+                .inc_by(now.saturating_sub(was));
+        }
         // Counted in the kernel: the event filter lets few of these events through.
         for (direction, now, was) in [
             ("in", kernel.opened_in, before.kernel.opened_in),
@@ -358,6 +385,7 @@ impl Metrics {
         self.seen.set(LastScrape {
             deferred: c.deferred,
             events: c.events,
+            reconciles: [c.reconciles, c.reconciles_put_off, c.reconcile_failures],
             kernel: Stats {
                 events: kernel.events.max(before.kernel.events),
                 map_full: kernel.map_full.max(before.kernel.map_full),
@@ -414,7 +442,9 @@ mod tests {
             late_ns: Some(2_000_000),
             protection: None,
         });
-        let engine = Engine::new(Policy::default_hung_states(), false);
+        let mut engine = Engine::new(Policy::default_hung_states(), false);
+        engine.counters.reconciles = 2;
+        engine.counters.reconciles_put_off = 5;
         let kernel = Stats {
             events: 10,
             map_full: 1,
@@ -441,6 +471,9 @@ mod tests {
             "connwatch_connections_opened_total{direction=\"in\"} 4",
             "connwatch_connections_opened_total{direction=\"out\"} 4",
             "connwatch_connections_closed_total 2",
+            "connwatch_reconciles_total{outcome=\"done\"} 2",
+            "connwatch_reconciles_total{outcome=\"put_off\"} 5",
+            "connwatch_reconciles_total{outcome=\"failed\"} 0",
             "# EOF",
         ] {
             assert!(text.contains(want), "{want} missing from\n{text}");
@@ -448,5 +481,9 @@ mod tests {
         // The kernel's counters are added once, not again on the next scrape.
         let text = m.scrape(&engine, kernel, 0);
         assert!(text.contains("connwatch_kernel_events_total 10"), "{text}");
+        assert!(
+            text.contains("connwatch_reconciles_total{outcome=\"put_off\"} 5"),
+            "{text}"
+        );
     }
 }
