@@ -19,6 +19,12 @@ pub const MAP_LISTENERS: &str = "CW_LISTENERS";
 /// allocated as used).
 pub const MAX_LISTENERS: u32 = 65_536;
 
+/// The first sighting of each socket older than connwatch (birth unknown, found by a
+/// sock_diag dump), by identity `[cookie, netns inode]`, in `CLOCK_MONOTONIC` ns: kept
+/// by the daemon so a restart does not push back such a socket's age bound. Pinned
+/// beside the others; a daemon that finds none goes on without it.
+pub const MAP_FIRST_SEEN: &str = "CW_FIRST_SEEN";
+
 /// Default capacity of the connection map; the daemon may size it at load time.
 pub const DEFAULT_MAX_CONNS: u32 = 262_144;
 /// Default size of the lifecycle ring buffer in bytes (a power of two, page aligned).
