@@ -458,6 +458,120 @@ fn kill_9_and_restart_keep_every_age_and_every_deadline() {
     drop(holder_b);
 }
 
+/// Sockets older than connwatch (opened while no program was attached: their birth is
+/// unknown, the start-up dump finds them) keep the age bound their first sighting gave
+/// them across a clean restart and a `kill -9`: with `--max-age` they die at the first
+/// sighting + the limit, not at a restart + the limit. Data moves on them between the
+/// restarts, so a dump made at a restart alone would date them later.
+#[test]
+fn restarts_keep_the_first_sighting_of_sockets_older_than_connwatch() {
+    let _x = exclusive();
+    // No program attached: the connections below predate connwatch.
+    cleanup();
+    let l = listen("127.0.0.1");
+    let p = port(&l);
+    let conns: Vec<Conn> = (0..20).map(|_| Conn::open(&l)).collect();
+    let opened = Instant::now();
+    let port_n: u16 = p.parse().unwrap();
+    let ours: HashSet<u64> = SockDiag::open()
+        .unwrap()
+        .dump(SockDiag::ALL_STATES)
+        .unwrap()
+        .into_iter()
+        .filter(|s| touches(&s.tuple, port_n) && s.state == TcpState::ESTABLISHED)
+        .map(|s| connwatch::conn::cookie_from_diag(s.cookie))
+        .collect();
+    assert_eq!(ours.len(), 40);
+    const MAX_AGE: Duration = Duration::from_secs(8);
+    let args = ["--max-age", "8s", "--port", p.as_str(), "--enforce"];
+    let d1 = Daemon::start(&args);
+    let first_start = Instant::now();
+    let watching = d1.wait_for("watching TCP sockets", Duration::from_secs(1));
+    assert!(
+        watching.contains("40 older than connwatch (age unknown; 0 of them"),
+        "{watching}"
+    );
+    let traffic = |conns: &[Conn]| {
+        use std::io::Write;
+        for c in conns {
+            (&c.client).write_all(b"x").unwrap();
+            (&c.server).write_all(b"y").unwrap();
+        }
+    };
+    thread::sleep(Duration::from_millis(2500));
+    traffic(&conns);
+    thread::sleep(Duration::from_millis(500));
+    d1.stop();
+    let d2 = Daemon::start(&args);
+    let watching = d2.wait_for("watching TCP sockets", Duration::from_secs(1));
+    assert!(
+        watching.contains(
+            "40 older than connwatch (age unknown; 40 of them first seen by an earlier start)"
+        ),
+        "{watching}"
+    );
+    thread::sleep(Duration::from_millis(1000));
+    traffic(&conns);
+    thread::sleep(Duration::from_millis(500));
+    kill9(d2);
+    let d3 = Daemon::start(&args);
+    let watching = d3.wait_for("watching TCP sockets", Duration::from_secs(1));
+    assert!(
+        watching.contains(
+            "40 older than connwatch (age unknown; 40 of them first seen by an earlier start)"
+        ),
+        "{watching}"
+    );
+    // Each dies by the first start + the limit (with a second of slack), and not before
+    // its opening + the limit.
+    let by = first_start + MAX_AGE + Duration::from_millis(1500);
+    for c in &conns {
+        let left = by.saturating_duration_since(Instant::now());
+        c.dies_within(left).unwrap_or_else(|| {
+            panic!(
+                "{} still alive {:?} after the first start (limit {MAX_AGE:?}): a restart pushed its deadline back",
+                c.tuple(),
+                first_start.elapsed()
+            )
+        });
+        assert!(
+            opened.elapsed() + Duration::from_millis(300) >= MAX_AGE,
+            "{} destroyed early, {:?} after its opening",
+            c.tuple(),
+            opened.elapsed()
+        );
+    }
+    eprintln!(
+        "older than connwatch: 20 connections dead {:?} after the first start, through a clean restart and a kill -9",
+        first_start.elapsed()
+    );
+    // Once they are gone, the next start forgets their first sightings.
+    d3.stop();
+    let kept = || -> HashSet<u64> {
+        pins::open_pinned_first_seen()
+            .expect("the pinned first sightings")
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|[_, netns]| *netns == u64::from(host_netns()))
+            .map(|[cookie, _]| cookie)
+            .collect()
+    };
+    let before = kept();
+    assert!(ours.is_subset(&before), "the first sightings were not kept");
+    let d4 = Daemon::start(&args);
+    let after = kept();
+    assert!(
+        ours.is_disjoint(&after),
+        "the first sightings of the destroyed sockets are still kept"
+    );
+    eprintln!(
+        "first sightings on the host: {} before the last start, {} after",
+        before.len(),
+        after.len()
+    );
+    d4.stop();
+}
+
 /// A clean stop says what it leaves pinned; `connwatch cleanup` removes all of it, and
 /// the programs behind the pinned links are gone with it.
 #[test]

@@ -23,7 +23,7 @@ use crate::engine::{suggested_max_conns, Engine, Pace, Reconciled};
 use crate::kernel::cgroup::Cgroups;
 use crate::kernel::netns::Namespaces;
 use crate::kernel::sock_diag::{DestroySupport, SockDiag};
-use crate::kernel::{self, pins, privilege, ConnMap, FilterMap, Loaded, Stats};
+use crate::kernel::{self, pins, privilege, ConnMap, FilterMap, FirstSeenMap, Loaded, Stats};
 use crate::observe::journal::Journal;
 use crate::observe::log::reopen_log_file;
 use crate::observe::metrics::Metrics;
@@ -119,6 +119,7 @@ fn refilter(
     ring: &mut RingBuf<MapData>,
     namespaces: &mut Namespaces,
     conns: &mut ConnMap,
+    first_seen: Option<&mut FirstSeenMap>,
 ) {
     // Failures are logged, not fatal: the daemon stays up with the new policy, and the
     // next stats tick's reconcile (after any loss) or the next reload tries again.
@@ -126,7 +127,7 @@ fn refilter(
         tracing::error!("{e:#}: the kernel goes on sending what the previous policy asked for");
     }
     drain(ring, engine);
-    match full_reconcile(engine, namespaces, conns) {
+    match full_reconcile(engine, namespaces, conns, first_seen) {
         Ok(done) => tracing::info!(
             "following the sockets the policy can act on: {} from the map, {} from the dump, {} stale entries removed",
             done.from_map,
@@ -146,6 +147,7 @@ fn full_reconcile(
     engine: &mut Engine,
     namespaces: &mut Namespaces,
     conns: &mut ConnMap,
+    first_seen: Option<&mut FirstSeenMap>,
 ) -> Result<Reconciled> {
     let now = monotonic_ns();
     let dump = namespaces.dump_all(SockDiag::ALL_STATES);
@@ -160,6 +162,14 @@ fn full_reconcile(
     let (done, stale) = engine.reconcile(Some(conns), &dump, now);
     for key in &stale {
         let _ = conns.remove(key);
+    }
+    if let Some(map) = first_seen {
+        let unwritten = kernel::write_first_seen(map, &done.first_seen_set, &done.first_seen_gone);
+        if unwritten > 0 {
+            tracing::warn!(
+                "{unwritten} first sightings of sockets older than connwatch could not be kept (the pinned map is full): a restart counts their age from then"
+            );
+        }
     }
     namespaces.retain(|ns| engine.tracker.in_netns(ns) > 0);
     Ok(done)
@@ -215,6 +225,7 @@ pub async fn run(opts: Options) -> Result<()> {
         events,
         stats,
         filter: mut filter_map,
+        mut first_seen,
         set_state,
         logger,
     } = kernel::load_and_attach(opts.sizes)?;
@@ -236,6 +247,10 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut namespaces = Namespaces::open()?;
     tracing::info!("policy: {}", opts.policy.describe());
     let mut engine = Engine::new(opts.policy, opts.enforce);
+    // Sockets older than connwatch keep the age bound an earlier start gave them.
+    if let Some(map) = &first_seen {
+        engine.first_seen = kernel::read_first_seen(map);
+    }
     engine.name_cgroups(Cgroups::default());
     if engine.policy.block_firewall.is_some() {
         // After the privilege drop: nft must work with what the daemon keeps.
@@ -256,15 +271,21 @@ pub async fn run(opts: Options) -> Result<()> {
     };
     let mut pace = Pace::new(STATS_EVERY, RECONCILE_MAX_EVERY);
     let mut told_map_full = false;
-    let done = full_reconcile(&mut engine, &mut namespaces, &mut conns)?;
+    let done = full_reconcile(
+        &mut engine,
+        &mut namespaces,
+        &mut conns,
+        first_seen.as_mut(),
+    )?;
     // Before the line that says it runs: a stop right after it must be a clean stop.
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
     tracing::info!(
-        "watching TCP sockets: {} from the pinned map, {} older than connwatch (age unknown), {} stale entries removed; {}",
+        "watching TCP sockets: {} from the pinned map, {} older than connwatch (age unknown; {} of them first seen by an earlier start), {} stale entries removed; {}",
         done.from_map,
         done.seeded,
+        done.seen_before,
         done.stale,
         if engine.enforce { "enforcing" } else { "dry run: nothing will be destroyed (add --enforce to destroy)" }
     );
@@ -338,7 +359,7 @@ pub async fn run(opts: Options) -> Result<()> {
                 } else {
                     report_drops(last_stats, s);
                     drain(ring.get_mut(), &mut engine);
-                    match full_reconcile(&mut engine, &mut namespaces, &mut conns) {
+                    match full_reconcile(&mut engine, &mut namespaces, &mut conns, first_seen.as_mut()) {
                         Ok(done) => {
                             engine.counters.reconciles += 1;
                             pace.reconciled(at.into_std());
@@ -374,7 +395,7 @@ pub async fn run(opts: Options) -> Result<()> {
                     Err(e) => tracing::error!("{e:#}; logging goes on to the file as it was"),
                 }
                 if reload(&mut engine, &opts.source, metrics.as_deref(), "").is_ok() {
-                    refilter(&mut engine, &mut filter_map, ring.get_mut(), &mut namespaces, &mut conns);
+                    refilter(&mut engine, &mut filter_map, ring.get_mut(), &mut namespaces, &mut conns, first_seen.as_mut());
                 }
             }
             Some(job) = jobs.recv() => {
@@ -385,7 +406,7 @@ pub async fn run(opts: Options) -> Result<()> {
                     Request::Reload => {
                         match reload(&mut engine, &opts.source, metrics.as_deref(), " (control API)") {
                             Ok(description) => {
-                                refilter(&mut engine, &mut filter_map, ring.get_mut(), &mut namespaces, &mut conns);
+                                refilter(&mut engine, &mut filter_map, ring.get_mut(), &mut namespaces, &mut conns, first_seen.as_mut());
                                 Reply::Json(serde_json::json!({"ok": true, "description": description}))
                             }
                             Err(e) => error(format!("reload refused, keeping the last good policy: {e:#}")),

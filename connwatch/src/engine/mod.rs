@@ -129,6 +129,11 @@ pub struct Engine {
     filtered: bool,
     /// A one-shot run (`sweep`): see [`Engine::one_shot`].
     one_shot: bool,
+    /// When each socket older than connwatch (birth unknown) was first seen, as kept
+    /// across restarts (the pinned `CW_FIRST_SEEN`): its age bound counts from then, not
+    /// from this start. Reconciles add the sockets they seed and forget the gone ones,
+    /// saying which in [`Reconciled`] so the daemon writes the pinned map alike.
+    pub first_seen: HashMap<SockId, u64>,
 }
 
 /// A decision that stands.
@@ -152,6 +157,7 @@ impl Engine {
         Engine {
             filter: Box::new(filter_of(&policy)),
             filtered: false,
+            first_seen: HashMap::new(),
             policy,
             enforce,
             tracker: Tracker::new(),

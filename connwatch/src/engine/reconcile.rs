@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::per_ip::PerIp;
 use super::{ms, Engine};
-use crate::conn::{cookie_from_diag, SockId, TcpState};
+use crate::conn::{cookie_from_diag, Birth, SockId, TcpState};
 use crate::kernel::netns::Dump;
 use crate::kernel::ConnMap;
 use crate::policy::Policy;
@@ -21,6 +21,12 @@ pub struct Reconciled {
     /// Sockets the dump found that the kernel map would hold (every state but
     /// TIME_WAIT, which lives outside it), all namespaces together.
     pub sockets: usize,
+    /// Sockets seeded with a first sighting an earlier start kept.
+    pub seen_before: usize,
+    /// First sightings [`Engine::first_seen`] learned or lowered: to be kept.
+    pub first_seen_set: Vec<(SockId, u64)>,
+    /// First sightings of sockets now gone: to be forgotten.
+    pub first_seen_gone: Vec<SockId>,
 }
 
 /// When the daemon reconciles after the kernel reports dropped records. The first
@@ -138,9 +144,17 @@ impl Engine {
         let mut map_ids = HashSet::new();
         let mut stale_keys = Vec::new();
         for (key, info) in entries {
-            let Some(t) = Tracked::from_info(&info) else {
+            let Some(mut t) = Tracked::from_info(&info) else {
                 continue;
             };
+            // Seen first by an earlier start's dump, then by the kernel program: the
+            // earlier sighting bounds its age.
+            if let (Birth::Unknown { seen_ns }, Some(first)) = (t.birth, self.first_seen.get(&t.id))
+            {
+                t.birth = Birth::Unknown {
+                    seen_ns: seen_ns.min(*first),
+                };
+            }
             // An entry whose socket is not in its namespace's dump died while no
             // program watched, unless it was made after the dump began; so did one
             // now in TIME_WAIT, a state the map never holds.
@@ -203,18 +217,52 @@ impl Engine {
                 ),
                 None => (now, 0),
             };
+            let id = SockId::new(*netns, cookie_from_diag(s.cookie));
+            // First seen by this dump, or earlier (by an earlier start): kept, so a
+            // restart does not push its age bound back.
+            let mut before = false;
+            let seen_ns = match self.first_seen.get(&id) {
+                Some(first) if *first <= born_by => {
+                    before = true;
+                    *first
+                }
+                _ => {
+                    self.first_seen.insert(id, born_by);
+                    done.first_seen_set.push((id, born_by));
+                    born_by
+                }
+            };
             let seed = Seed {
-                id: SockId::new(*netns, cookie_from_diag(s.cookie)),
+                id,
                 tuple: s.tuple,
                 state: s.state,
                 ifindex: s.ifindex,
-                seen_ns: born_by,
+                seen_ns,
                 last_activity_ns: active_at,
             };
             if self.tracker.seed(seed).is_some() {
                 done.seeded += 1;
+                done.seen_before += usize::from(before);
             }
         }
+        // The first sightings of sockets gone (their namespace dumped without them, or
+        // gone itself) are forgotten.
+        let first_gone: Vec<SockId> = self
+            .first_seen
+            .keys()
+            .filter(|id| {
+                if dump.dumped.contains(&id.netns) {
+                    !live.contains_key(id)
+                } else {
+                    !dump.existing.contains(&id.netns)
+                }
+            })
+            .copied()
+            .collect();
+        for id in &first_gone {
+            self.first_seen.remove(id);
+        }
+        done.first_seen_gone = first_gone;
         self.per_ip = PerIp::default();
         self.replan_all();
         (done, stale_keys)
@@ -224,6 +272,103 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::SEC;
+    use crate::conn::{cookie_to_diag, Tuple};
+    use crate::kernel::sock_diag::{DiagSocket, TcpActivity};
+
+    const HOST: u32 = 4026531840;
+
+    /// A dump of the host alone holding these established sockets, each with data
+    /// sent `quiet_ms` ago.
+    fn dump(socks: &[(u64, u16, u32)]) -> Dump {
+        let sockets = socks
+            .iter()
+            .map(|(cookie, port, quiet_ms)| {
+                let tuple = Tuple::new(
+                    format!("127.0.0.1:{port}").parse().unwrap(),
+                    "127.0.0.1:8080".parse().unwrap(),
+                );
+                let activity = TcpActivity {
+                    last_data_sent_ms: *quiet_ms,
+                    last_data_recv_ms: *quiet_ms,
+                };
+                let s = DiagSocket {
+                    tuple,
+                    state: TcpState::ESTABLISHED,
+                    cookie: cookie_to_diag(*cookie),
+                    inode: 1,
+                    uid: 0,
+                    ifindex: 0,
+                    activity: Some(activity),
+                    traffic: None,
+                };
+                (HOST, s)
+            })
+            .collect();
+        let host: HashSet<u32> = [HOST].into();
+        Dump {
+            sockets,
+            dumped: host.clone(),
+            existing: host,
+            failed: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_first_sighting_kept_from_an_earlier_start_bounds_the_age() {
+        let mut e = Engine::new(Policy::default_hung_states(), false);
+        // Kept by an earlier start: socket 7 first seen at 100 s, socket 8 (gone since)
+        // at 50 s.
+        e.first_seen = [
+            (SockId::new(HOST, 7), 100 * SEC),
+            (SockId::new(HOST, 8), 50 * SEC),
+        ]
+        .into();
+        // Now, at 300 s, a dump finds 7 (data moved 1 s ago) and 9 (new to connwatch).
+        let (done, _) = e.reconcile_with(
+            std::iter::empty(),
+            &dump(&[(7, 40000, 1000), (9, 40001, 5000)]),
+            300 * SEC,
+        );
+        assert_eq!((done.seeded, done.seen_before), (2, 1));
+        let birth = |cookie| {
+            let key = e.tracker.key_of(&SockId::new(HOST, cookie)).unwrap();
+            e.tracker.get(key).unwrap().birth
+        };
+        assert_eq!(birth(7), Birth::Unknown { seen_ns: 100 * SEC });
+        assert_eq!(birth(9), Birth::Unknown { seen_ns: 295 * SEC });
+        assert_eq!(done.first_seen_set, vec![(SockId::new(HOST, 9), 295 * SEC)]);
+        assert_eq!(done.first_seen_gone, vec![SockId::new(HOST, 8)]);
+        let mut kept: Vec<_> = e
+            .first_seen
+            .iter()
+            .map(|(id, at)| (id.cookie, *at))
+            .collect();
+        kept.sort();
+        assert_eq!(kept, vec![(7, 100 * SEC), (9, 295 * SEC)]);
+        // The kernel program sees 7 change state later: the map's entry says first seen
+        // then, the kept sighting is earlier and stands.
+        let mut info = connwatch_common::ConnInfo::zeroed();
+        info.family = connwatch_common::AF_INET;
+        info.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        info.daddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        info.sport = 40000;
+        info.dport = 8080;
+        info.state = connwatch_common::tcp_state::CLOSE_WAIT;
+        info.flags = connwatch_common::FLAG_BIRTH_UNKNOWN;
+        info.seen_ns = 310 * SEC;
+        info.netns = HOST;
+        info.cookie = 7;
+        let mut fresh = Engine::new(Policy::default_hung_states(), false);
+        fresh.first_seen = e.first_seen.clone();
+        let mut d = dump(&[(7, 40000, 1000)]);
+        d.sockets[0].1.state = TcpState::CLOSE_WAIT;
+        let _ = fresh.reconcile_with([(0xffff_8880_0000_1000, info)].into_iter(), &d, 320 * SEC);
+        assert_eq!(
+            fresh.tracker.get(0xffff_8880_0000_1000).unwrap().birth,
+            Birth::Unknown { seen_ns: 100 * SEC }
+        );
+    }
 
     #[test]
     fn losses_that_go_on_are_reconciled_less_and_less_often() {

@@ -10,10 +10,10 @@ use std::sync::LazyLock;
 
 use anyhow::{Context, Result};
 use aya::maps::{Map, MapData};
-use connwatch_common::{LAYOUT_VERSION, MAP_CONNS};
+use connwatch_common::{LAYOUT_VERSION, MAP_CONNS, MAP_FIRST_SEEN};
 
 use crate::kernel::layout::Hook;
-use crate::kernel::load::ConnMap;
+use crate::kernel::load::{ConnMap, FirstSeenMap};
 
 /// Where every layout's pins live; `cleanup` empties it.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/connwatch";
@@ -263,4 +263,12 @@ pub fn open_pinned_conns() -> Result<ConnMap> {
         )
     })?;
     Ok(ConnMap::try_from(Map::HashMap(data))?)
+}
+
+/// Opens the pinned map of first sightings of sockets older than connwatch.
+pub fn open_pinned_first_seen() -> Result<FirstSeenMap> {
+    let path = Path::new(PIN_DIR.as_str()).join(MAP_FIRST_SEEN);
+    let data =
+        MapData::from_pin(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    Ok(FirstSeenMap::try_from(Map::HashMap(data))?)
 }
