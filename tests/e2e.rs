@@ -106,10 +106,12 @@ fn max_age_scenario(ip: &str, enforce: bool) -> (BTreeSet<String>, Vec<[String; 
     };
     d.wait_for(verb, Duration::from_secs(1));
     let decided = d.decided(if enforce {
-        &["destroyed", "skipped"]
+        &["destroyed"]
     } else {
         &["would destroy"]
     });
+    // Let a round still due for the other end finish before the stop.
+    thread::sleep(Duration::from_millis(200));
     let lines = d.stop();
     for c in spared.iter().chain(ssh.iter()) {
         let t = c.tuple();
@@ -122,7 +124,13 @@ fn max_age_scenario(ip: &str, enforce: bool) -> (BTreeSet<String>, Vec<[String; 
         let (l, r) = (c.local, c.remote);
         [format!("{l} -> {r}"), format!("{r} -> {l}")]
     };
-    (decided, vec![ends(&before), ends(&young)])
+    let conns = vec![ends(&before), ends(&young)];
+    if enforce {
+        // A destroyed end, each connection; the other end skipped only because that
+        // destroy reset it; no other decision.
+        assert_each_destroyed(&lines, &conns);
+    }
+    (decided, conns)
 }
 
 /// With --enforce, destroying one end resets the other, so either end may be the one
@@ -170,13 +178,19 @@ fn dry_run_destroys_nothing_and_decides_the_same() {
 fn log_lines_have_the_documented_form() {
     let _x = exclusive();
     let l = listen("127.0.0.1");
-    let d = Daemon::start(&["--max-age", "1s", "--port", &port(&l), "--enforce"]);
+    // `--direction out` selects the end this process connect()ed: the one whose owner
+    // the kernel program learned at connect(), in this process.
+    let d = Daemon::start(&[
+        "--max-age",
+        "1s",
+        "--port",
+        &port(&l),
+        "--direction",
+        "out",
+        "--enforce",
+    ]);
     let c = Conn::open(&l);
     let line = d.wait_for("destroyed ", Duration::from_secs(4));
-    let server_side = format!(
-        "destroyed {} -> {} state=ESTABLISHED age=1s reason=max-age",
-        c.remote, c.local
-    );
     let client_side = format!(
         "destroyed {} state=ESTABLISHED age=1s reason=max-age",
         c.tuple()
@@ -185,19 +199,19 @@ fn log_lines_have_the_documented_form() {
         .split_once(" INFO ")
         .unwrap_or_else(|| panic!("{line}"));
     let decided = decided.trim_start_matches(|ch: char| !ch.is_ascii_alphabetic());
+    assert!(decided.starts_with(&client_side), "{line}");
+    // The owner is named: this process, in the host's namespace.
+    let owner = format!("({}) netns={}", std::process::id(), host_netns());
     assert!(
-        decided.starts_with(&server_side) || decided.starts_with(&client_side),
+        decided.contains(" owner=") && decided.contains(&owner),
         "{line}"
     );
-    // The client end was learned at connect(), in this process: the owner is named.
-    if decided.starts_with(&client_side) {
-        let owner = format!("({}) netns={}", std::process::id(), host_netns());
-        assert!(
-            decided.contains(" owner=") && decided.contains(&owner),
-            "{line}"
-        );
-    }
-    d.stop();
+    let lines = d.stop();
+    assert_eq!(
+        lines.iter().filter(|l| l.contains(" destroyed ")).count(),
+        1,
+        "only the client end is selected"
+    );
 }
 
 #[test]
@@ -700,6 +714,110 @@ fn a_device_bound_connection_is_destroyed() {
     let line = d.wait_for(&format!("destroyed {}", c.tuple()), Duration::from_secs(1));
     assert!(line.contains("reason=max-age"), "{line}");
     d.stop();
+}
+
+/// An IPv6 link-local connection (fe80::, scoped to its interface) between two network
+/// namespaces joined by a veth pair: both ends are bound to their device by the scope,
+/// and the daemon, which records the device, destroys it like any other.
+#[test]
+fn an_ipv6_link_local_connection_is_destroyed() {
+    use std::net::{Ipv6Addr, SocketAddrV6};
+    let _x = exclusive();
+    let a = TestNetns::new("lla");
+    let b = TestNetns::new("llb");
+    let ip = |args: &[&str]| {
+        let out = Command::new("ip")
+            .args(args)
+            .output()
+            .expect("ip (iproute2)");
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let (va, vb) = (
+        format!("cwa{}", std::process::id()),
+        format!("cwb{}", std::process::id()),
+    );
+    ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
+    ip(&["link", "set", &va, "netns", &a.name]);
+    ip(&["link", "set", &vb, "netns", &b.name]);
+    ip(&[
+        "-n",
+        &a.name,
+        "addr",
+        "add",
+        "fe80::a/64",
+        "dev",
+        &va,
+        "nodad",
+    ]);
+    ip(&[
+        "-n",
+        &b.name,
+        "addr",
+        "add",
+        "fe80::b/64",
+        "dev",
+        &vb,
+        "nodad",
+    ]);
+    ip(&["-n", &a.name, "link", "set", &va, "up"]);
+    ip(&["-n", &b.name, "link", "set", &vb, "up"]);
+    let server_addr: Ipv6Addr = "fe80::a".parse().unwrap();
+    let l = a.enter(|| TcpListener::bind("[::]:0").unwrap());
+    let p = port(&l);
+    let d = Daemon::start(&["--max-age", "1s", "--port", &p, "--enforce"]);
+    let client = b.enter(|| {
+        let name = std::ffi::CString::new(vb.clone()).unwrap();
+        // SAFETY: a NUL-terminated name; the index is this namespace's.
+        let scope = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert!(scope > 0, "{vb}: {}", std::io::Error::last_os_error());
+        let to = SocketAddrV6::new(server_addr, l.local_addr().unwrap().port(), 0, scope);
+        // Neighbour discovery on a link just up may take a moment.
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match TcpStream::connect_timeout(&to.into(), Duration::from_secs(1)) {
+                Ok(s) => break s,
+                Err(e) if std::time::Instant::now() < end => {
+                    eprintln!("connect {to}: {e}; again");
+                    thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => panic!("connect {to}: {e}"),
+            }
+        }
+    });
+    let c = Conn::new(client, l.accept().unwrap().0);
+    assert!(
+        c.local.ip().to_string().starts_with("fe80::"),
+        "{}",
+        c.tuple()
+    );
+    c.died_within(Duration::from_secs(5))
+        .expect("the link-local connection was not destroyed");
+    // Either end's destroy resets the other: one end destroyed, the other at most
+    // skipped as gone by then, neither left to fail.
+    d.wait_for("destroyed [fe80::", Duration::from_secs(2));
+    thread::sleep(Duration::from_millis(300));
+    let lines = d.stop();
+    // As the log names them: addresses without their scope.
+    let bare = |a: SocketAddr| format!("[{}]:{}", a.ip(), a.port());
+    let ends = [
+        format!("{} -> {}", bare(c.local), bare(c.remote)),
+        format!("{} -> {}", bare(c.remote), bare(c.local)),
+    ];
+    let destroyed = assert_each_destroyed(&lines, &[ends]);
+    for t in &destroyed {
+        let line = lines
+            .iter()
+            .find(|l| l.contains(&format!("destroyed {t} ")))
+            .unwrap();
+        assert!(line.contains("reason=max-age"), "{line}");
+    }
+    let _ = Command::new("ip")
+        .args(["-n", &a.name, "link", "del", &va])
+        .output();
 }
 
 /// Many destroys due at once are spread over two sock_diag sockets: each connection is

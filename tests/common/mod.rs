@@ -460,3 +460,49 @@ pub fn api(request: &serde_json::Value) -> serde_json::Value {
     BufReader::new(s).read_line(&mut line).unwrap();
     serde_json::from_str(&line).unwrap()
 }
+
+/// Under `--enforce`, what the log says of each connection (its two ends, each as
+/// `local -> remote`): at least one end `destroyed`, each end at most once; an end
+/// `skipped` only as "gone before the destroy" while the other end was destroyed (that
+/// destroy reset it); no other decision on either end. Returns the tuples destroyed.
+pub fn assert_each_destroyed(lines: &[String], conns: &[[String; 2]]) -> BTreeSet<String> {
+    let named = |action: &str| -> Vec<(String, &String)> {
+        lines
+            .iter()
+            .filter_map(|l| {
+                let at = l.find(&format!(" {action} "))?;
+                let rest = &l[at + action.len() + 2..];
+                Some((rest.split(" state=").next()?.to_string(), l))
+            })
+            .collect()
+    };
+    let destroyed = named("destroyed");
+    let destroyed_set: BTreeSet<String> = destroyed.iter().map(|(t, _)| t.clone()).collect();
+    assert_eq!(
+        destroyed.len(),
+        destroyed_set.len(),
+        "an end destroyed twice: {destroyed:?}"
+    );
+    let skipped = named("skipped");
+    for ends in conns {
+        assert!(
+            ends.iter().any(|t| destroyed_set.contains(t)),
+            "neither end of {ends:?} was destroyed; skipped: {skipped:?}"
+        );
+        for (i, t) in ends.iter().enumerate() {
+            for (_, line) in skipped.iter().filter(|(s, _)| s == t) {
+                assert!(
+                    destroyed_set.contains(&ends[1 - i])
+                        && line.contains("gone before the destroy"),
+                    "{t} skipped, not as reset by its peer's destroy: {line}"
+                );
+            }
+        }
+    }
+    for action in ["failed to destroy", "would destroy", "protected"] {
+        for (t, line) in named(action) {
+            assert!(!conns.iter().flatten().any(|e| *e == t), "{t}: {line}");
+        }
+    }
+    destroyed_set
+}
