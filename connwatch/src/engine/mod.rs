@@ -19,6 +19,8 @@ pub mod per_ip;
 mod properties;
 mod reconcile;
 mod record;
+#[cfg(test)]
+mod reuse_properties;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
