@@ -40,6 +40,8 @@ pub fn exclusive() -> (MutexGuard<'static, ()>, std::fs::File) {
 pub struct Daemon {
     pub child: Child,
     log: Arc<Mutex<Vec<String>>>,
+    /// Set once the daemon's stderr reached its end: every line it wrote is in `log`.
+    eof: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Daemon {
@@ -88,15 +90,17 @@ impl Daemon {
             .spawn()
             .expect("spawn connwatch");
         let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = log.clone();
+        let eof = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (sink, at_end) = (log.clone(), eof.clone());
         let stderr = child.stderr.take().unwrap();
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("daemon: {line}");
                 sink.lock().unwrap().push(line);
             }
+            at_end.store(true, std::sync::atomic::Ordering::SeqCst);
         });
-        Daemon { child, log }
+        Daemon { child, log, eof }
     }
 
     /// Starts a daemon like [`Daemon::start`], waiting its turn (up to 15 minutes)
@@ -119,15 +123,17 @@ impl Daemon {
                 .spawn()
                 .expect("spawn connwatch");
             let log = Arc::new(Mutex::new(Vec::new()));
-            let sink = log.clone();
+            let eof = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (sink, at_end) = (log.clone(), eof.clone());
             let stderr = child.stderr.take().unwrap();
             let reader = thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                     eprintln!("daemon: {line}");
                     sink.lock().unwrap().push(line);
                 }
+                at_end.store(true, std::sync::atomic::Ordering::SeqCst);
             });
-            let mut d = Daemon { child, log };
+            let mut d = Daemon { child, log, eof };
             let ready = Instant::now() + Duration::from_secs(20);
             while Instant::now() < ready {
                 if d.lines().iter().any(|l| l.contains("watching TCP sockets")) {
@@ -188,7 +194,20 @@ impl Daemon {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let status = self.child.wait().unwrap();
         assert!(status.success(), "daemon exited with {status}");
-        thread::sleep(Duration::from_millis(50));
+        self.all_lines()
+    }
+
+    /// Every line of a daemon that has exited: waits (up to a minute) until its
+    /// stderr has been read to the end, however many lines it wrote last.
+    pub fn all_lines(&self) -> Vec<String> {
+        let end = Instant::now() + Duration::from_secs(60);
+        while !self.eof.load(std::sync::atomic::Ordering::SeqCst) {
+            assert!(
+                Instant::now() < end,
+                "the daemon's log was not read to its end"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
         self.lines()
     }
 }
