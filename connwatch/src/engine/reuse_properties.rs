@@ -24,7 +24,7 @@ const TUPLES: usize = 4;
 /// Kernel socket addresses: fewer than lives, so that they are reused.
 const ADDRESSES: usize = 5;
 
-/// One connection's life, as generated: where it lives, then when.
+/// One connection's life, as the strategy draws it: where it lives, then when.
 #[derive(Clone, Debug)]
 struct Life {
     ns: usize,
