@@ -38,8 +38,14 @@ pub fn sockets_of(names: &[String]) -> HashMap<u32, Owner> {
             continue;
         }
         let owner = Owner::new(pid, &name);
-        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
-            continue;
+        let fds = match fs::read_dir(format!("/proc/{pid}/fd")) {
+            Ok(fds) => fds,
+            // Gone meanwhile: nothing of it to protect.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                warn_unreadable(pid, &name, &e);
+                continue;
+            }
         };
         for fd in fds.flatten() {
             if let Some(inode) = fs::read_link(fd.path())
@@ -51,6 +57,20 @@ pub fn sockets_of(names: &[String]) -> HashMap<u32, Owner> {
         }
     }
     found
+}
+
+/// Says once per process that a protected process's sockets cannot be told: only those
+/// the kernel saw it connect or listen on stay protected by its name.
+fn warn_unreadable(pid: u32, name: &str, e: &std::io::Error) {
+    static WARNED: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+    let mut warned = WARNED.lock().unwrap_or_else(|p| p.into_inner());
+    if warned.contains(&pid) {
+        return;
+    }
+    warned.push(pid);
+    tracing::warn!(
+        "cannot read /proc/{pid}/fd of protected process {name}: {e}; sockets it accepted or was handed are not recognised as its (run connwatch with CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH, as the packaged unit does)"
+    );
 }
 
 /// `socket:[12345]` -> 12345.
