@@ -22,6 +22,10 @@ const QUIET_EVENTS: u64 = 200;
 struct Scenario {
     conns: usize,
     map: u32,
+    /// The daemon's policy selects these connections (`--max-age 1h` on their ports), so
+    /// it follows each; otherwise it runs the default policy, which gives an established
+    /// connection no deadline, and follows none of them.
+    selected: bool,
     quiet: bool,
     memory: bool,
     query: bool,
@@ -41,6 +45,7 @@ pub fn run(b: &mut Bench, fig2: bool, fig6: bool, fig7: bool) -> Result<()> {
         Scenario {
             conns: small,
             map: DEFAULT_MAP,
+            selected: true,
             quiet: fig2,
             memory: fig6,
             query: fig7,
@@ -48,6 +53,7 @@ pub fn run(b: &mut Bench, fig2: bool, fig6: bool, fig7: bool) -> Result<()> {
         Scenario {
             conns: small,
             map: MAP_1M,
+            selected: true,
             quiet: false,
             memory: fig6,
             query: false,
@@ -55,7 +61,16 @@ pub fn run(b: &mut Bench, fig2: bool, fig6: bool, fig7: bool) -> Result<()> {
         Scenario {
             conns: large,
             map: MAP_1M,
+            selected: true,
             quiet: fig2,
+            memory: fig6,
+            query: false,
+        },
+        Scenario {
+            conns: small,
+            map: DEFAULT_MAP,
+            selected: false,
+            quiet: false,
             memory: fig6,
             query: false,
         },
@@ -98,15 +113,20 @@ pub fn run(b: &mut Bench, fig2: bool, fig6: bool, fig7: bool) -> Result<()> {
 fn scenario(b: &mut Bench, s: &Scenario, group: u8) -> Result<Option<Quiet>> {
     let net = Net { figure: 2, group };
     b.quiet(2);
-    let mut d = Daemon::start(
-        &b.connwatch,
-        &b.tools,
-        &[
+    let policy: Vec<String> = if s.selected {
+        vec![
             "--max-age".into(),
             "1h".into(),
             "--port".into(),
             net.port_arg(),
-        ],
+        ]
+    } else {
+        Vec::new()
+    };
+    let mut d = Daemon::start(
+        &b.connwatch,
+        &b.tools,
+        &policy,
         Some(s.map),
         b.log_path(&format!("pop{group}-daemon.log")),
     )?;
@@ -153,9 +173,14 @@ fn scenario(b: &mut Bench, s: &Scenario, group: u8) -> Result<Option<Quiet>> {
         b.row(Row {
             figure: 6,
             what: format!(
-                "memory per tracked socket, {} sockets, map sized {}",
+                "memory per tracked socket, {} sockets, map sized {}, {}",
                 count(sockets),
-                count(m.conns_max)
+                count(m.conns_max),
+                if s.selected {
+                    "every one followed (`--max-age 1h` on their ports)"
+                } else {
+                    "none followed (the default policy)"
+                }
             ),
             connwatch: format!(
                 "{per:.0} B (maps {} + RSS {})",
@@ -170,10 +195,10 @@ fn scenario(b: &mut Bench, s: &Scenario, group: u8) -> Result<Option<Quiet>> {
         b.note(
             6,
             format!(
-                "{} sockets: connection map {} ({:.0} B an entry of capacity), event ring and stats {}, daemon RSS {} ({:.0} B a socket)",
+                "{} sockets: connection map {} ({:.0} B a socket it holds: allocated as used, its bucket array sized by capacity), event ring and stats {}, daemon RSS {} ({:.0} B a socket)",
                 count(sockets),
                 bytes(m.conns_memlock as f64),
-                m.conns_memlock as f64 / m.conns_max.max(1) as f64,
+                m.conns_memlock as f64 / sockets.max(1) as f64,
                 bytes((m.memlock - m.conns_memlock) as f64),
                 bytes(rss as f64),
                 rss as f64 / sockets.max(1) as f64
