@@ -347,7 +347,8 @@ impl Engine {
                 return None;
             }
         };
-        // tcp_info is exact where the kernel program's stamps are coarse.
+        // Only tcp_info knows when data last moved: a socket that spoke since is
+        // planned again from then.
         if let (Limit::Idle(d), Some(act)) = (self.policy.rule(rule).limit, live.activity) {
             let quiet_since = now.saturating_sub(ms(act.quiet_ms()));
             if quiet_since.saturating_add(d.as_nanos() as u64) > now {

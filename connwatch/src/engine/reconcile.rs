@@ -187,9 +187,8 @@ impl Engine {
         for key in lost {
             self.tracker.remove(key);
         }
-        // The dump's tcp_info says when data last moved, exactly: what the kernel
-        // program's activity stamps say coarsely, or not at all on a kernel without
-        // those hooks.
+        // The dump's tcp_info says when data last moved: the kernel program does not
+        // watch data at all.
         for (netns, s) in &dump.sockets {
             let Some(a) = s.activity else { continue };
             let id = SockId::new(*netns, cookie_from_diag(s.cookie));

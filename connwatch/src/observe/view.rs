@@ -388,7 +388,7 @@ pub fn local_items(
             let state_ns = entry
                 .filter(|e| e.state == s.state)
                 .map(|e| now.saturating_sub(e.state_since_ns));
-            // tcp_info is exact; the map's stamps are coarse.
+            // Only tcp_info knows when data moved; without it, the tracker's last word.
             let idle_ns = match (s.activity, entry) {
                 (Some(a), _) => Some(ms(a.quiet_ms())),
                 (None, Some(e)) => Some(now.saturating_sub(e.quiet_since())),
