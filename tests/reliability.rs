@@ -841,6 +841,71 @@ fn overflow_of_the_map_and_the_ring_is_noticed_and_reconciled() {
     );
 }
 
+/// A reconcile whose dump fails (most likely when the host is under load) leaves the
+/// daemon up: the failure is logged and counted, deadlines still fire, and the next
+/// try, once dumps work again, reconciles. The dumps fail through a seam of debug
+/// builds (`CONNWATCH_FAULT_DUMP`: while its file exists); the reconciles are made
+/// necessary by a full map, as in the test below.
+#[test]
+fn a_failed_dump_in_a_reconcile_leaves_the_daemon_up_and_is_tried_again() {
+    let _x = exclusive();
+    struct Restore;
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = Command::new(BIN).arg("cleanup").output();
+        }
+    }
+    cleanup();
+    let _restore = Restore;
+    let fault = std::env::temp_dir().join(format!("connwatch-fault-dump-{}", std::process::id()));
+    let _ = std::fs::remove_file(&fault);
+    let l = big_listener();
+    let p = port(&l);
+    let d = Daemon::start_with_env(
+        &[
+            "--max-conns",
+            "64",
+            "--max-age",
+            "6s",
+            "--port",
+            &p,
+            "--enforce",
+        ],
+        &[("CONNWATCH_FAULT_DUMP", fault.to_str().unwrap())],
+    );
+    // In the map before it fills: its deadline must still fire while dumps fail.
+    let first = Conn::open(&l);
+    std::fs::write(&fault, b"").unwrap();
+    // 300 sockets held: more than the map holds, so every stats tick sees drops.
+    let held: Vec<Conn> = (0..150).map(|_| Conn::open(&l)).collect();
+    let failed = d.wait_for(
+        "reconciling with the kernel failed",
+        Duration::from_secs(10),
+    );
+    assert!(failed.contains("fault injected"), "{failed}");
+    assert!(
+        first.died_within(Duration::from_secs(15)).is_some(),
+        "a deadline did not fire while dumps failed"
+    );
+    let status = api(&serde_json::json!({"cmd": "status"}));
+    assert!(
+        status["counters"]["reconcile_failures"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1,
+        "{status}"
+    );
+    // Dumps work again: the next try reconciles.
+    std::fs::remove_file(&fault).unwrap();
+    d.wait_for("reconciled with the kernel", Duration::from_secs(70));
+    let lines = d.stop();
+    assert!(
+        !lines.iter().any(|l| l.contains("connwatch: error")),
+        "the daemon ended with an error: {lines:#?}"
+    );
+    drop(held);
+}
+
 /// A connection map too small for the host's sockets, and churn that keeps it
 /// overflowing (every new connection fails to get in): the daemon reconciles at
 /// doubling intervals rather than at every stats tick, says once that the map is full

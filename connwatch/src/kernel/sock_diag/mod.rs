@@ -81,6 +81,19 @@ fn fault() -> Option<Fault> {
     })
 }
 
+/// A second seam of debug builds: with `CONNWATCH_FAULT_DUMP=FILE`, every dump fails (as
+/// one the kernel never answers) while FILE exists, so a test can make dumps fail in a
+/// running daemon and let them work again.
+fn dump_fails() -> bool {
+    static FILE: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    if !cfg!(debug_assertions) {
+        return false;
+    }
+    FILE.get_or_init(|| std::env::var_os("CONNWATCH_FAULT_DUMP").map(Into::into))
+        .as_ref()
+        .is_some_and(|f| f.exists())
+}
+
 /// With `CONNWATCH_FAULT_DESTROY=transient:N`: whether this destroy is one of the
 /// first N, which fail as an unanswered request would.
 fn destroy_fails_transiently() -> bool {
@@ -136,6 +149,9 @@ impl SockDiag {
         states: u32,
         extensions: ExtensionFlags,
     ) -> anyhow::Result<Vec<DiagSocket>> {
+        if dump_fails() {
+            anyhow::bail!("sock_diag dump: no reply (fault injected)");
+        }
         let mut sockets = Vec::new();
         for (family, name) in [(AF_INET, "IPv4"), (AF_INET6, "IPv6")] {
             self.dump_family(family, states, extensions.clone(), &mut sockets)
