@@ -193,6 +193,8 @@ pub struct ConnInfo {
     /// The owning process's command name.
     pub comm: [u8; 16],
     /// The kernel's socket cookie (`bpf_get_socket_cookie`, sock_diag's `idiag_cookie`).
+    /// 0 (no socket has it) while an accepted child's identity is not final yet: see
+    /// [`ConnInfo::identity_pending`].
     pub cookie: u64,
     /// The owning process's cgroup v2 id where the owner was learned; 0 = unknown.
     pub cgroup_id: u64,
@@ -223,6 +225,18 @@ impl ConnInfo {
             bound_dev_if: 0,
             _pad1: 0,
         }
+    }
+
+    /// An accepted child recorded at its birth on a kernel that reports the birth
+    /// before the socket has its identity. Before Linux 6.15, `inet_csk_clone_lock()`
+    /// fires LISTEN -> SYN_RECV while the child still holds its listener's tuple (no
+    /// peer yet: remote port 0) and only then sets its cookie (the request socket's,
+    /// replacing any cookie asked for before). Such an entry holds the birth, the
+    /// namespace and the direction, but no cookie and no peer; the kernel program
+    /// completes it (and reports the birth) at the child's next state change. Nothing
+    /// can be told of it by identity until then.
+    pub const fn identity_pending(&self) -> bool {
+        self.cookie == 0
     }
 }
 

@@ -348,9 +348,9 @@ unsafe fn record(ctx: &BtfTracePointContext, sk: *const u8, oldstate: u32, newst
     let _ = count(stat::EVENTS);
     let key = sk as u64;
     let now = bpf_ktime_get_ns();
-    let cookie = cookie_of(sk);
 
     if newstate == tcp_state::CLOSE {
+        let cookie = cookie_of(sk);
         // The entry is copied out before it is removed. One at this address with another
         // cookie is a dead socket's whose close went unseen: reported closed all the same.
         if let Some(info) = CONNS.get(&key) {
@@ -358,7 +358,10 @@ unsafe fn record(ctx: &BtfTracePointContext, sk: *const u8, oldstate: u32, newst
             info.state = newstate;
             info.state_since_ns = now;
             let _ = CONNS.remove(&key);
-            if info.cookie != cookie {
+            if info.identity_pending() && oldstate == tcp_state::SYN_RECV {
+                // An accepted child that dies before its identity was completed.
+                info.cookie = cookie;
+            } else if info.cookie != cookie {
                 let _ = count(stat::REPLACED);
             }
             if oldstate == tcp_state::LISTEN {
@@ -375,6 +378,13 @@ unsafe fn record(ctx: &BtfTracePointContext, sk: *const u8, oldstate: u32, newst
     let Some(seen) = seen(sk, newstate, now) else {
         return;
     };
+    // Before Linux 6.15 an accepted child enters SYN_RECV still holding its listener's
+    // tuple (no peer: remote port 0), and the kernel sets its cookie only after this
+    // tracepoint, replacing any asked for now. Its entry is made now, with the birth and
+    // no identity (`ConnInfo::identity_pending`); its next change completes it and
+    // reports the birth. From 6.15 the child has its peer and cookie here already.
+    let early_child = newstate == tcp_state::SYN_RECV && seen.dport == 0;
+    let cookie = if early_child { 0 } else { cookie_of(sk) };
 
     // A socket is born when it leaves CLOSE (connect, listen) or when an accepted child
     // enters SYN_RECV. An entry already at its address belongs to a dead socket whose
@@ -389,6 +399,17 @@ unsafe fn record(ctx: &BtfTracePointContext, sk: *const u8, oldstate: u32, newst
             if info.cookie == cookie {
                 seen.write_to(info);
                 send(ctx, key, event_kind::STATE, oldstate, info);
+                return;
+            }
+            if info.identity_pending()
+                && info.state == tcp_state::SYN_RECV
+                && oldstate == tcp_state::SYN_RECV
+            {
+                // The accepted child recorded at its birth: now it has its cookie and
+                // its peer, and the daemon hears of its birth.
+                info.cookie = cookie;
+                seen.write_to(info);
+                send(ctx, key, event_kind::OPENED, oldstate, info);
                 return;
             }
             // Another socket's entry at this address: this one is first seen now.
@@ -450,6 +471,10 @@ unsafe fn record(ctx: &BtfTracePointContext, sk: *const u8, oldstate: u32, newst
         let _ = count(stat::OPENED_IN);
     } else if born && info.flags & FLAG_OUTBOUND != 0 {
         let _ = count(stat::OPENED_OUT);
+    }
+    if early_child {
+        // Reported once it has an identity.
+        return;
     }
     let kind = if born {
         event_kind::OPENED

@@ -13,6 +13,11 @@ use crate::policy::Policy;
 use crate::track::{Seed, Source, Tracked};
 use connwatch_common::ConnInfo;
 
+/// How long an accepted child may wait for its identity (`ConnInfo::identity_pending`):
+/// longer than any handshake lasts (SYN-ACKs are retried for about three minutes at
+/// most with Linux's defaults).
+const PENDING_FOR_NS: u64 = 10 * 60 * 1_000_000_000;
+
 #[derive(Default, Debug)]
 pub struct Reconciled {
     pub from_map: usize,
@@ -144,6 +149,16 @@ impl Engine {
         let mut map_ids = HashSet::new();
         let mut stale_keys = Vec::new();
         for (key, info) in entries {
+            if info.identity_pending() {
+                // An accepted child whose next change has not come yet: a moment on a
+                // loopback, a round trip or a few lost handshakes (Fast Open) elsewhere.
+                // One still waiting long after no child stays in SYN_RECV is a dead
+                // socket's whose close went unseen.
+                if info.seen_ns.saturating_add(PENDING_FOR_NS) < now {
+                    stale_keys.push(key);
+                }
+                continue;
+            }
             let Some(mut t) = Tracked::from_info(&info) else {
                 continue;
             };
@@ -274,6 +289,8 @@ mod tests {
     use crate::clock::SEC;
     use crate::conn::{cookie_to_diag, Tuple};
     use crate::kernel::sock_diag::{DiagSocket, TcpActivity};
+    use connwatch_common::{tcp_state, AF_INET, FLAG_INBOUND};
+    use std::net::{IpAddr, SocketAddr};
 
     const HOST: u32 = 4026531840;
 
@@ -400,5 +417,67 @@ mod tests {
         assert_eq!(suggested_max_conns(10, 64), 128, "at least twice the map");
         assert_eq!(suggested_max_conns(0, 262_144), 524_288);
         assert_eq!(suggested_max_conns(usize::MAX / 4, 64), 1 << 31);
+    }
+
+    /// An accepted child's entry as a kernel before 6.15 makes it at the birth: the
+    /// listener's tuple, no peer, no cookie.
+    fn pending(born: u64) -> ConnInfo {
+        let mut i = ConnInfo::zeroed();
+        i.family = AF_INET;
+        i.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        i.sport = 8080;
+        i.state = tcp_state::SYN_RECV;
+        i.flags = FLAG_INBOUND;
+        i.birth_ns = born;
+        i.seen_ns = born;
+        i.state_since_ns = born;
+        i.netns = HOST;
+        i
+    }
+
+    fn dump_with(cookie: u64) -> Dump {
+        let lo = IpAddr::from([127, 0, 0, 1]);
+        Dump {
+            sockets: vec![(
+                HOST,
+                DiagSocket {
+                    tuple: Tuple::new(SocketAddr::new(lo, 8080), SocketAddr::new(lo, 40000)),
+                    state: TcpState::ESTABLISHED,
+                    cookie: cookie_to_diag(cookie),
+                    inode: 1,
+                    uid: 0,
+                    ifindex: 0,
+                    activity: None,
+                    traffic: None,
+                },
+            )],
+            dumped: HashSet::from([HOST]),
+            existing: HashSet::from([HOST]),
+            failed: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn an_entry_waiting_for_its_identity_is_neither_a_socket_nor_stale_until_long_after() {
+        let mut e = Engine::new(Policy::default(), false);
+        let now = 1000 * SEC;
+        let entry = pending(now - SEC);
+        assert!(entry.identity_pending());
+        let (done, stale) = e.reconcile_with([(7, entry)].into_iter(), &dump_with(5), now);
+        assert!(
+            stale.is_empty(),
+            "a child a second into its handshake is kept"
+        );
+        assert_eq!(done.from_map, 0, "and not followed: it has no identity yet");
+        assert!(e.tracker.get(7).is_none());
+
+        let old = pending(now - PENDING_FOR_NS - SEC);
+        let (done, stale) = e.reconcile_with([(7, old)].into_iter(), &dump_with(5), now);
+        assert_eq!(
+            stale,
+            [7],
+            "no handshake lasts that long: its close went unseen"
+        );
+        assert_eq!(done.stale, 1);
     }
 }

@@ -47,7 +47,13 @@ pub struct Tracked {
 }
 
 impl Tracked {
+    /// What a map entry says of its socket; None for an entry with no usable tuple, or
+    /// one whose identity is not final yet (`ConnInfo::identity_pending`: an accepted
+    /// child between its birth and its next state change, on kernels before 6.15).
     pub fn from_info(info: &ConnInfo) -> Option<Tracked> {
+        if info.identity_pending() {
+            return None;
+        }
         Some(Tracked {
             tuple: Tuple::from_info(info)?,
             state: TcpState(info.state),
