@@ -546,13 +546,18 @@ fn sweep_applies_the_policy_once_and_summarises() {
     let p = port(&l);
     let silent = Conn::open(&l);
     let mut fresh = Conn::open(&l);
-    thread::sleep(Duration::from_millis(1500));
-    fresh.client.write_all(b"x").unwrap();
-    let mut b = [0u8; 1];
-    fresh.server.read_exact(&mut b).unwrap();
+    // `fresh` speaks right before each sweep: a sweep takes a good part of a second
+    // under emulation (a TCG guest), so the limit leaves it a few.
+    let speak = |c: &mut Conn| {
+        c.client.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        c.server.read_exact(&mut b).unwrap();
+    };
+    thread::sleep(Duration::from_millis(3500));
+    speak(&mut fresh);
 
     let dry = Command::new(BIN)
-        .args(["sweep", "--idle", "1s", "--local-port", &p])
+        .args(["sweep", "--idle", "3s", "--local-port", &p])
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&dry.stdout);
@@ -563,8 +568,9 @@ fn sweep_applies_the_policy_once_and_summarises() {
     );
     assert!(!silent.is_dead(), "a dry sweep destroyed");
 
+    speak(&mut fresh);
     let live = Command::new(BIN)
-        .args(["sweep", "--idle", "1s", "--local-port", &p, "--enforce"])
+        .args(["sweep", "--idle", "3s", "--local-port", &p, "--enforce"])
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&live.stdout);
