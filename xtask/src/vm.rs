@@ -232,6 +232,13 @@ pub fn run(args: VmArgs) -> Result<ExitCode> {
             println!("    FAILED {f}");
         }
     }
+    let check = check_output(&console.text);
+    if !check.is_empty() {
+        println!("  connwatch check:");
+        for line in check {
+            println!("    {line}");
+        }
+    }
     for (what, took) in &phases {
         println!("  time: {what:<18} {took:.1?}");
     }
@@ -730,6 +737,12 @@ fn build_image(
         a.add(dir, Entry::Dir { mode: 0o755 });
     }
     a.add(&built.connwatch, file(&built.connwatch, 0o755));
+    a.add(
+        "/vm/connwatch",
+        Entry::Symlink {
+            target: built.connwatch.clone(),
+        },
+    );
     for (name, path) in &built.tests {
         a.add(format!("/vm/tests/{name}"), file(path, 0o755));
     }
@@ -1201,6 +1214,17 @@ fn closing_line(console: &str) -> Option<(u64, u64)> {
     })
 }
 
+/// What `connwatch check` printed in the guest, before the tests.
+fn check_output(console: &str) -> Vec<&str> {
+    console
+        .lines()
+        .skip_while(|l| l.trim() != "cwvm: connwatch check")
+        .skip(1)
+        .take_while(|l| !l.starts_with("cwvm: connwatch check exited"))
+        .map(|l| l.trim_end_matches('\r'))
+        .collect()
+}
+
 #[derive(Debug, PartialEq, Eq)]
 struct Outcome {
     binary: String,
@@ -1269,6 +1293,26 @@ cwvm: finished in 300s
             None
         );
         assert_eq!(closing_line(""), None);
+    }
+
+    #[test]
+    fn the_check_is_what_comes_between_its_two_lines() {
+        let console = "\
+cwvm: lo is up
+cwvm: connwatch check
+ok   privileges     running as root\r
+ok   BTF            /sys/kernel/btf/vmlinux present
+cwvm: connwatch check exited with exit status: 0
+cwvm: running e2e
+";
+        assert_eq!(
+            check_output(console),
+            [
+                "ok   privileges     running as root",
+                "ok   BTF            /sys/kernel/btf/vmlinux present"
+            ]
+        );
+        assert!(check_output("cwvm: running e2e\n").is_empty());
     }
 
     #[test]

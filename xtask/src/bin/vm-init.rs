@@ -1,6 +1,7 @@
 //! `/init` of the guest `cargo xtask vm-test` boots: mounts what the tests need,
 //! loads the kernel modules listed in /vm/modules.order, brings `lo` up, runs the
-//! test binaries in /vm/tests one after the other, and powers off.
+//! test binaries in /vm/tests one after the other, and powers off. Before the tests it
+//! prints what `connwatch check` says of the kernel.
 //!
 //! Its plan comes from the kernel command line: `cwvm.tests=e2e,policies`,
 //! `cwvm.timeout=SECONDS` (per test binary), `cwvm.filter=NAME` and `cwvm.skip=A,B`
@@ -26,6 +27,7 @@ fn main() {
     if plan.probe {
         say("probe ok");
     } else {
+        run_check();
         if std::path::Path::new(SCRIPT).is_file() {
             run_script();
         }
@@ -39,6 +41,8 @@ fn main() {
 
 /// A script `cargo xtask vm-test --guest-script` puts in the image, run first.
 const SCRIPT: &str = "/vm/script.sh";
+/// The `connwatch` the tests run (a link to it).
+const CONNWATCH: &str = "/vm/connwatch";
 /// The open-file limit of the test binaries: the hard limit of the project's
 /// machines (the kernel gives pid 1 only 1024/4096, too few for the tests that
 /// hold thousands of connections).
@@ -231,6 +235,18 @@ fn guest_env(cmd: &mut Command) -> &mut Command {
         .env("RUST_BACKTRACE", "1")
         .current_dir("/root")
         .stdin(Stdio::null())
+}
+
+/// `connwatch check` before the tests, between two lines the xtask finds it by: what
+/// this kernel offers connwatch, as a user would see it.
+fn run_check() {
+    say("connwatch check");
+    match guest_env(Command::new(CONNWATCH).arg("check")).status() {
+        Ok(st) => say(&format!("connwatch check exited with {st}")),
+        Err(e) => say(&format!(
+            "connwatch check exited: cannot run {CONNWATCH}: {e}"
+        )),
+    }
 }
 
 fn run_script() {
