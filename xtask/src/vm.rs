@@ -43,9 +43,10 @@ const MODULES: [&str; 4] = ["ipv6", "inet_diag", "tcp_diag", "udp_diag"];
 /// Programs the tests run, and the Debian packages that ship them (fetched with
 /// `apt-get download` when the host lacks the program). `systemd-analyze verify`
 /// runs `man 8 ss` for the unit's Documentation=, hence man and its groff pipeline.
-const GUEST_TOOLS: [(&str, &str); 21] = [
+const GUEST_TOOLS: [(&str, &str); 22] = [
     ("bash", "bash"),
     ("test", "coreutils"),
+    ("sleep", "coreutils"),
     ("setpriv", "util-linux"),
     ("tmux", "tmux"),
     ("systemd-analyze", "systemd"),
