@@ -38,8 +38,9 @@ const SUITES: [&str; 6] = [
 ];
 /// The triple the static binaries are built for (static-pie with glibc).
 const HOST_TRIPLE: &str = "x86_64-unknown-linux-gnu";
-/// Modules the daemon and the tests need; those built into a kernel are skipped.
-const MODULES: [&str; 4] = ["ipv6", "inet_diag", "tcp_diag", "udp_diag"];
+/// Modules the daemon and the tests need (veth: a test joins two namespaces with a
+/// pair); those built into a kernel are skipped.
+const MODULES: [&str; 5] = ["ipv6", "inet_diag", "tcp_diag", "udp_diag", "veth"];
 /// Programs the tests run, and the Debian packages that ship them (fetched with
 /// `apt-get download` when the host lacks the program). `systemd-analyze verify`
 /// runs `man 8 ss` for the unit's Documentation=, hence man and its groff pipeline.
