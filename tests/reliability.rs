@@ -1032,7 +1032,10 @@ fn a_full_map_is_reconciled_with_a_back_off_and_told_once() {
     assert_eq!(number_after("full ("), 64, "{told}");
     let sockets = number_after(" entries for ");
     let suggested = number_after("start with --max-conns ");
-    assert!(sockets >= 400, "{told}");
+    // Counted at the first reconcile, which may come while the 400 held sockets are
+    // still being opened on a slow machine (a TCG guest counted 313): more than the
+    // map holds, at least.
+    assert!(sockets > 64, "{told}");
     assert_eq!(
         suggested,
         (2 * sockets).next_power_of_two().max(128),
