@@ -508,8 +508,18 @@ fn restarts_keep_the_first_sighting_of_sockets_older_than_connwatch() {
         .map(|s| connwatch::conn::cookie_from_diag(s.cookie))
         .collect();
     assert_eq!(ours.len(), 40);
-    const MAX_AGE: Duration = Duration::from_secs(8);
-    let args = ["--max-age", "8s", "--port", p.as_str(), "--enforce"];
+    // The limit is an hour through the first two starts, then set before the third
+    // from the time spent so far (a start takes seconds under emulation, a TCG guest),
+    // counted from the first sighting: a start that dated them from itself would let
+    // them live that many seconds longer.
+    let dir = std::env::temp_dir().join(format!("connwatch-first-seen-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("connwatch.toml");
+    let set_limit = |limit: &str| {
+        std::fs::write(&config, format!("max-age = \"{limit}\"\nport = [{p}]\n")).unwrap();
+    };
+    set_limit("1h");
+    let args = ["--config", config.to_str().unwrap(), "--enforce"];
     let d1 = Daemon::start(&args);
     let first_start = Instant::now();
     let watching = d1.wait_for("watching TCP sockets", Duration::from_secs(1));
@@ -540,6 +550,8 @@ fn restarts_keep_the_first_sighting_of_sockets_older_than_connwatch() {
     traffic(&conns);
     thread::sleep(Duration::from_millis(500));
     kill9(d2);
+    let max_age = Duration::from_secs(first_start.elapsed().as_secs() + 10);
+    set_limit(&format!("{}s", max_age.as_secs()));
     let d3 = Daemon::start(&args);
     let watching = d3.wait_for("watching TCP sockets", Duration::from_secs(1));
     assert!(
@@ -550,18 +562,18 @@ fn restarts_keep_the_first_sighting_of_sockets_older_than_connwatch() {
     );
     // Each dies by the first start + the limit (with a second of slack), and not before
     // its opening + the limit.
-    let by = first_start + MAX_AGE + Duration::from_millis(1500);
+    let by = first_start + max_age + Duration::from_millis(1500);
     for c in &conns {
         let left = by.saturating_duration_since(Instant::now());
         c.dies_within(left).unwrap_or_else(|| {
             panic!(
-                "{} still alive {:?} after the first start (limit {MAX_AGE:?}): a restart pushed its deadline back",
+                "{} still alive {:?} after the first start (limit {max_age:?}): a restart pushed its deadline back",
                 c.tuple(),
                 first_start.elapsed()
             )
         });
         assert!(
-            opened.elapsed() + Duration::from_millis(300) >= MAX_AGE,
+            opened.elapsed() + Duration::from_millis(300) >= max_age,
             "{} destroyed early, {:?} after its opening",
             c.tuple(),
             opened.elapsed()
@@ -596,6 +608,7 @@ fn restarts_keep_the_first_sighting_of_sockets_older_than_connwatch() {
         after.len()
     );
     d4.stop();
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// A clean stop says what it leaves pinned; `connwatch cleanup` removes all of it, and
