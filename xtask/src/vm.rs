@@ -735,9 +735,10 @@ fn build_image(
             mode: 0o600,
         },
     );
-    for dir in ["/proc", "/sys", "/tmp", "/run", "/root", "/dev/pts"] {
+    for dir in ["/proc", "/sys", "/run", "/root", "/dev/pts"] {
         a.add(dir, Entry::Dir { mode: 0o755 });
     }
+    a.add("/tmp", Entry::Dir { mode: 0o1777 });
     a.add(&built.connwatch, file(&built.connwatch, 0o755));
     a.add(
         "/vm/connwatch",

@@ -123,7 +123,9 @@ fn setup() {
     reopen_console();
     mount("devpts", "/dev/pts", "devpts", "ptmxmode=0666,mode=0620");
     mount("tmpfs", "/dev/shm", "tmpfs", "mode=1777");
-    mount("tmpfs", "/tmp", "tmpfs", "mode=1777");
+    // /tmp is the image's own (writable, mode 1777), not a tmpfs over it: a checkout
+    // under /tmp puts the daemon and the tests' data there, at the paths the test
+    // binaries were built with.
     mount("tmpfs", "/run", "tmpfs", "mode=0755");
     mount("bpf", "/sys/fs/bpf", "bpf", "mode=0700");
     mount("tracefs", "/sys/kernel/tracing", "tracefs", "");
