@@ -13,10 +13,9 @@ pub struct Hook {
     pub program: &'static str,
     pub category: &'static str,
     pub name: &'static str,
+    /// The record fields its program reads; empty for a BTF-typed tracepoint (`tp_btf`),
+    /// whose program reads the kernel's structures at offsets from BTF.
     pub fields: &'static [(&'static str, usize)],
-    /// A BTF-typed tracepoint (`tp_btf`): its program reads the kernel's structures at
-    /// offsets from BTF, not the record, so `fields` is empty.
-    pub typed: bool,
 }
 
 /// The one hook: every socket's state changes. Nothing is hooked per packet or per
@@ -27,7 +26,6 @@ pub const HOOKS: [Hook; 1] = [Hook {
     name: "inet_sock_set_state",
     // Typed: it reads `struct sock` at offsets from this kernel's BTF.
     fields: &[],
-    typed: true,
 }];
 
 /// Offsets of the tracepoint's fields as the running kernel's format file gives them.
@@ -98,7 +96,6 @@ mod tests {
             ("saddr_v6", off::SADDR_V6),
             ("daddr_v6", off::DADDR_V6),
         ],
-        typed: false,
     };
 
     const FORMAT_6_18: &str = "name: inet_sock_set_state

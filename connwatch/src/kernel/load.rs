@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use anyhow::{bail, Context, Result};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{BtfTracePoint, ProgramError, TracePoint};
+use aya::programs::BtfTracePoint;
 use aya::{Btf, Ebpf, EbpfLoader};
 use connwatch_common::{
     sock_globals, stat, ConnInfo, Filter, DEFAULT_RING_BYTES, LAYOUT_VERSION, MAP_CONNS,
@@ -119,79 +119,13 @@ pub enum Attached {
     Renewed,
     /// Attached now, replacing a pinned link that ran another program (an upgrade).
     Replaced,
-    /// Attached now but not pinnable (no bpf_link for tracepoints on this kernel): it
-    /// detaches when the daemon stops.
-    Unpinned,
-}
-
-/// A hook's program: a classic tracepoint, or the BTF-typed one that reads
-/// `struct sock` itself.
-enum Prog<'a> {
-    Classic(&'a mut TracePoint),
-    Typed(&'a mut BtfTracePoint),
-}
-
-impl Prog<'_> {
-    fn load(&mut self, hook: &Hook, btf: &Btf) -> Result<(), ProgramError> {
-        match self {
-            Prog::Classic(p) => p.load(),
-            Prog::Typed(p) => p.load(hook.name, btf),
-        }
-    }
-
-    fn fd(&self) -> Result<&aya::programs::ProgramFd, ProgramError> {
-        match self {
-            Prog::Classic(p) => p.fd(),
-            Prog::Typed(p) => p.fd(),
-        }
-    }
-
-    fn pin(&mut self, path: &std::path::Path) -> Result<(), aya::pin::PinError> {
-        match self {
-            Prog::Classic(p) => p.pin(path),
-            Prog::Typed(p) => p.pin(path),
-        }
-    }
-
-    /// Attaches the program and takes its link as a pinnable bpf_link: Err(why) when
-    /// the kernel attached it without one (classic tracepoints before 5.15), in which
-    /// case it has been attached again, unpinned.
-    fn attach(&mut self, hook: &Hook) -> Result<Result<FdLink, anyhow::Error>> {
-        let what = || {
-            format!(
-                "cannot attach to tracepoint {}:{}",
-                hook.category, hook.name
-            )
-        };
-        match self {
-            Prog::Typed(p) => {
-                let id = p.attach().with_context(what)?;
-                Ok(Ok(p.take_link(id)?.into()))
-            }
-            Prog::Classic(p) => {
-                let id = p.attach(hook.category, hook.name).with_context(what)?;
-                match p
-                    .take_link(id)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|l| FdLink::try_from(l).map_err(anyhow::Error::from))
-                {
-                    Ok(link) => Ok(Ok(link)),
-                    Err(e) => {
-                        // The failed conversion detached it: attach again, unpinned.
-                        p.attach(hook.category, hook.name).with_context(what)?;
-                        Ok(Err(e))
-                    }
-                }
-            }
-        }
-    }
 }
 
 /// Loads one hook's program and attaches it through a pinned link, replacing the pinned
 /// link of an earlier start (the new one runs before the old one goes).
-fn attach_pinned(mut program: Prog, hook: &Hook, btf: &Btf) -> Result<Attached> {
+fn attach_pinned(program: &mut BtfTracePoint, hook: &Hook, btf: &Btf) -> Result<Attached> {
     program
-        .load(hook, btf)
+        .load(hook.name, btf)
         .with_context(|| format!("the kernel refused the {} program", hook.program))?;
     let ours = prog_tag(program.fd()?.as_fd())
         .with_context(|| format!("cannot read back the loaded {} program", hook.program))?;
@@ -208,18 +142,14 @@ fn attach_pinned(mut program: Prog, hook: &Hook, btf: &Btf) -> Result<Attached> 
         }
     };
     let same_build = old.is_some() && pinned_tag(hook) == Some(ours);
-    let link = match program.attach(hook)? {
-        Ok(link) => link,
-        Err(e) => {
-            // Tracepoints are bpf_link-based from Linux 5.15: older kernels attach
-            // through perf ioctls, which cannot be pinned.
-            tracing::warn!(
-                "cannot pin the {} attachment ({e}): it detaches when the daemon stops",
-                hook.program
-            );
-            return Ok(Attached::Unpinned);
-        }
-    };
+    // A BTF-typed tracepoint attaches through a bpf_link, which can be pinned.
+    let id = program.attach().with_context(|| {
+        format!(
+            "cannot attach to tracepoint {}:{}",
+            hook.category, hook.name
+        )
+    })?;
+    let link: FdLink = program.take_link(id)?.into();
     // The new program runs before the old pins go: no gap where nothing records.
     let prog_path = prog_pin(hook.program);
     remove_pin(&link_path)?;
@@ -304,12 +234,10 @@ pub fn load_and_attach(sizes: Sizes) -> Result<Loaded> {
         let program = ebpf
             .program_mut(hook.program)
             .with_context(|| format!("the eBPF object has no {} program", hook.program))?;
-        let program = if hook.typed {
-            Prog::Typed(program.try_into()?)
-        } else {
-            Prog::Classic(program.try_into()?)
-        };
-        how.push((hook.program, attach_pinned(program, hook, &btf)?));
+        how.push((
+            hook.program,
+            attach_pinned(program.try_into()?, hook, &btf)?,
+        ));
     }
     let named = |want: Attached| -> Vec<&str> {
         how.iter()
@@ -327,7 +255,6 @@ pub fn load_and_attach(sizes: Sizes) -> Result<Loaded> {
             "replaced the pinned programs of another build",
             Attached::Replaced,
         ),
-        ("attached without a pin", Attached::Unpinned),
     ] {
         let n = named(a);
         if !n.is_empty() {
