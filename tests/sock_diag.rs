@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use connwatch::conn::{TcpState, Tuple};
-use connwatch::kernel::sock_diag::{DestroyError, DiagSocket, SockDiag};
+use connwatch::kernel::sock_diag::{DestroyError, DiagSocket, End, SockDiag};
 use std::io;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener, TcpStream};
@@ -268,6 +268,48 @@ fn dump_spans_many_datagrams() {
     }
 }
 
+/// A dump filtered by port keeps exactly the sockets with the port on the end asked
+/// for: the kernel runs the filter program (and accepts it: a malformed one is refused
+/// with EINVAL).
+#[test]
+fn dump_filtered_by_port_keeps_each_end_asked_for() {
+    require_root();
+    let a = Conn::open(V4);
+    let b = Conn::open(V6);
+    let c = Conn::open(V4);
+    let port = |conn: &Conn| conn.listener.local_addr().unwrap().port();
+    let mut diag = SockDiag::open().unwrap();
+    let established = 1 << TcpState::ESTABLISHED.0;
+    let terms = [
+        (End::Local, port(&a), port(&a)),
+        (End::Remote, port(&b), port(&b)),
+    ];
+    let got = diag.dump_ports_with_activity(established, &terms).unwrap();
+    let want = [a.server_tuple(), b.client_tuple()];
+    for t in &want {
+        let s = find(&got, t).unwrap_or_else(|| panic!("{t} left out of {got:?}"));
+        assert!(s.activity.is_some(), "tcp_info asked for");
+    }
+    for t in [
+        a.client_tuple(),
+        b.server_tuple(),
+        c.client_tuple(),
+        c.server_tuple(),
+    ] {
+        assert!(find(&got, &t).is_none(), "{t} kept");
+    }
+    assert!(
+        got.iter()
+            .all(|s| (s.tuple.local.port() == port(&a)) || (s.tuple.remote.port() == port(&b))),
+        "{got:?}"
+    );
+    let every = diag.dump_ports_with_activity(established, &[]).unwrap();
+    assert!(
+        find(&every, &c.server_tuple()).is_some(),
+        "no ranges: every socket"
+    );
+}
+
 /// More than a batch: lookups answer in order, absent tuples are None, and a
 /// batched destroy resets every peer; destroying again finds them gone.
 #[test]
@@ -316,6 +358,45 @@ fn batched_lookups_and_destroys() {
         again.iter().all(|r| matches!(r, Err(DestroyError::Gone))),
         "{again:?}"
     );
+    // Live and gone sockets in the same batches: each answer is its own socket's
+    // (only failures are answered before a batch's last request).
+    let mut live = Vec::new();
+    for _ in 0..SockDiag::BATCH {
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        live.push((client, server));
+    }
+    let live_tuples: Vec<Tuple> = live
+        .iter()
+        .map(|(_, s)| Tuple::new(s.local_addr().unwrap(), s.peer_addr().unwrap()))
+        .collect();
+    let live_socks: Vec<DiagSocket> = diag
+        .get_many(&live_tuples)
+        .into_iter()
+        .map(|f| f.unwrap().unwrap())
+        .collect();
+    let mixed: Vec<&DiagSocket> = live_socks
+        .iter()
+        .zip(&socks)
+        .flat_map(|(l, g)| [l, g])
+        .collect();
+    let done = diag.destroy_many(&mixed);
+    assert_eq!(done.len(), mixed.len());
+    for (i, r) in done.iter().enumerate() {
+        if i % 2 == 0 {
+            assert!(r.is_ok(), "live socket {i}: {r:?}");
+        } else {
+            assert!(
+                matches!(r, Err(DestroyError::Gone)),
+                "gone socket {i}: {r:?}"
+            );
+        }
+    }
+    for (client, _) in &mut live {
+        let mut b = [0u8; 1];
+        let err = client.read(&mut b).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    }
 }
 
 #[test]

@@ -103,8 +103,55 @@ impl Tuple {
 
 impl fmt::Display for Tuple {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} -> {}", self.local, self.remote)
+        match (self.local, self.remote) {
+            // Every audit and intent line names tuples, thousands in a mass round:
+            // IPv4 is written by hand, a good deal faster than std's formatting.
+            (SocketAddr::V4(l), SocketAddr::V4(r)) => {
+                let mut buf = [0u8; 2 * V4_MAX + 4];
+                let mut n = write_v4(&mut buf, l);
+                buf[n..n + 4].copy_from_slice(b" -> ");
+                n += 4;
+                n += write_v4(&mut buf[n..], r);
+                f.write_str(std::str::from_utf8(&buf[..n]).map_err(|_| fmt::Error)?)
+            }
+            _ => write!(f, "{} -> {}", self.local, self.remote),
+        }
     }
+}
+
+/// The longest IPv4 socket address, `255.255.255.255:65535`.
+const V4_MAX: usize = 21;
+
+/// Writes `a.b.c.d:port` at the start of `out`; returns its length.
+fn write_v4(out: &mut [u8], addr: std::net::SocketAddrV4) -> usize {
+    let mut n = 0;
+    for (i, octet) in addr.ip().octets().into_iter().enumerate() {
+        if i > 0 {
+            out[n] = b'.';
+            n += 1;
+        }
+        n += write_decimal(&mut out[n..], u32::from(octet));
+    }
+    out[n] = b':';
+    n + 1 + write_decimal(&mut out[n + 1..], u32::from(addr.port()))
+}
+
+/// Writes `v` in decimal at the start of `out`; returns its length.
+fn write_decimal(out: &mut [u8], mut v: u32) -> usize {
+    let mut digits = [0u8; 10];
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (v % 10) as u8;
+        len += 1;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    for (o, d) in out.iter_mut().zip(digits[..len].iter().rev()) {
+        *o = *d;
+    }
+    len
 }
 
 /// Which side opened a connection: a peer connected to us (an accepted child), or we
@@ -250,6 +297,22 @@ impl Birth {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ipv4_tuples_read_as_std_writes_them() {
+        use proptest::prelude::*;
+        proptest!(|(a in any::<u32>(), p in any::<u16>(), b in any::<u32>(), q in any::<u16>())| {
+            let l = SocketAddr::from((Ipv4Addr::from(a), p));
+            let r = SocketAddr::from((Ipv4Addr::from(b), q));
+            prop_assert_eq!(Tuple::new(l, r).to_string(), format!("{l} -> {r}"));
+        });
+        let widest = SocketAddr::from((Ipv4Addr::BROADCAST, u16::MAX));
+        let zero = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
+        assert_eq!(
+            Tuple::new(widest, zero).to_string(),
+            "255.255.255.255:65535 -> 0.0.0.0:0"
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -25,7 +25,7 @@ use crate::kernel::netns::Namespaces;
 use crate::kernel::sock_diag::{DestroySupport, SockDiag};
 use crate::kernel::{self, pins, privilege, ConnMap, FilterMap, FirstSeenMap, Loaded, Stats};
 use crate::observe::journal::Journal;
-use crate::observe::log::reopen_log_file;
+use crate::observe::log::{self, reopen_log_file};
 use crate::observe::metrics::Metrics;
 use crate::policy::{Policy, PolicySource};
 
@@ -249,7 +249,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut engine = Engine::new(opts.policy, opts.enforce);
     // Sockets older than connwatch keep the age bound an earlier start gave them.
     if let Some(map) = &first_seen {
-        engine.first_seen = kernel::read_first_seen(map);
+        engine.first_seen = kernel::read_first_seen(map).into_iter().collect();
     }
     engine.name_cgroups(Cgroups::default());
     if engine.policy.block_firewall.is_some() {
@@ -341,6 +341,8 @@ pub async fn run(opts: Options) -> Result<()> {
             _ = tokio::time::sleep_until(wake) => {
                 // Events first: a socket may have closed or moved its deadline.
                 drain(ring.get_mut(), &mut engine);
+                // A round's records are written together (its intents at once).
+                let _held = log::hold();
                 engine.fire_due(monotonic_ns(), &mut namespaces, Some(&conns));
             }
             _ = drain_tick.tick() => {

@@ -8,11 +8,12 @@ use std::time::Duration;
 use anyhow::Result;
 
 use crate::clock::{human, monotonic_ns};
-use crate::engine::Engine;
+use crate::engine::{dump_scope, Engine};
 use crate::kernel::cgroup::Cgroups;
 use crate::kernel::netns::Namespaces;
 use crate::kernel::pins;
 use crate::kernel::sock_diag::SockDiag;
+use crate::observe::log;
 use crate::policy::{Policy, Verdict};
 
 /// What one sweep did, printed as its last line.
@@ -53,11 +54,14 @@ impl fmt::Display for Summary {
     }
 }
 
-/// The engine, loaded with every connection that exists now: ages from the pinned map
-/// where a daemon recorded them, the rest bounded by sock_diag's tcp_info.
+/// The engine, loaded with the connections that exist now: ages from the pinned map
+/// where a daemon recorded them, the rest bounded by sock_diag's tcp_info. `scope`:
+/// read only the states and ports a rule can select (the kernel filters the dump),
+/// else every socket.
 fn load(
     policy: Policy,
     enforce: bool,
+    scope: Scope,
 ) -> Result<(Engine, Namespaces, Option<crate::kernel::ConnMap>, usize)> {
     let conns = match pins::open_pinned_conns() {
         Ok(map) => Some(map),
@@ -70,7 +74,13 @@ fn load(
     };
     let mut namespaces = Namespaces::open()?;
     let now = monotonic_ns();
-    let dump = namespaces.dump_all(SockDiag::ALL_STATES);
+    let dump = match scope {
+        Scope::Selectable => {
+            let (states, ports) = dump_scope(&policy);
+            namespaces.dump_all_ports(states, &ports)
+        }
+        Scope::Every => namespaces.dump_all(SockDiag::ALL_STATES),
+    };
     for (inode, e) in &dump.failed {
         if *inode == namespaces.host {
             anyhow::bail!("sock_diag dump of the host's sockets failed: {e:#}");
@@ -84,8 +94,17 @@ fn load(
     Ok((engine, namespaces, conns, dump.sockets.len()))
 }
 
+/// Which sockets a one-shot run reads.
+#[derive(Clone, Copy)]
+enum Scope {
+    /// Those some rule can select: a sweep acts on nothing else.
+    Selectable,
+    /// All of them: `explain` says why each is left alone too.
+    Every,
+}
+
 pub fn sweep(policy: Policy, enforce: bool) -> Result<Summary> {
-    let (mut engine, mut namespaces, conns, scanned) = load(policy, enforce)?;
+    let (mut engine, mut namespaces, conns, scanned) = load(policy, enforce, Scope::Selectable)?;
     engine.one_shot();
     let now = monotonic_ns();
     let matched = engine
@@ -93,7 +112,10 @@ pub fn sweep(policy: Policy, enforce: bool) -> Result<Summary> {
         .iter()
         .filter(|(k, _)| engine.deadlines.get(*k).is_some_and(|at| at <= now))
         .count();
+    // The records are written together (the intents at once, before the destroys).
+    let held = log::hold();
     engine.fire_due(now, &mut namespaces, conns.as_ref());
+    drop(held);
     let c = &engine.counters;
     Ok(Summary {
         scanned,
@@ -107,7 +129,7 @@ pub fn sweep(policy: Policy, enforce: bool) -> Result<Summary> {
 }
 
 pub fn explain(policy: Policy) -> Result<()> {
-    let (engine, _, _, _) = load(policy, false)?;
+    let (engine, _, _, _) = load(policy, false, Scope::Every)?;
     let now = monotonic_ns();
     let mut rows: Vec<(Option<u64>, [String; 5])> = engine
         .tracker

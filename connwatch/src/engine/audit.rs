@@ -125,7 +125,11 @@ pub fn rfc3339(t: SystemTime) -> String {
 impl Record {
     /// The text form of the record.
     pub fn line(&self) -> String {
-        let mut line = format!(
+        use std::fmt::Write;
+        // Written into one string: a mass round makes thousands of these.
+        let mut line = String::with_capacity(160);
+        let _ = write!(
+            line,
             "{} {} state={} age={} reason={}",
             self.action.as_str(),
             self.tuple,
@@ -134,26 +138,23 @@ impl Record {
             self.reason
         );
         if self.rule != self.reason {
-            line.push_str(&format!(" rule={}", self.rule));
+            let _ = write!(line, " rule={}", self.rule);
         }
         if let Some(idle) = self.idle_secs {
-            line.push_str(&format!(" idle={idle}s"));
+            let _ = write!(line, " idle={idle}s");
         }
         if let Some(o) = self.owner {
-            line.push_str(&format!(" owner={o}"));
+            let _ = write!(line, " owner={o}");
         }
-        line.push_str(&format!(" netns={}", self.id.netns));
+        let _ = write!(line, " netns={}", self.id.netns);
         if let Some(c) = self.cgroup.as_deref().and_then(container_of) {
-            line.push_str(&format!(" container={c}"));
+            let _ = write!(line, " container={c}");
         }
         if let Some(t) = self.traffic {
-            line.push_str(&format!(
-                " bytes_in={} bytes_out={}",
-                t.bytes_in, t.bytes_out
-            ));
+            let _ = write!(line, " bytes_in={} bytes_out={}", t.bytes_in, t.bytes_out);
         }
         if let Some(d) = &self.detail {
-            line.push_str(&format!(" detail=\"{d}\""));
+            let _ = write!(line, " detail=\"{d}\"");
         }
         if self.dry_run && self.action == Action::WouldDestroy {
             line.push_str(" (dry run)");

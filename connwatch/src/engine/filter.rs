@@ -10,6 +10,7 @@
 use connwatch_common::Filter;
 
 use crate::conn::TcpState;
+use crate::kernel::sock_diag::{End, PortTerm};
 use crate::policy::{Limit, Policy, PortRange};
 
 /// The states in which a limit can give a socket a deadline.
@@ -63,6 +64,39 @@ pub fn filter_of(policy: &Policy) -> Filter {
         }
     }
     f
+}
+
+/// What a one-shot dump needs to read under `policy`: the states its rules act in
+/// (`1 << state`, as [`filter_of`]), and the port ranges the kernel keeps, each on its
+/// own end (none: every socket). A rule selects a socket only if each of its
+/// non-empty port lists matches, so any one of them bounds it: the local list if it
+/// has one, else the remote, else either end.
+pub fn dump_scope(policy: &Policy) -> (u32, Vec<PortTerm>) {
+    let states = filter_of(policy).states;
+    let mut terms = Vec::new();
+    for rule in &policy.rules {
+        let sel = &rule.selector;
+        let ends: &[End] = if !sel.local_ports.is_empty() {
+            &[End::Local]
+        } else if !sel.remote_ports.is_empty() {
+            &[End::Remote]
+        } else if !sel.ports.is_empty() {
+            &[End::Local, End::Remote]
+        } else {
+            // A rule on every port: every socket in its states.
+            return (states, Vec::new());
+        };
+        let ranges = [&sel.local_ports, &sel.remote_ports, &sel.ports]
+            .into_iter()
+            .find(|l| !l.is_empty())
+            .map_or(&[][..], |l| l.as_slice());
+        for r in ranges {
+            terms.extend(ends.iter().map(|&end| (end, r.lo, r.hi)));
+        }
+    }
+    terms.sort_unstable();
+    terms.dedup();
+    (states, terms)
 }
 
 #[cfg(test)]
@@ -123,5 +157,41 @@ mod tests {
         assert!(!matters(&f, tcp_state::ESTABLISHED, 8082, 50000));
         assert!(!matters(&f, tcp_state::CLOSE_WAIT, 8080, 50000));
         assert_eq!(filter_of(&Policy::default()).states, 0, "no rule, nothing");
+    }
+
+    #[test]
+    fn a_dump_reads_the_selectable_states_and_ports() {
+        let idle = |selector: Selector| rule(Limit::Idle(Duration::from_secs(1)), selector);
+        let p = Policy {
+            rules: vec![
+                idle(Selector {
+                    local_ports: vec![PortRange { lo: 80, hi: 81 }],
+                    remote_ports: vec![PortRange { lo: 1, hi: 1 }],
+                    ..Selector::default()
+                }),
+                idle(Selector {
+                    remote_ports: vec![PortRange { lo: 5432, hi: 5432 }],
+                    ..Selector::default()
+                }),
+                idle(Selector {
+                    ports: vec![PortRange { lo: 9000, hi: 9000 }],
+                    ..Selector::default()
+                }),
+            ],
+            ..Policy::default()
+        };
+        let (states, terms) = dump_scope(&p);
+        assert_eq!(states, 1 << tcp_state::ESTABLISHED);
+        assert_eq!(
+            terms,
+            vec![
+                (End::Local, 80, 81),
+                (End::Local, 9000, 9000),
+                (End::Remote, 5432, 5432),
+                (End::Remote, 9000, 9000),
+            ]
+        );
+        let (_, every) = dump_scope(&Policy::default_hung_states());
+        assert!(every.is_empty(), "a rule on every port reads every port");
     }
 }

@@ -28,6 +28,10 @@ fn transient(outcome: &Outcome) -> bool {
     matches!(outcome, Outcome::Failed(DestroyError::Other(_)))
 }
 
+/// The log target of the intent lines: a log sink that holds lines back to write
+/// them together must write these at once, before the destroys they announce.
+pub const INTENT: &str = "connwatch::intent";
+
 /// Logs what is about to be destroyed, before the destroys go to the kernel, a line
 /// a batch: a daemon killed between a destroy and its record leaves at least this
 /// line naming the connection, so the log accounts for every connection it reset.
@@ -35,6 +39,7 @@ fn log_intent(socks: &[&DiagSocket]) {
     for chunk in socks.chunks(SockDiag::BATCH) {
         let named: Vec<String> = chunk.iter().map(|s| s.tuple.to_string()).collect();
         tracing::info!(
+            target: INTENT,
             action = "destroying",
             count = chunk.len(),
             "destroying {} connections (each is logged again once done): {}",

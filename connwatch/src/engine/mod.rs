@@ -30,11 +30,12 @@ use connwatch_common::{event_kind, matters, ConnEvent, ConnInfo, Filter};
 use crate::conn::{canonical, SockId, TcpState, Tuple};
 use crate::kernel::cgroup::Cgroups;
 use crate::policy::{Limit, Policy, Protected, RuleId, Subject, Verdict};
-use crate::track::{Deadlines, Tracked, Tracker};
+use crate::track::{Deadlines, FastMap, Tracked, Tracker};
 use audit::Record;
 use per_ip::PerIp;
 
-pub use filter::filter_of;
+pub use filter::{dump_scope, filter_of};
+pub use fire::INTENT;
 pub use reconcile::{suggested_max_conns, Pace, Reconciled};
 
 /// Milliseconds, as `tcp_info` counts them, in nanoseconds.
@@ -117,9 +118,9 @@ pub struct Engine {
     cgroups: RefCell<Option<Cgroups>>,
     /// Sockets decided for good under this policy: would-destroyed in a dry run, or
     /// saved by a protection in their current state.
-    settled: HashMap<u64, Settled>,
+    settled: FastMap<u64, Settled>,
     /// Failures in a row that may pass, by socket: the back-off of the next try.
-    retries: HashMap<u64, u32>,
+    retries: FastMap<u64, u32>,
     /// Firewall blocks (`--block-firewall`): opened on first use, and those a round
     /// of destroys asked for.
     firewall: Option<crate::kernel::firewall::Firewall>,
@@ -135,7 +136,7 @@ pub struct Engine {
     /// across restarts (the pinned `CW_FIRST_SEEN`): its age bound counts from then, not
     /// from this start. Reconciles add the sockets they seed and forget the gone ones,
     /// saying which in [`Reconciled`] so the daemon writes the pinned map alike.
-    pub first_seen: HashMap<SockId, u64>,
+    pub first_seen: FastMap<SockId, u64>,
 }
 
 /// A decision that stands.
@@ -159,7 +160,7 @@ impl Engine {
         Engine {
             filter: Box::new(filter_of(&policy)),
             filtered: false,
-            first_seen: HashMap::new(),
+            first_seen: FastMap::default(),
             policy,
             enforce,
             tracker: Tracker::new(),
@@ -170,8 +171,8 @@ impl Engine {
             window_used: 0,
             observer: None,
             cgroups: RefCell::new(None),
-            settled: HashMap::new(),
-            retries: HashMap::new(),
+            settled: FastMap::default(),
+            retries: FastMap::default(),
             firewall: None,
             to_block: Vec::new(),
             one_shot: false,

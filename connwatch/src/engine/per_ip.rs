@@ -4,6 +4,8 @@
 //! address in two namespaces is two different peers.
 
 use std::collections::{BTreeSet, HashMap};
+
+use crate::track::FastMap;
 use std::net::IpAddr;
 
 use crate::policy::RuleId;
@@ -16,7 +18,7 @@ pub struct PerIp {
     /// Members of each (rule, namespace, remote address), oldest first: (birth bound, key).
     groups: HashMap<Group, BTreeSet<(u64, u64)>>,
     /// The groups each socket is in, with the birth it was filed under.
-    member: HashMap<u64, (u64, Vec<Group>)>,
+    member: FastMap<u64, (u64, Vec<Group>)>,
 }
 
 impl PerIp {

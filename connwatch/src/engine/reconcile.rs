@@ -339,7 +339,8 @@ mod tests {
             (SockId::new(HOST, 7), 100 * SEC),
             (SockId::new(HOST, 8), 50 * SEC),
         ]
-        .into();
+        .into_iter()
+        .collect();
         // Now, at 300 s, a dump finds 7 (data moved 1 s ago) and 9 (new to connwatch).
         let (done, _) = e.reconcile_with(
             std::iter::empty(),

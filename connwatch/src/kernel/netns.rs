@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context, Result};
 
-use super::sock_diag::{DiagSocket, SockDiag};
+use super::sock_diag::{DiagSocket, PortTerm, SockDiag};
 
 /// Where `ip netns` keeps its named namespaces (bind mounts).
 pub const NAMED_NETNS_DIR: &str = "/run/netns";
@@ -210,6 +210,12 @@ impl Namespaces {
     /// Dumps every namespace that can be reached, each socket with its namespace's
     /// inode. A namespace that cannot be dumped is named in [`Dump::failed`].
     pub fn dump_all(&mut self, states: u32) -> Dump {
+        self.dump_all_ports(states, &[])
+    }
+
+    /// Like [`Namespaces::dump_all`], of the sockets with a port in one of `ports`, each
+    /// on its own end (none: every socket), filtered by the kernel.
+    pub fn dump_all_ports(&mut self, states: u32, ports: &[PortTerm]) -> Dump {
         let mut dump = Dump::default();
         let mut inodes = vec![self.host];
         inodes.extend(
@@ -222,7 +228,7 @@ impl Namespaces {
             dump.existing.insert(inode);
             let dumped = self
                 .diag(inode, None)
-                .and_then(|d| d.dump_with_activity(states));
+                .and_then(|d| d.dump_ports_with_activity(states, ports));
             match dumped {
                 Ok(list) => {
                     dump.dumped.insert(inode);

@@ -12,6 +12,7 @@ use std::sync::{Mutex, OnceLock};
 use anyhow::{Context, Result};
 
 use crate::engine::audit;
+use crate::engine::INTENT;
 
 /// The format of log lines, `--log-format`.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -62,29 +63,83 @@ pub fn reopen_log_file() -> Result<Option<PathBuf>> {
 
 /// Where log lines go: the log file if one is set, else stderr.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct LogWriter;
+pub struct LogWriter {
+    /// Written at once even while lines are held ([`Held`]).
+    at_once: bool,
+}
+
+/// Lines held back while a round of decisions is recorded ([`hold`]), written in one
+/// go when it ends: thousands of records then cost a few writes, not one each.
+static HELD: Mutex<Option<Vec<u8>>> = Mutex::new(None);
+
+/// Held lines are written out once they reach this size, whatever the round.
+const HELD_MAX: usize = 256 * 1024;
+
+/// While this lives, log lines are gathered and written out together when it is
+/// dropped (or when they fill [`HELD_MAX`]): a round of deadlines records thousands
+/// of decisions. A line of [`INTENT`] (the connections about to be destroyed) is
+/// never held: it goes out at once, with the lines before it, ahead of the destroys.
+#[must_use]
+pub struct Held {
+    outer: bool,
+}
+
+/// Holds log lines until the returned guard is dropped (see [`Held`]).
+pub fn hold() -> Held {
+    let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+    let outer = held.is_none();
+    if outer {
+        *held = Some(Vec::new());
+    }
+    Held { outer }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self.outer {
+            let lines = HELD.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(lines) = lines.filter(|l| !l.is_empty()) {
+                let _ = emit(&lines);
+            }
+        }
+    }
+}
+
+/// Writes whole lines where logs go: the log file if one is set, else stderr. One call
+/// per buffer, so lines and a reopen never interleave.
+fn emit(buf: &[u8]) -> io::Result<()> {
+    match LOG_FILE.get() {
+        Some(log) => log
+            .file
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write_all(buf),
+        None => io::stderr().lock().write_all(buf),
+    }
+}
 
 impl Write for LogWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match LOG_FILE.get() {
-            Some(log) => log
-                .file
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .write(buf),
-            None => io::stderr().write(buf),
-        }
+        self.write_all(buf)?;
+        Ok(buf.len())
     }
 
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        // One call per log line, so lines from the file and a reopen never interleave.
-        match LOG_FILE.get() {
-            Some(log) => log
-                .file
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .write_all(buf),
-            None => io::stderr().lock().write_all(buf),
+        let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+        match held.as_mut() {
+            Some(lines) => {
+                lines.extend_from_slice(buf);
+                if self.at_once || lines.len() >= HELD_MAX {
+                    let full = std::mem::take(lines);
+                    drop(held);
+                    return emit(&full);
+                }
+                Ok(())
+            }
+            None => {
+                drop(held);
+                emit(buf)
+            }
         }
     }
 
@@ -100,7 +155,13 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
     type Writer = LogWriter;
 
     fn make_writer(&'a self) -> LogWriter {
-        LogWriter
+        LogWriter::default()
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> LogWriter {
+        LogWriter {
+            at_once: meta.target() == INTENT,
+        }
     }
 }
 
@@ -179,7 +240,7 @@ pub fn init(format: LogFormat, log_file: Option<&Path>) -> Result<Option<String>
     }
     // Colour only for a person at a terminal, never into files or the journal.
     let ansi = log_file.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let writer = LogWriter;
+    let writer = LogWriter::default();
     let layer: Box<dyn Layer<Registry> + Send + Sync> = match (format, journal) {
         (LogFormat::Text, false) => fmt::layer()
             .with_writer(writer)

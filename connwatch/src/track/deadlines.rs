@@ -3,14 +3,16 @@
 //! sockets that are not. Nothing here walks every socket.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
+
+use super::FastMap;
 use std::hash::Hash;
 
 pub struct Deadlines<K> {
     heap: BinaryHeap<Reverse<(u64, u64, K)>>,
     /// The live deadline of each key, with the stamp of its heap entry; heap entries
     /// whose stamp is not here are stale and skipped when they surface.
-    live: HashMap<K, (u64, u64)>,
+    live: FastMap<K, (u64, u64)>,
     stamp: u64,
 }
 
@@ -24,7 +26,7 @@ impl<K: Copy + Eq + Hash + Ord> Deadlines<K> {
     pub fn new() -> Self {
         Deadlines {
             heap: BinaryHeap::new(),
-            live: HashMap::new(),
+            live: FastMap::default(),
             stamp: 0,
         }
     }

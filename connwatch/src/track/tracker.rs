@@ -1,7 +1,7 @@
 //! What the daemon knows of each socket, fed by the kernel's lifecycle events, the
 //! pinned map at start-up and one sock_diag dump for sockets older than the program.
 
-use std::collections::HashMap;
+use super::FastMap;
 use std::sync::Arc;
 
 use connwatch_common::{event_kind, ConnEvent, ConnInfo, FLAG_BIRTH_UNKNOWN, FLAG_OWNER_LISTENER};
@@ -126,13 +126,13 @@ const FIRST_SEED_KEY: u64 = 1;
 
 #[derive(Default)]
 pub struct Tracker {
-    conns: HashMap<u64, Tracked>,
+    conns: FastMap<u64, Tracked>,
     /// Each socket's key by its identity: one socket is known once, however it was
     /// learned (the map, a dump, a TIME_WAIT follow-up).
-    by_id: HashMap<SockId, u64>,
+    by_id: FastMap<SockId, u64>,
     /// How many sockets each network namespace holds: a namespace with none is one
     /// the daemon need not keep a sock_diag socket in.
-    per_netns: HashMap<u32, usize>,
+    per_netns: FastMap<u32, usize>,
     next_seed_key: u64,
 }
 

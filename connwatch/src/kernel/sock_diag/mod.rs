@@ -23,9 +23,11 @@ use netlink_sys::{Socket, SocketAddr as NetlinkAddr};
 
 use crate::conn::Tuple;
 
+mod bytecode;
 mod probe;
 mod wire;
 
+pub use bytecode::{End, PortTerm};
 pub use probe::{probe_destroy, DestroySupport};
 use wire::{invalid_data, same_endpoints, socket_id};
 pub use wire::{DestroyError, DiagSocket, TcpActivity, TcpTraffic};
@@ -136,25 +138,38 @@ impl SockDiag {
     /// Every TCP socket of both families (IPv4 then IPv6) in the given states (bitmask
     /// `1 << state`; pass [`SockDiag::ALL_STATES`]).
     pub fn dump(&mut self, states: u32) -> anyhow::Result<Vec<DiagSocket>> {
-        self.dump_ext(states, ExtensionFlags::empty())
+        self.dump_ext(states, ExtensionFlags::empty(), None)
     }
 
     /// Like [`SockDiag::dump`], with each socket's [`TcpActivity`].
     pub fn dump_with_activity(&mut self, states: u32) -> anyhow::Result<Vec<DiagSocket>> {
-        self.dump_ext(states, ExtensionFlags::INFO)
+        self.dump_ext(states, ExtensionFlags::INFO, None)
+    }
+
+    /// Like [`SockDiag::dump_with_activity`], of the sockets with a port in one of
+    /// `ports`, each on its own end: the kernel leaves the others out. With no ranges,
+    /// or too many to encode, every socket.
+    pub fn dump_ports_with_activity(
+        &mut self,
+        states: u32,
+        ports: &[PortTerm],
+    ) -> anyhow::Result<Vec<DiagSocket>> {
+        let program = bytecode::any_port_in(ports);
+        self.dump_ext(states, ExtensionFlags::INFO, program.as_deref())
     }
 
     fn dump_ext(
         &mut self,
         states: u32,
         extensions: ExtensionFlags,
+        program: Option<&[u8]>,
     ) -> anyhow::Result<Vec<DiagSocket>> {
         if dump_fails() {
             anyhow::bail!("sock_diag dump: no reply (fault injected)");
         }
         let mut sockets = Vec::new();
         for (family, name) in [(AF_INET, "IPv4"), (AF_INET6, "IPv6")] {
-            self.dump_family(family, states, extensions.clone(), &mut sockets)
+            self.dump_family(family, states, extensions.clone(), program, &mut sockets)
                 .with_context(|| format!("sock_diag dump of {name} TCP sockets"))?;
         }
         Ok(sockets)
@@ -165,6 +180,7 @@ impl SockDiag {
         family: u8,
         states: u32,
         extensions: ExtensionFlags,
+        program: Option<&[u8]>,
         sockets: &mut Vec<DiagSocket>,
     ) -> io::Result<()> {
         let id = if family == AF_INET6 {
@@ -172,10 +188,16 @@ impl SockDiag {
         } else {
             SocketId::new_v4()
         };
-        let seq = self.send(
+        let mut bytes = Vec::new();
+        let seq = self.encode(
+            &mut bytes,
             NLM_F_REQUEST | NLM_F_DUMP,
             inet_request(family, states, extensions, id),
-        )?;
+        );
+        if let Some(program) = program {
+            append_attribute(&mut bytes, INET_DIAG_REQ_BYTECODE, program);
+        }
+        self.send_bytes(&bytes)?;
         self.replies(seq, |payload| match payload {
             NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
                 sockets.push(DiagSocket::from_response(&response));
@@ -334,22 +356,67 @@ impl SockDiag {
                 })
                 .collect();
         }
-        self.batched(
-            socks,
-            |sock| {
-                let (family, id) = socket_id(&sock.tuple, sock.ifindex, sock.cookie)?;
-                let request = inet_request(family, Self::ALL_STATES, ExtensionFlags::empty(), id);
-                Ok((NLM_F_REQUEST | NLM_F_ACK, SockDiagDestroy::new(request)))
-            },
-            |_, payload| match payload {
-                NetlinkPayload::Error(e) => Some(match e.raw_code() {
-                    0 => Ok(()),
-                    code => Err(DestroyError::from_errno(code.saturating_neg())),
-                }),
-                _ => None,
-            },
-            |_, why| Err(DestroyError::Other(io::Error::other(why))),
-        )
+        let mut answers = Vec::with_capacity(socks.len());
+        for chunk in socks.chunks(Self::BATCH) {
+            answers.extend(self.destroy_batch(chunk));
+        }
+        answers
+    }
+
+    /// One message of destroys. Only the last request asks for an acknowledgement: the
+    /// kernel answers a request without `NLM_F_ACK` only if it fails, and handles the
+    /// requests of a message in order, so once the last one is acknowledged every
+    /// earlier failure has been queued before it, and a request with no answer was
+    /// carried out. One read per batch then, not one per socket.
+    fn destroy_batch(&mut self, chunk: &[&DiagSocket]) -> Vec<Result<(), DestroyError>> {
+        let mut results: Vec<Option<Result<(), DestroyError>>> =
+            (0..chunk.len()).map(|_| None).collect();
+        let mut requests = Vec::with_capacity(chunk.len());
+        for (i, sock) in chunk.iter().enumerate() {
+            match socket_id(&sock.tuple, sock.ifindex, sock.cookie) {
+                Ok((family, id)) => requests.push((i, family, id)),
+                Err(e) => results[i] = Some(Err(DestroyError::Other(e))),
+            }
+        }
+        let mut bytes = Vec::with_capacity(requests.len() * 80);
+        let mut by_seq = std::collections::HashMap::with_capacity(requests.len());
+        let mut last_seq = None;
+        let n = requests.len();
+        for (k, (i, family, id)) in requests.into_iter().enumerate() {
+            let request = inet_request(family, Self::ALL_STATES, ExtensionFlags::empty(), id);
+            let flags = if k + 1 == n {
+                NLM_F_REQUEST | NLM_F_ACK
+            } else {
+                NLM_F_REQUEST
+            };
+            let seq = self.encode(&mut bytes, flags, SockDiagDestroy::new(request));
+            by_seq.insert(seq, i);
+            last_seq = Some(seq);
+        }
+        let exchanged = match last_seq {
+            None => Ok(()),
+            Some(last) => self.send_bytes(&bytes).and_then(|()| {
+                self.collect(1, |seq, payload| {
+                    let (Some(&i), NetlinkPayload::Error(e)) = (by_seq.get(&seq), payload) else {
+                        return false;
+                    };
+                    results[i] = Some(match e.raw_code() {
+                        0 => Ok(()),
+                        code => Err(DestroyError::from_errno(code.saturating_neg())),
+                    });
+                    seq == last
+                })
+            }),
+        };
+        results
+            .into_iter()
+            .map(|r| match (r, &exchanged) {
+                (Some(r), _) => r,
+                // Not refused before the last acknowledgement: destroyed.
+                (None, Ok(())) => Ok(()),
+                (None, Err(e)) => Err(DestroyError::Other(io::Error::other(e.to_string()))),
+            })
+            .collect()
     }
 
     /// Sends one request per item, [`SockDiag::BATCH`] to a message, and gathers the answer to
@@ -523,6 +590,21 @@ fn connect() -> io::Result<Socket> {
     set_recv_timeout(&sock, REPLY_TIMEOUT)?;
     set_rcvbuf(&sock, SOCKET_RCVBUF);
     Ok(sock)
+}
+
+/// The request attribute that carries a filter program ([`bytecode`]).
+const INET_DIAG_REQ_BYTECODE: u16 = 1;
+
+/// Appends a netlink attribute to the one message in `message` and grows the message's
+/// length to hold it (the crate's `InetRequest` has no attributes).
+fn append_attribute(message: &mut Vec<u8>, kind: u16, value: &[u8]) {
+    let len = 4 + value.len();
+    message.extend_from_slice(&(len as u16).to_ne_bytes());
+    message.extend_from_slice(&kind.to_ne_bytes());
+    message.extend_from_slice(value);
+    message.resize((message.len() + 3) & !3, 0);
+    let total = message.len() as u32;
+    message[..4].copy_from_slice(&total.to_ne_bytes());
 }
 
 /// An inet_diag request for TCP sockets of `family` in `states` (bitmask `1 << state`).
