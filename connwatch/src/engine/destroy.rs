@@ -148,6 +148,7 @@ pub fn execute(
 mod tests {
     use super::*;
     use crate::conn::{Birth, TcpState, Tuple};
+    use crate::testing::diag_socket;
     use connwatch_common::{tcp_state, AF_INET};
 
     const NS: u32 = 4026531840;
@@ -186,16 +187,7 @@ mod tests {
     }
 
     fn live(state: TcpState, cookie: u64) -> DiagSocket {
-        DiagSocket {
-            tuple: tuple(),
-            state,
-            cookie: cookie_to_diag(cookie),
-            inode: 1,
-            uid: 0,
-            ifindex: 0,
-            activity: None,
-            traffic: None,
-        }
+        diag_socket(tuple(), state, cookie)
     }
 
     #[test]

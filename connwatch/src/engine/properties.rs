@@ -5,11 +5,12 @@ use std::time::Duration;
 
 use std::collections::HashSet;
 
-use crate::conn::{cookie_from_diag, cookie_to_diag, Birth, SockId, TcpState, Tuple};
+use crate::conn::{cookie_from_diag, Birth, SockId, TcpState, Tuple};
 use crate::engine::Engine;
 use crate::kernel::netns::Dump;
 use crate::kernel::sock_diag::DiagSocket;
 use crate::policy::{Limit, Policy, Rule, Selector, Verdict};
+use crate::testing::diag_socket;
 use connwatch_common::{event_kind, tcp_state, ConnEvent, ConnInfo, AF_INET};
 use proptest::prelude::*;
 
@@ -114,14 +115,8 @@ fn events(lives: &[Life]) -> (Vec<ConnEvent>, Dump) {
             None => live.push((
                 netns(i),
                 DiagSocket {
-                    tuple: tuple(i),
-                    state: TcpState(state),
-                    cookie: cookie_to_diag(id(i).cookie),
                     inode: i as u32 + 1,
-                    uid: 0,
-                    ifindex: 0,
-                    activity: None,
-                    traffic: None,
+                    ..diag_socket(tuple(i), TcpState(state), id(i).cookie)
                 },
             )),
         }
@@ -561,16 +556,11 @@ mod filtered {
                 .map(|(_, info)| {
                     (
                         info.netns,
-                        DiagSocket {
-                            tuple: Tuple::from_info(info).unwrap(),
-                            state: TcpState(info.state),
-                            cookie: cookie_to_diag(info.cookie),
-                            inode: 1,
-                            uid: 0,
-                            ifindex: 0,
-                            activity: None,
-                            traffic: None,
-                        },
+                        diag_socket(
+                            Tuple::from_info(info).unwrap(),
+                            TcpState(info.state),
+                            info.cookie,
+                        ),
                     )
                 })
                 .collect(),

@@ -287,8 +287,9 @@ impl Engine {
 mod tests {
     use super::*;
     use crate::clock::SEC;
-    use crate::conn::{cookie_to_diag, Tuple};
+    use crate::conn::Tuple;
     use crate::kernel::sock_diag::{DiagSocket, TcpActivity};
+    use crate::testing::diag_socket;
     use connwatch_common::{tcp_state, AF_INET, FLAG_INBOUND};
     use std::net::{IpAddr, SocketAddr};
 
@@ -309,14 +310,8 @@ mod tests {
                     last_data_recv_ms: *quiet_ms,
                 };
                 let s = DiagSocket {
-                    tuple,
-                    state: TcpState::ESTABLISHED,
-                    cookie: cookie_to_diag(*cookie),
-                    inode: 1,
-                    uid: 0,
-                    ifindex: 0,
                     activity: Some(activity),
-                    traffic: None,
+                    ..diag_socket(tuple, TcpState::ESTABLISHED, *cookie)
                 };
                 (HOST, s)
             })
@@ -441,16 +436,11 @@ mod tests {
         Dump {
             sockets: vec![(
                 HOST,
-                DiagSocket {
-                    tuple: Tuple::new(SocketAddr::new(lo, 8080), SocketAddr::new(lo, 40000)),
-                    state: TcpState::ESTABLISHED,
-                    cookie: cookie_to_diag(cookie),
-                    inode: 1,
-                    uid: 0,
-                    ifindex: 0,
-                    activity: None,
-                    traffic: None,
-                },
+                diag_socket(
+                    Tuple::new(SocketAddr::new(lo, 8080), SocketAddr::new(lo, 40000)),
+                    TcpState::ESTABLISHED,
+                    cookie,
+                ),
             )],
             dumped: HashSet::from([HOST]),
             existing: HashSet::from([HOST]),

@@ -12,11 +12,11 @@ use connwatch_common::{event_kind, tcp_state, ConnEvent, ConnInfo, AF_INET};
 use proptest::prelude::*;
 
 use crate::clock::SEC;
-use crate::conn::{canonical, cookie_to_diag, Birth, SockId, TcpState, Tuple};
+use crate::conn::{canonical, Birth, SockId, TcpState, Tuple};
 use crate::engine::Engine;
 use crate::kernel::netns::Dump;
-use crate::kernel::sock_diag::DiagSocket;
 use crate::policy::{Limit, Policy, PortRange, Rule, Selector, Verdict};
+use crate::testing::diag_socket;
 
 const NAMESPACES: usize = 2;
 /// Tuples per namespace: few, so that lives meet on them.
@@ -196,16 +196,7 @@ fn world(placed: &[Placed]) -> World {
                 .map(|p| {
                     (
                         netns(p.life.ns),
-                        DiagSocket {
-                            tuple: tuple(p.life.slot),
-                            state: TcpState::ESTABLISHED,
-                            cookie: cookie_to_diag(p.cookie),
-                            inode: 1,
-                            uid: 0,
-                            ifindex: 0,
-                            activity: None,
-                            traffic: None,
-                        },
+                        diag_socket(tuple(p.life.slot), TcpState::ESTABLISHED, p.cookie),
                     )
                 })
                 .collect(),

@@ -523,6 +523,7 @@ mod tests {
     use super::*;
     use crate::conn::cookie_to_diag;
     use crate::kernel::sock_diag::TcpActivity;
+    use crate::testing::diag_socket;
     use connwatch_common::{ConnInfo, AF_INET, FLAG_BIRTH_UNKNOWN};
 
     const NS: u32 = 4026531840;
@@ -532,17 +533,15 @@ mod tests {
         (
             NS,
             DiagSocket {
-                tuple: Tuple::new(
-                    format!("127.0.0.1:{lport}").parse().unwrap(),
-                    "127.0.0.1:9000".parse().unwrap(),
-                ),
-                state,
-                cookie: cookie_to_diag(u64::from(lport)),
                 inode: 0,
-                uid: 0,
-                ifindex: 0,
-                activity: None,
-                traffic: None,
+                ..diag_socket(
+                    Tuple::new(
+                        format!("127.0.0.1:{lport}").parse().unwrap(),
+                        "127.0.0.1:9000".parse().unwrap(),
+                    ),
+                    state,
+                    u64::from(lport),
+                )
             },
         )
     }
