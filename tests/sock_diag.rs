@@ -310,22 +310,29 @@ fn dump_filtered_by_port_keeps_each_end_asked_for() {
     );
 }
 
+/// `n` connections to `listener`: the (client, server) streams, and the server ends'
+/// tuples.
+fn accepted(listener: &TcpListener, n: usize) -> (Vec<(TcpStream, TcpStream)>, Vec<Tuple>) {
+    let mut conns = Vec::new();
+    for _ in 0..n {
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        conns.push((client, server));
+    }
+    let tuples = conns
+        .iter()
+        .map(|(_, s)| Tuple::new(s.local_addr().unwrap(), s.peer_addr().unwrap()))
+        .collect();
+    (conns, tuples)
+}
+
 /// More than a batch: lookups answer in order, absent tuples are None, and a
 /// batched destroy resets every peer; destroying again finds them gone.
 #[test]
 fn batched_lookups_and_destroys() {
     require_root();
     let listener = TcpListener::bind((V4, 0)).unwrap();
-    let mut conns = Vec::new();
-    for _ in 0..(SockDiag::BATCH * 2 + 50) {
-        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (server, _) = listener.accept().unwrap();
-        conns.push((client, server));
-    }
-    let server_tuples: Vec<Tuple> = conns
-        .iter()
-        .map(|(_, s)| Tuple::new(s.local_addr().unwrap(), s.peer_addr().unwrap()))
-        .collect();
+    let (mut conns, server_tuples) = accepted(&listener, SockDiag::BATCH * 2 + 50);
     let mut asked = server_tuples.clone();
     let mut absent = server_tuples[0];
     absent.remote.set_port(1);
@@ -360,16 +367,7 @@ fn batched_lookups_and_destroys() {
     );
     // Live and gone sockets in the same batches: each answer is its own socket's
     // (only failures are answered before a batch's last request).
-    let mut live = Vec::new();
-    for _ in 0..SockDiag::BATCH {
-        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (server, _) = listener.accept().unwrap();
-        live.push((client, server));
-    }
-    let live_tuples: Vec<Tuple> = live
-        .iter()
-        .map(|(_, s)| Tuple::new(s.local_addr().unwrap(), s.peer_addr().unwrap()))
-        .collect();
+    let (mut live, live_tuples) = accepted(&listener, SockDiag::BATCH);
     let live_socks: Vec<DiagSocket> = diag
         .get_many(&live_tuples)
         .into_iter()

@@ -307,6 +307,33 @@ mod tests {
         f
     }
 
+    /// Held lines wait for the round's end; an intent line goes out at once, after
+    /// everything held before it. The only test that sets the process's log file.
+    #[test]
+    fn held_lines_wait_but_an_intent_goes_out_at_once_in_order() {
+        let path = std::env::temp_dir().join(format!("connwatch-held-{}", std::process::id()));
+        log_to_file(&path).unwrap();
+        let read = || std::fs::read_to_string(&path).unwrap();
+        let held = hold();
+        LogWriter::default().write_all(b"record 1\n").unwrap();
+        assert_eq!(read(), "", "a record is held");
+        let nested = hold();
+        drop(nested);
+        assert_eq!(read(), "", "only the outer hold writes");
+        LogWriter { at_once: true }.write_all(b"intent\n").unwrap();
+        assert_eq!(read(), "record 1\nintent\n", "an intent flushes, in order");
+        LogWriter::default().write_all(b"record 2\n").unwrap();
+        assert_eq!(read(), "record 1\nintent\n");
+        drop(held);
+        assert_eq!(read(), "record 1\nintent\nrecord 2\n");
+        LogWriter::default().write_all(b"unheld\n").unwrap();
+        assert!(
+            read().ends_with("record 2\nunheld\n"),
+            "nothing held: at once"
+        );
+        let _ = std::fs::remove_file(&path);
+    }
+
     #[test]
     fn priorities_follow_syslog() {
         assert_eq!(priority(tracing::Level::ERROR), 3);
