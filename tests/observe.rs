@@ -995,14 +995,8 @@ fn list_shows_what_each_connection_carried() {
     // An hour while the lists are checked, then a second by a reload: the destroys
     // come once the test is ready for them, however long the daemon took to start and
     // answer (seconds under emulation, a TCG guest).
-    let dir = std::env::temp_dir().join(format!("connwatch-traffic-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("connwatch.toml");
-    let set_limit = |limit: &str| {
-        std::fs::write(&config, format!("max-age = \"{limit}\"\nport = [{p}]\n")).unwrap();
-    };
-    set_limit("1h");
-    let d = Daemon::start_when_free(&["--config", config.to_str().unwrap(), "--enforce"]);
+    let config = MaxAgeConfig::new("connwatch-traffic", &p, "1h");
+    let d = Daemon::start_when_free(&["--config", config.path(), "--enforce"]);
     let rows = list_json(&["--port", &p, "--sort", "bytes"]);
     check(&rows, true);
     let first: Vec<&str> = rows[..2]
@@ -1033,7 +1027,7 @@ fn list_shows_what_each_connection_carried() {
     );
     assert!(text.contains("  98K   29K "), "{text}");
 
-    set_limit("1s");
+    config.set("1s");
     // SAFETY: signalling our own child.
     unsafe { libc::kill(d.child.id() as i32, libc::SIGHUP) };
     d.wait_for("reloaded the policy", Duration::from_secs(30));
@@ -1054,7 +1048,6 @@ fn list_shows_what_each_connection_carried() {
     );
     assert!(line.contains("bytes_in=30000 bytes_out=100000"), "{line}");
     d.stop();
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// The new-connection counters move by the connections opened and closed, each

@@ -231,6 +231,22 @@ fn ends(local: SocketAddr, remote: SocketAddr) -> [String; 2] {
     ]
 }
 
+/// Removes the pinned objects when dropped, even when the test fails: a test that
+/// starts with a tiny `--max-conns` leaves a map of that size pinned until cleanup.
+struct CleanupOnDrop;
+
+impl Drop for CleanupOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new(BIN).arg("cleanup").output();
+    }
+}
+
+/// Starts from no pins (so a map is made at the size the test asks for) and leaves none.
+fn fresh_pins() -> CleanupOnDrop {
+    cleanup();
+    CleanupOnDrop
+}
+
 fn cleanup() -> String {
     let out = Command::new(BIN).arg("cleanup").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -270,14 +286,8 @@ fn kill_9_and_restart_keep_every_age_and_every_deadline() {
     // by a reload so that the wave of destroys comes a few seconds later: listing
     // 20 000 connections takes a second here and tens of seconds under emulation (a
     // TCG guest), which a limit fixed beforehand would have to guess.
-    let dir = std::env::temp_dir().join(format!("connwatch-kill9-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("connwatch.toml");
-    let set_limit = |limit: &str| {
-        std::fs::write(&config, format!("max-age = \"{limit}\"\nport = [{p}]\n")).unwrap();
-    };
-    set_limit("1h");
-    let args = ["--config", config.to_str().unwrap(), "--enforce"];
+    let config = MaxAgeConfig::new("connwatch-kill9", &p, "1h");
+    let args = ["--config", config.path(), "--enforce"];
     let d1 = Daemon::start(&args);
 
     // Two bursts 2 s apart, so the wave of destroys comes in two steps.
@@ -400,7 +410,7 @@ fn kill_9_and_restart_keep_every_age_and_every_deadline() {
 
     // The limit, counted from the first burst, is reached a few seconds from now.
     let max_age = Duration::from_secs(started.elapsed().as_secs() + 10);
-    set_limit(&format!("{}s", max_age.as_secs()));
+    config.set(&format!("{}s", max_age.as_secs()));
     signal(&d2, libc::SIGHUP);
     d2.wait_for("reloaded the policy", Duration::from_secs(30));
 
@@ -432,7 +442,6 @@ fn kill_9_and_restart_keep_every_age_and_every_deadline() {
         thread::sleep(Duration::from_millis(100));
     }
     let lines3 = d3.stop();
-    std::fs::remove_dir_all(&dir).unwrap();
 
     // No socket destroyed twice, across the three daemons.
     let mut count: HashMap<String, usize> = HashMap::new();
@@ -512,14 +521,8 @@ fn restarts_keep_the_first_sighting_of_sockets_older_than_connwatch() {
     // from the time spent so far (a start takes seconds under emulation, a TCG guest),
     // counted from the first sighting: a start that dated them from itself would let
     // them live that many seconds longer.
-    let dir = std::env::temp_dir().join(format!("connwatch-first-seen-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("connwatch.toml");
-    let set_limit = |limit: &str| {
-        std::fs::write(&config, format!("max-age = \"{limit}\"\nport = [{p}]\n")).unwrap();
-    };
-    set_limit("1h");
-    let args = ["--config", config.to_str().unwrap(), "--enforce"];
+    let config = MaxAgeConfig::new("connwatch-first-seen", &p, "1h");
+    let args = ["--config", config.path(), "--enforce"];
     let d1 = Daemon::start(&args);
     let first_start = Instant::now();
     let watching = d1.wait_for("watching TCP sockets", Duration::from_secs(1));
@@ -551,7 +554,7 @@ fn restarts_keep_the_first_sighting_of_sockets_older_than_connwatch() {
     thread::sleep(Duration::from_millis(500));
     kill9(d2);
     let max_age = Duration::from_secs(first_start.elapsed().as_secs() + 10);
-    set_limit(&format!("{}s", max_age.as_secs()));
+    config.set(&format!("{}s", max_age.as_secs()));
     let d3 = Daemon::start(&args);
     let watching = d3.wait_for("watching TCP sockets", Duration::from_secs(1));
     assert!(
@@ -608,7 +611,6 @@ fn restarts_keep_the_first_sighting_of_sockets_older_than_connwatch() {
         after.len()
     );
     d4.stop();
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// A clean stop says what it leaves pinned; `connwatch cleanup` removes all of it, and
@@ -690,16 +692,7 @@ fn a_clean_stop_says_what_it_leaves_and_cleanup_removes_it_all() {
 #[test]
 fn overflow_of_the_map_and_the_ring_is_noticed_and_reconciled() {
     let _x = exclusive();
-    struct Restore;
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            // The pinned map keeps its tiny size until cleanup: give the next test a
-            // default one.
-            let _ = Command::new(BIN).arg("cleanup").output();
-        }
-    }
-    cleanup();
-    let _restore = Restore;
+    let _restore = fresh_pins();
     let l = big_listener();
     let p = port(&l);
     let port_n: u16 = p.parse().unwrap();
@@ -891,14 +884,7 @@ fn overflow_of_the_map_and_the_ring_is_noticed_and_reconciled() {
 #[test]
 fn a_failed_dump_in_a_reconcile_leaves_the_daemon_up_and_is_tried_again() {
     let _x = exclusive();
-    struct Restore;
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            let _ = Command::new(BIN).arg("cleanup").output();
-        }
-    }
-    cleanup();
-    let _restore = Restore;
+    let _restore = fresh_pins();
     let fault = std::env::temp_dir().join(format!("connwatch-fault-dump-{}", std::process::id()));
     let _ = std::fs::remove_file(&fault);
     let l = big_listener();
@@ -955,14 +941,7 @@ fn a_failed_dump_in_a_reconcile_leaves_the_daemon_up_and_is_tried_again() {
 #[test]
 fn a_full_map_is_reconciled_with_a_back_off_and_told_once() {
     let _x = exclusive();
-    struct Restore;
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            let _ = Command::new(BIN).arg("cleanup").output();
-        }
-    }
-    cleanup();
-    let _restore = Restore;
+    let _restore = fresh_pins();
     let l = big_listener();
     let p = port(&l);
     let d = Daemon::start(&["--max-conns", "64", "--max-age", "1h", "--port", &p]);
@@ -1210,7 +1189,6 @@ fn after_attaching_the_daemon_keeps_only_what_it_needs_and_it_suffices() {
         );
     }
     drop((root_pair, nobody_pair));
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Pinned objects, their directory and the control socket are root's alone.
@@ -1304,7 +1282,6 @@ fn the_systemd_unit_verifies_and_its_capabilities_suffice() {
     assert!(out.status.success(), "{err}");
     let about_us: Vec<&str> = err.lines().filter(|l| l.contains("connwatch")).collect();
     assert!(about_us.is_empty(), "systemd-analyze: {about_us:?}");
-    std::fs::remove_dir_all(&dir).unwrap();
 
     // The daemon under the unit's bounding set and no_new_privs, nothing else.
     let _x = exclusive();
@@ -1576,5 +1553,4 @@ fn control_clients_cannot_hold_up_the_daemon_or_take_a_socket() {
     let status = api(&serde_json::json!({"cmd": "status"}));
     assert_eq!(status["ok"], true, "{status}");
     d.stop();
-    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -10,6 +10,47 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
+/// A config file holding one `max-age` rule on a port, for tests that start a daemon
+/// with a long limit and set the real one by a reload once they are ready: a start
+/// and a `list` take seconds under emulation (a TCG guest), which a limit fixed
+/// beforehand would have to guess.
+pub struct MaxAgeConfig {
+    path: std::path::PathBuf,
+    port: String,
+}
+
+impl MaxAgeConfig {
+    /// Writes `limit` into a file under a directory named after `name` and this process.
+    pub fn new(name: &str, port: &str, limit: &str) -> MaxAgeConfig {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = MaxAgeConfig {
+            path: dir.join("connwatch.toml"),
+            port: port.to_string(),
+        };
+        config.set(limit);
+        config
+    }
+
+    /// Rewrites the limit; a daemon takes it at its next reload.
+    pub fn set(&self, limit: &str) {
+        let text = format!("max-age = \"{limit}\"\nport = [{}]\n", self.port);
+        std::fs::write(&self.path, text).unwrap();
+    }
+
+    pub fn path(&self) -> &str {
+        self.path.to_str().unwrap()
+    }
+}
+
+impl Drop for MaxAgeConfig {
+    fn drop(&mut self) {
+        if let Some(dir) = self.path.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
 /// Fails the calling test, saying why, when it cannot run: these tests exercise the
 /// real kernel and must not pass by doing nothing.
 pub fn require_root(what: &str) {
