@@ -262,7 +262,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut engine = Engine::new(opts.policy, opts.enforce);
     // Sockets older than connwatch keep the age bound an earlier start gave them.
     if let Some(map) = &first_seen {
-        engine.first_seen = kernel::read_first_seen(map).into_iter().collect();
+        engine.first_seen = kernel::read_first_seen(map);
     }
     engine.name_cgroups(Cgroups::default());
     if engine.policy.block_firewall.is_some() {

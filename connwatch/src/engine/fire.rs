@@ -428,8 +428,10 @@ fn destroy_spread(
     socks: &[&DiagSocket],
     own_netns: bool,
 ) -> Vec<Result<(), DestroyError>> {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if !own_netns || socks.len() < SPREAD_FROM || cpus < SPREAD_CPUS {
+    // Asked once: the answer reads the process's affinity and cgroup CPU limits.
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cpus = || *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if !own_netns || socks.len() < SPREAD_FROM || cpus() < SPREAD_CPUS {
         return diag.destroy_many(socks);
     }
     let (first, second) = socks.split_at(socks.len() / 2);

@@ -332,7 +332,7 @@ pub fn read_stats(
 }
 
 /// The first sightings the pinned map holds, by identity.
-pub fn read_first_seen(map: &FirstSeenMap) -> std::collections::HashMap<crate::conn::SockId, u64> {
+pub fn read_first_seen<C: FromIterator<(crate::conn::SockId, u64)>>(map: &FirstSeenMap) -> C {
     map.iter()
         .filter_map(Result::ok)
         .map(|([cookie, netns], at)| (crate::conn::SockId::new(netns as u32, cookie), at))

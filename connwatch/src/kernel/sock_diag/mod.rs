@@ -247,10 +247,7 @@ impl SockDiag {
                 _ => None,
             })
             .map_err(DestroyError::Other)?;
-        match code {
-            0 => Ok(()),
-            code => Err(DestroyError::from_errno(code.saturating_neg())),
-        }
+        destroy_answer(code)
     }
 
     /// Sends one request and returns its sequence number.
@@ -400,10 +397,7 @@ impl SockDiag {
                     let (Some(&i), NetlinkPayload::Error(e)) = (by_seq.get(&seq), payload) else {
                         return false;
                     };
-                    results[i] = Some(match e.raw_code() {
-                        0 => Ok(()),
-                        code => Err(DestroyError::from_errno(code.saturating_neg())),
-                    });
+                    results[i] = Some(destroy_answer(e.raw_code()));
                     seq == last
                 })
             }),
@@ -590,6 +584,15 @@ fn connect() -> io::Result<Socket> {
     set_recv_timeout(&sock, REPLY_TIMEOUT)?;
     set_rcvbuf(&sock, SOCKET_RCVBUF);
     Ok(sock)
+}
+
+/// What the kernel's answer to a `SOCK_DESTROY` (an error message, code 0 for success)
+/// means.
+fn destroy_answer(code: i32) -> Result<(), DestroyError> {
+    match code {
+        0 => Ok(()),
+        code => Err(DestroyError::from_errno(code.saturating_neg())),
+    }
 }
 
 /// The request attribute that carries a filter program ([`bytecode`]).
