@@ -18,8 +18,8 @@
 use aya_ebpf::{
     cty::c_void,
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_socket_cookie,
+        bpf_ktime_get_ns, generated,
     },
     macros::{btf_tracepoint, map},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
@@ -152,9 +152,15 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> u32 {
 #[inline(always)]
 fn set_owner(info: &mut ConnInfo) {
     info.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if let Ok(comm) = bpf_get_current_comm() {
-        info.comm = comm;
-    }
+    // Straight into the entry: the helper fills all 16 bytes (zeroes on failure), and a
+    // zeroed array on the stack first would cost a byte-by-byte memset.
+    // SAFETY: the pointer and length are those of `info.comm`.
+    unsafe {
+        generated::bpf_get_current_comm(
+            info.comm.as_mut_ptr().cast::<c_void>(),
+            info.comm.len() as u32,
+        )
+    };
     // SAFETY: no arguments; the cgroup v2 id of the current task (0 without cgroup v2).
     info.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
 }
@@ -189,7 +195,7 @@ fn inherit_owner(info: &mut ConnInfo) {
     // SAFETY: read-only use of a map value.
     if let Some(l) = unsafe { LISTENERS.get(&listener_key(info.netns, info.sport)) } {
         info.pid = l.pid;
-        info.comm = l.comm;
+        copy_comm(&mut info.comm, &l.comm);
         info.cgroup_id = l.cgroup_id;
         info.flags |= FLAG_OWNER_LISTENER;
     }
@@ -219,6 +225,33 @@ impl Seen {
         info.family = self.family;
         info.bound_dev_if = self.bound_dev_if;
     }
+}
+
+/// Zeroes an entry a word at a time. A zeroed struct (`ConnInfo::zeroed`) compiles to a
+/// call to memset, which the BPF target runs as a loop of byte stores: 120 of them at
+/// every birth. Volatile stores are not merged back into that call.
+///
+/// # Safety
+/// `info` points to a writable `ConnInfo`.
+#[inline(always)]
+unsafe fn clear(info: *mut ConnInfo) {
+    const WORDS: usize = core::mem::size_of::<ConnInfo>() / 8;
+    const _: () = assert!(core::mem::size_of::<ConnInfo>() % 8 == 0);
+    let words = info.cast::<u64>();
+    let mut i = 0;
+    while i < WORDS {
+        // SAFETY: within the value, 8-aligned (ConnInfo holds u64 fields).
+        core::ptr::write_volatile(words.add(i), 0);
+        i += 1;
+    }
+}
+
+/// Copies a command name with word loads: an array assignment from a map value compiles
+/// to a call to memmove, a byte loop on the BPF target.
+#[inline(always)]
+fn copy_comm(dst: &mut [u8; 16], src: &[u8; 16]) {
+    // SAFETY: both are 16 bytes, distinct (a map value and the stack).
+    unsafe { core::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_mut_ptr(), 16) };
 }
 
 /// Counts one more in a per-CPU slot; returns the count on this CPU (0 if the slot is
@@ -419,7 +452,10 @@ unsafe fn record(ctx: &BtfTracePointContext, sk: *const u8, oldstate: u32, newst
     }
 
     // A new socket, or one first seen now: that one predates the program.
-    let mut info = ConnInfo::zeroed();
+    let mut slot = core::mem::MaybeUninit::<ConnInfo>::uninit();
+    clear(slot.as_mut_ptr());
+    // SAFETY: every byte was just written; any bit pattern is a valid ConnInfo.
+    let info = &mut *slot.as_mut_ptr();
     info.cookie = cookie;
     info.netns = netns_of(sk);
     info.birth_ns = if born { now } else { 0 };
@@ -439,24 +475,24 @@ unsafe fn record(ctx: &BtfTracePointContext, sk: *const u8, oldstate: u32, newst
     } else {
         FLAG_BIRTH_UNKNOWN
     };
-    seen.write_to(&mut info);
+    seen.write_to(info);
     // connect() and listen() run in the owner's process; everything else here may run
     // in softirq, where the current task is unrelated: an accepted socket is told its
     // listener's.
     if oldstate == tcp_state::CLOSE {
-        set_owner(&mut info);
+        set_owner(info);
         if newstate == tcp_state::LISTEN {
-            remember_listener(&info);
+            remember_listener(info);
         }
     } else if born {
-        inherit_owner(&mut info);
+        inherit_owner(info);
     }
     let flags = if born || replaced {
         BPF_ANY
     } else {
         BPF_NOEXIST
     };
-    if CONNS.insert(&key, &info, flags).is_err() {
+    if CONNS.insert(&key, &*info, flags).is_err() {
         // Rare, and told once per CPU: the daemon counts every one.
         if count(stat::MAP_FULL) == 1 {
             warn!(
@@ -481,7 +517,7 @@ unsafe fn record(ctx: &BtfTracePointContext, sk: *const u8, oldstate: u32, newst
     } else {
         event_kind::DISCOVERED
     };
-    send(ctx, key, kind, oldstate, &info);
+    send(ctx, key, kind, oldstate, info);
 }
 
 #[cfg(not(test))]
