@@ -203,6 +203,17 @@ impl Engine {
         t.subject_in(path)
     }
 
+    /// What the policy looks at to decide: as [`Engine::subject`], but the cgroup is
+    /// named only under a policy that looks at cgroups (naming one is a map lookup by
+    /// id at every event, for nothing under most policies).
+    fn deciding(&self, t: &Tracked) -> Subject {
+        if self.policy.looks_at_cgroups() {
+            self.subject(t)
+        } else {
+            t.subject_in(None)
+        }
+    }
+
     /// From now on the kernel sends only the events [`Engine::filter`] lets through
     /// (the daemon writes it into the filter map): the engine follows only the sockets
     /// that matter, and forgets one when it leaves a state that does.
@@ -236,7 +247,7 @@ impl Engine {
     pub fn next(&self, key: u64) -> Option<Next> {
         let at_ns = self.deadlines.get(key)?;
         let t = self.tracker.get(key)?;
-        let rule = match self.policy.verdict(&self.subject(t)) {
+        let rule = match self.policy.verdict(&self.deciding(t)) {
             Verdict::At { rule, at_ns: v } if v == at_ns => self.policy.rule(rule).name.clone(),
             v => self
                 .per_ip
@@ -288,7 +299,7 @@ impl Engine {
             return;
         }
         let protected_already = settled.is_some_and(|s| s.state == t.state);
-        let s = self.subject(t);
+        let s = self.deciding(t);
         let mut verdict = self.policy.verdict(&s);
         if self.policy.has_per_ip_limits() {
             let ip = canonical(s.tuple.remote.ip());
@@ -392,7 +403,7 @@ impl Engine {
     /// process is judged after, with the owner's current name).
     pub fn due_rule(&self, key: u64, now: u64) -> Option<RuleId> {
         let t = self.tracker.get(key)?;
-        self.policy.due(&self.subject(t), now).or_else(|| {
+        self.policy.due(&self.deciding(t), now).or_else(|| {
             self.per_ip
                 .breaks(key, Self::per_ip_limit(&self.policy))
                 .filter(|_| self.policy.protected_endpoint(&t.tuple).is_none())

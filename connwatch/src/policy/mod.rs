@@ -468,6 +468,13 @@ impl Policy {
             .any(|r| matches!(r.limit, Limit::StateTimeout(s, _) if s == state))
     }
 
+    /// True when a rule selects by cgroup or a cgroup is protected: only then does a
+    /// decision need the socket's cgroup named.
+    pub fn looks_at_cgroups(&self) -> bool {
+        !self.protect.cgroups.is_empty()
+            || self.rules.iter().any(|r| !r.selector.cgroups.is_empty())
+    }
+
     /// True when a rule limits connections per address.
     pub fn has_per_ip_limits(&self) -> bool {
         self.rules
@@ -517,6 +524,17 @@ mod tests {
             rules,
             ..Policy::default()
         }
+    }
+
+    #[test]
+    fn cgroups_are_looked_at_only_where_a_rule_or_protection_names_one() {
+        assert!(!max_age(10).looks_at_cgroups());
+        let mut selecting = max_age(10);
+        selecting.rules[0].selector.cgroups = vec!["/kubepods.slice".into()];
+        assert!(selecting.looks_at_cgroups());
+        let mut protecting = max_age(10);
+        protecting.protect.cgroups = vec!["/system.slice/sshd.service".into()];
+        assert!(protecting.looks_at_cgroups());
     }
 
     fn max_age(secs: u64) -> Policy {
