@@ -123,6 +123,11 @@ impl Daemon {
         host::rss_bytes(self.pid)
     }
 
+    /// RSS less the BPF map pages the daemon has mapped (see `host::own_rss_bytes`).
+    pub fn own_rss(&self) -> u64 {
+        host::own_rss_bytes(self.pid)
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -32,6 +32,34 @@ pub fn rss_bytes(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// Resident bytes of a process that are its own: its RSS less the pages of the BPF maps
+/// it has mapped (the event ring, mapped twice over for wrap-around reads). Those pages
+/// are the kernel's map memory, counted once already in the maps' memlock.
+pub fn own_rss_bytes(pid: u32) -> u64 {
+    let Ok(smaps) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return rss_bytes(pid);
+    };
+    let mut total_kb = 0;
+    let mut map_of_bpf = false;
+    for line in smaps.lines() {
+        if let Some(kb) = line.strip_prefix("Rss:") {
+            if !map_of_bpf {
+                total_kb += kb
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        } else if line.split_whitespace().next().is_some_and(|first| {
+            first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+        }) {
+            // A mapping's first line: `start-end perms offset dev inode [path]`.
+            map_of_bpf = line.ends_with("anon_inode:bpf-map");
+        }
+    }
+    total_kb * 1024
+}
+
 /// One line describing the machine: cores, kernel, memory.
 pub fn machine() -> String {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
