@@ -128,6 +128,11 @@ impl Daemon {
         host::own_rss_bytes(self.pid)
     }
 
+    /// The anonymous part of the RSS (see `host::anon_rss_bytes`).
+    pub fn anon_rss(&self) -> u64 {
+        host::anon_rss_bytes(self.pid)
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

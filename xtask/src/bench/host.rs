@@ -22,14 +22,24 @@ pub fn cpu_ns(pid: u32) -> u64 {
 
 /// Resident set size of a process in bytes.
 pub fn rss_bytes(pid: u32) -> u64 {
+    status_kb(pid, "VmRSS:") * 1024
+}
+
+/// The anonymous part of a process's resident set (its heap and stacks; not the
+/// binary's code pages, which are page cache) in bytes.
+pub fn anon_rss_bytes(pid: u32) -> u64 {
+    status_kb(pid, "RssAnon:") * 1024
+}
+
+fn status_kb(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .find_map(|l| l.strip_prefix(field))
                 .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
         })
-        .map_or(0, |kb| kb * 1024)
+        .unwrap_or(0)
 }
 
 /// Resident bytes of a process that are its own: its RSS less the pages of the BPF maps

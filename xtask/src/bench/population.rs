@@ -196,14 +196,15 @@ fn scenario(b: &mut Bench, s: &Scenario, group: u8) -> Result<Option<Quiet>> {
         b.note(
             6,
             format!(
-                "{} sockets: connection map {} ({:.0} B a socket it holds: allocated as used, its bucket array sized by capacity), event ring and stats {}, daemon RSS {} ({:.0} B a socket) without the ring pages it maps, which the maps count already (with them {})",
+                "{} sockets: connection map {} ({:.0} B a socket it holds: allocated as used, its bucket array sized by capacity), event ring and stats {}, daemon RSS {} ({:.0} B a socket) without the ring pages it maps, which the maps count already (with them {}); of it anonymous {} (the rest the binary's code and libraries, page cache)",
                 count(sockets),
                 bytes(m.conns_memlock as f64),
                 m.conns_memlock as f64 / sockets.max(1) as f64,
                 bytes((m.memlock - m.conns_memlock) as f64),
                 bytes(rss as f64),
                 rss as f64 / sockets.max(1) as f64,
-                bytes(d.rss() as f64)
+                bytes(d.rss() as f64),
+                bytes(d.anon_rss() as f64)
             ),
         );
     }
