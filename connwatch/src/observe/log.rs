@@ -190,6 +190,110 @@ fn journal_stream_matches(value: &str, fd: i32) -> bool {
     st.st_dev == dev && st.st_ino == ino
 }
 
+/// How text lines write an event's fields: as tracing's own format does (the message,
+/// then `name=value` for each other field, a space between), and with the message's
+/// control characters escaped as it escapes them (`\x1b`, a C1 code as `\u{9b}`), but
+/// plain text written a run at a time. tracing's own escaping writes the message a
+/// character at a time through a formatter: a fifth of what a sweep's 20,000 records
+/// cost to write.
+pub struct TextFields;
+
+impl<'w> tracing_subscriber::field::MakeVisitor<tracing_subscriber::fmt::format::Writer<'w>>
+    for TextFields
+{
+    type Visitor = TextVisitor<'w>;
+
+    fn make_visitor(&self, writer: tracing_subscriber::fmt::format::Writer<'w>) -> TextVisitor<'w> {
+        TextVisitor {
+            writer,
+            padded: false,
+            result: Ok(()),
+        }
+    }
+}
+
+pub struct TextVisitor<'w> {
+    writer: tracing_subscriber::fmt::format::Writer<'w>,
+    padded: bool,
+    result: std::fmt::Result,
+}
+
+impl tracing::field::Visit for TextVisitor<'_> {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            self.record_debug(field, &format_args!("{value}"))
+        } else {
+            self.record_debug(field, &value)
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        use std::fmt::Write as _;
+        let name = field.name();
+        // Fields of records bridged from the `log` crate: already in the line's header.
+        if self.result.is_err() || name.starts_with("log.") {
+            return;
+        }
+        if self.padded {
+            self.result = self.writer.write_char(' ');
+        }
+        self.padded = true;
+        self.result = self.result.and_then(|()| match name {
+            "message" if self.writer.sanitizes_ansi_escapes() => {
+                write!(Escaping(&mut self.writer), "{value:?}")
+            }
+            "message" => write!(self.writer, "{value:?}"),
+            name => write!(
+                self.writer,
+                "{}={value:?}",
+                name.strip_prefix("r#").unwrap_or(name)
+            ),
+        });
+    }
+}
+
+impl tracing_subscriber::field::VisitOutput<std::fmt::Result> for TextVisitor<'_> {
+    fn finish(self) -> std::fmt::Result {
+        self.result
+    }
+}
+
+impl tracing_subscriber::field::VisitFmt for TextVisitor<'_> {
+    fn writer(&mut self) -> &mut dyn std::fmt::Write {
+        &mut self.writer
+    }
+}
+
+/// Writes text with the characters a terminal could act on escaped (see [`TextFields`]).
+struct Escaping<'a, W>(&'a mut W);
+
+/// The characters escaped: the C0 codes that start or act in terminal sequences, DEL,
+/// and the C1 codes (8-bit sequence introducers).
+fn acts_on_a_terminal(c: char) -> bool {
+    matches!(
+        c,
+        '\x1b' | '\x07' | '\x08' | '\x0c' | '\x7f' | '\u{80}'..='\u{9f}'
+    )
+}
+
+impl<W: std::fmt::Write> std::fmt::Write for Escaping<'_, W> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let mut rest = s;
+        while let Some(at) = rest.find(acts_on_a_terminal) {
+            self.0.write_str(&rest[..at])?;
+            let c = rest[at..].chars().next().unwrap_or_default();
+            match c {
+                '\x1b' | '\x07' | '\x08' | '\x0c' | '\x7f' => {
+                    write!(self.0, "\\x{:02x}", c as u32)?
+                }
+                c => write!(self.0, "\\u{{{:x}}}", c as u32)?,
+            }
+            rest = &rest[at + c.len_utf8()..];
+        }
+        self.0.write_str(rest)
+    }
+}
+
 /// Prefixes each line with its syslog priority, which journald reads off stderr.
 pub struct SyslogPriority<F>(pub F);
 
@@ -244,11 +348,13 @@ pub fn init(format: LogFormat, log_file: Option<&Path>) -> Result<Option<String>
     let layer: Box<dyn Layer<Registry> + Send + Sync> = match (format, journal) {
         (LogFormat::Text, false) => fmt::layer()
             .with_writer(writer)
+            .fmt_fields(TextFields)
             .with_ansi(ansi)
             .with_target(false)
             .boxed(),
         (LogFormat::Text, true) => fmt::layer()
             .with_writer(writer)
+            .fmt_fields(TextFields)
             .with_ansi(false)
             .event_format(SyslogPriority(
                 tracing_subscriber::fmt::format::format()
@@ -332,6 +438,61 @@ mod tests {
             "nothing held: at once"
         );
         let _ = std::fs::remove_file(&path);
+    }
+
+    /// A subscriber's text lines (no time, no colour) into a buffer, with tracing's own
+    /// field format or with [`TextFields`].
+    fn lines_of(ours: bool, emit: impl Fn()) -> String {
+        use tracing_subscriber::prelude::*;
+        #[derive(Clone, Default)]
+        struct Buf(std::sync::Arc<Mutex<Vec<u8>>>);
+        impl Write for Buf {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let out = buf.clone();
+        let layer = tracing_subscriber::fmt::layer()
+            .with_writer(move || buf.clone())
+            .with_ansi(false)
+            .without_time()
+            .with_target(false);
+        let subscriber = tracing_subscriber::registry().with(if ours {
+            layer.fmt_fields(TextFields).boxed()
+        } else {
+            layer.boxed()
+        });
+        tracing::subscriber::with_default(subscriber, emit);
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        text
+    }
+
+    #[test]
+    fn text_fields_write_what_tracing_writes_escapes_included() {
+        let emit = || {
+            let addr = std::net::Ipv4Addr::LOCALHOST;
+            tracing::info!("destroyed 10.0.0.1:80 -> 10.0.0.2:5000 state=ESTABLISHED");
+            tracing::warn!("owner=\x1b[31mred\x07 bell \u{9b}c1 del\x7f tab\tend \u{e9}t\u{e9}");
+            tracing::info!(n = 5, s = "quoted", d = %addr, "with fields {}", 7);
+            tracing::info!(r#type = "raw", "a raw name");
+            tracing::info!(message = "a str \x1b message", after = 1);
+        };
+        let theirs = lines_of(false, emit);
+        assert_eq!(lines_of(true, emit), theirs);
+        assert!(
+            theirs.contains("owner=\\x1b[31mred\\x07 bell \\u{9b}c1 del\\x7f"),
+            "{theirs}"
+        );
+        assert!(
+            theirs.contains("with fields 7 n=5 s=\"quoted\" d=127.0.0.1"),
+            "{theirs}"
+        );
+        assert_eq!(theirs.lines().count(), 5);
     }
 
     #[test]
