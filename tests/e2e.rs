@@ -319,6 +319,57 @@ fn a_reused_tuple_survives() {
     );
 }
 
+/// A daemon that found its ring empty for a second sleeps on it and has the kernel wake
+/// it at the next event (the filter's `wake_each`); one that polls is woken only once a
+/// share of the ring is unread. A reader asleep in poll(2) sees the difference: one
+/// connection wakes it in the first case, not in the second.
+#[test]
+fn one_event_wakes_a_sleeping_reader_not_a_polling_one() {
+    use std::os::fd::AsRawFd;
+    let _x = exclusive();
+    let mut loaded = load::load_and_attach(load::Sizes::default()).expect("load the eBPF program");
+    let listener = listen("127.0.0.1");
+    let fd = loaded.events.as_raw_fd();
+    // Whether poll(2) returned before its timeout: at its timeout it reports the
+    // unread data all the same.
+    let mut woken_by_one_connection = |wake_each: u32, wait: Duration| -> bool {
+        // Only this listener's connections are sent: nothing else on the host counts.
+        let mut filter = connwatch_common::Filter::off();
+        filter.active = 1;
+        filter.states = u32::MAX;
+        filter.add_port(listener.local_addr().unwrap().port());
+        filter.wake_each = wake_each;
+        load::write_filter(&mut loaded.filter, &filter).unwrap();
+        // Caught up: poll(2) reports a ring with unread data at once, asleep or not.
+        while loaded.events.next().is_some() {}
+        let reader = thread::spawn(move || {
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let asleep_since = std::time::Instant::now();
+            // SAFETY: one pollfd, the ring's descriptor, alive until the join below.
+            let ready = unsafe { libc::poll(&mut p, 1, wait.as_millis() as i32) };
+            assert_eq!(ready, 1, "the ring has the connection's events");
+            asleep_since.elapsed()
+        });
+        thread::sleep(Duration::from_millis(500));
+        let conn = Conn::open(&listener);
+        let slept = reader.join().unwrap();
+        drop(conn);
+        slept < wait / 2
+    };
+    assert!(
+        !woken_by_one_connection(0, Duration::from_secs(3)),
+        "a polling reader was woken by one connection: the kernel wakes it at every event"
+    );
+    assert!(
+        woken_by_one_connection(1, Duration::from_secs(20)),
+        "a sleeping reader was not woken by a connection: its events wait for the next poll"
+    );
+}
+
 fn drain_into(loaded: &mut load::Loaded, tracker: &mut Tracker) {
     thread::sleep(Duration::from_millis(50));
     while let Some(item) = loaded.events.next() {

@@ -296,6 +296,39 @@ fn per_ip_scenario(listen_on: &str, from: &str) {
     d.stop();
 }
 
+/// After a quiet second the daemon stops polling its event ring and sleeps until the
+/// kernel wakes it at the next event: a limit that acts at once still does then.
+#[test]
+fn after_a_quiet_spell_the_next_connection_is_acted_on_at_once() {
+    let _x = exclusive();
+    let l = listen("127.0.0.1");
+    let to = l.local_addr().unwrap();
+    let d = Daemon::start(&[
+        "--max-conns-per-ip",
+        "1",
+        "--local-port",
+        &port(&l),
+        "--enforce",
+    ]);
+    // Asleep by now: twenty empty polls, 50 ms apart.
+    thread::sleep(Duration::from_millis(2500));
+    let open = || {
+        let c = connect_from("127.0.0.1:0".parse().unwrap(), to);
+        Conn::new(c, l.accept().unwrap().0)
+    };
+    let first = open();
+    thread::sleep(Duration::from_millis(100));
+    let second = open();
+    second
+        .died_within(Duration::from_secs(1))
+        .expect("the connection over the limit lived on: the sleeping daemon was not woken");
+    assert!(
+        !first.is_dead(),
+        "the connection within the limit was destroyed"
+    );
+    d.stop();
+}
+
 /// A dry run of `--max-conns-per-ip` logs what a live run would do, once: each
 /// connection over the limit is a `would destroy` line once, however its group changes
 /// after, and it no longer counts (as a destroyed one would not).

@@ -283,7 +283,10 @@ pub struct Filter {
     pub states: u32,
     /// 1 when some rule can select a socket whatever its ports.
     pub any_port: u32,
-    pub _pad: u32,
+    /// 1 while the daemon sleeps instead of polling the ring (nothing came for a
+    /// while): each event wakes it. 0 while it polls: the kernel wakes it only once a
+    /// share of the ring is unread. The daemon's own state, not the policy's.
+    pub wake_each: u32,
     /// Bit `port % 64` of word `port / 64`: a port some rule selects, local or remote.
     pub ports: [u64; PORT_WORDS],
 }
@@ -295,7 +298,7 @@ impl Filter {
             active: 0,
             states: 0,
             any_port: 0,
-            _pad: 0,
+            wake_each: 0,
             ports: [0; PORT_WORDS],
         }
     }
@@ -306,7 +309,7 @@ impl Filter {
             active: 1,
             states: u32::MAX,
             any_port: 1,
-            _pad: 0,
+            wake_each: 0,
             ports: [0; PORT_WORDS],
         }
     }

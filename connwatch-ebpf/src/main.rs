@@ -290,7 +290,10 @@ fn send(ctx: &BtfTracePointContext, key: u64, kind: u32, oldstate: u32, info: &C
                 info: *info,
             });
             let wake = global(&CW_RB_WAKEUP_BYTES) as u64;
-            let flags = if wake == 0 {
+            let flags = if filter.wake_each != 0 {
+                // The daemon sleeps until told: this event is the first of a spell.
+                BPF_RB_FORCE_WAKEUP
+            } else if wake == 0 {
                 0
             } else {
                 // Unread bytes, this record's included (reserved already).

@@ -41,6 +41,69 @@ const RECONCILE_MAX_EVERY: Duration = Duration::from_secs(64);
 /// an event waits at most this long (a deadline drains the ring before it fires).
 const DRAIN_EVERY: Duration = Duration::from_millis(50);
 
+/// After this many drains in a row find the ring empty (a second), the daemon stops
+/// polling and has the kernel wake it at the next event: twenty wake-ups a second were
+/// most of a quiet host's cost.
+const QUIET_DRAINS: u32 = 20;
+
+/// Whether the daemon polls the event ring or sleeps until the kernel wakes it (the
+/// filter's `wake_each`).
+#[derive(Default)]
+struct Polling {
+    asleep: bool,
+    empty_drains: u32,
+}
+
+impl Polling {
+    /// Counts a drain of the ring by the poll: after [`QUIET_DRAINS`] empty ones, the
+    /// kernel is told to wake the daemon at each event, and the ring is drained once
+    /// more for what was sent before it knew. Returns true when the daemon now sleeps.
+    fn drained(
+        &mut self,
+        events: usize,
+        map: &mut FilterMap,
+        ring: &mut RingBuf<MapData>,
+        engine: &mut Engine,
+    ) -> bool {
+        if events > 0 {
+            self.empty_drains = 0;
+            return false;
+        }
+        self.empty_drains += 1;
+        if self.empty_drains < QUIET_DRAINS {
+            return false;
+        }
+        let mut filter = *engine.filter();
+        filter.wake_each = 1;
+        if let Err(e) = kernel::write_filter(map, &filter) {
+            // Polling goes on: nothing is late, it only costs the wake-ups.
+            tracing::debug!("{e:#}: the ring stays polled");
+            self.empty_drains = 0;
+            return false;
+        }
+        self.asleep = true;
+        drain(ring, engine);
+        true
+    }
+
+    /// The kernel woke the daemon, or the policy's filter was written anew (which
+    /// polls): polled from now on, the kernel waking it only for a full share.
+    fn awake(&mut self, map: &mut FilterMap, engine: &Engine, filter_written: bool) {
+        self.empty_drains = 0;
+        if !self.asleep {
+            return;
+        }
+        if !filter_written {
+            if let Err(e) = kernel::write_filter(map, engine.filter()) {
+                // Still woken at each event: nothing is late, it costs the wake-ups.
+                tracing::debug!("{e:#}: the kernel goes on waking the daemon at each event");
+                return;
+            }
+        }
+        self.asleep = false;
+    }
+}
+
 pub struct Options {
     pub policy: Policy,
     pub enforce: bool,
@@ -97,15 +160,19 @@ fn instant_of(at_ns: u64, now_ns: u64) -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_nanos(at_ns.saturating_sub(now_ns))
 }
 
-fn drain(ring: &mut RingBuf<MapData>, engine: &mut Engine) {
+/// Hands the engine every event in the ring; returns how many there were.
+fn drain(ring: &mut RingBuf<MapData>, engine: &mut Engine) -> usize {
+    let mut n = 0;
     while let Some(item) = ring.next() {
         if item.len() >= std::mem::size_of::<ConnEvent>() {
             // SAFETY: the kernel program writes whole ConnEvent records; read unaligned
             // because ring records are only 8-byte aligned by contract, not by type.
             let ev = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const ConnEvent) };
             engine.on_event(&ev);
+            n += 1;
         }
     }
+    n
 }
 
 /// Puts the engine's filter in force in the kernel, then follows what it newly lets
@@ -328,6 +395,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut tick = tokio::time::interval(STATS_EVERY);
     let mut drain_tick = tokio::time::interval(DRAIN_EVERY);
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut polling = Polling::default();
     loop {
         let now = monotonic_ns();
         let wake = engine
@@ -340,6 +408,10 @@ pub async fn run(opts: Options) -> Result<()> {
                 let mut guard = guard.context("event ring failed")?;
                 drain(guard.get_inner_mut(), &mut engine);
                 guard.clear_ready();
+                if polling.asleep {
+                    polling.awake(&mut filter_map, &engine, false);
+                    drain_tick.reset();
+                }
             }
             // The kernel program's rare diagnostics, into this log.
             Some(mut guard) = async {
@@ -358,10 +430,13 @@ pub async fn run(opts: Options) -> Result<()> {
                 let _held = log::hold();
                 engine.fire_due(monotonic_ns(), &mut namespaces, Some(&conns));
             }
-            _ = drain_tick.tick() => {
-                drain(ring.get_mut(), &mut engine);
+            _ = drain_tick.tick(), if !polling.asleep => {
+                let n = drain(ring.get_mut(), &mut engine);
+                polling.drained(n, &mut filter_map, ring.get_mut(), &mut engine);
             }
             at = tick.tick() => {
+                // Also what an event sent as the daemon went to sleep waits for at most.
+                drain(ring.get_mut(), &mut engine);
                 let s = read_stats().unwrap_or(last_stats);
                 let mut caught_up = true;
                 if !s.lost_since(&last_stats) {
@@ -411,6 +486,8 @@ pub async fn run(opts: Options) -> Result<()> {
                 }
                 if reload(&mut engine, &opts.source, metrics.as_deref(), "").is_ok() {
                     refilter(&mut engine, &mut filter_map, ring.get_mut(), &mut namespaces, &mut conns, first_seen.as_mut());
+                    polling.awake(&mut filter_map, &engine, true);
+                    drain_tick.reset();
                 }
             }
             Some(job) = jobs.recv() => {
@@ -422,6 +499,8 @@ pub async fn run(opts: Options) -> Result<()> {
                         match reload(&mut engine, &opts.source, metrics.as_deref(), " (control API)") {
                             Ok(description) => {
                                 refilter(&mut engine, &mut filter_map, ring.get_mut(), &mut namespaces, &mut conns, first_seen.as_mut());
+                                polling.awake(&mut filter_map, &engine, true);
+                                drain_tick.reset();
                                 Reply::Json(serde_json::json!({"ok": true, "description": description}))
                             }
                             Err(e) => error(format!("reload refused, keeping the last good policy: {e:#}")),
