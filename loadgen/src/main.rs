@@ -72,7 +72,8 @@ enum Cmd {
     },
     /// Run a command and report its wall time and CPU (user, system).
     Rusage {
-        /// Where the command's stdout goes (default /dev/null).
+        /// Where the command's stdout and stderr go (default: stdout to /dev/null,
+        /// stderr inherited).
         #[arg(long)]
         out: Option<PathBuf>,
         #[arg(long, default_value_t = 600.0)]

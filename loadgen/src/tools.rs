@@ -15,19 +15,27 @@ use crate::bpf;
 use crate::diag::{self, Diag};
 use crate::sys;
 
-/// Runs a command with stdout to `out` (default /dev/null) and prints
+/// Runs a command with stdout and stderr to `out` (default: stdout to /dev/null) and prints
 /// `rusage <wall_ns> <user_us> <sys_us> <maxrss_kb> <exit> <timed_out>`.
 pub fn rusage(cmd: &[String], out: Option<&Path>, timeout_secs: f64) -> Result<()> {
     let (prog, args) = cmd.split_first().context("no command")?;
-    let stdout = match out {
-        Some(p) => File::create(p).with_context(|| format!("create {}", p.display()))?,
-        None => File::create("/dev/null")?,
+    // With a file, both streams go to it: one tool writes its lines to stdout (ss -K),
+    // another to stderr (connwatch's log), and a pipe read by the bench would slow one
+    // and not the other. Without, stdout is dropped and errors still show.
+    let (stdout, stderr) = match out {
+        Some(p) => {
+            let f = File::create(p).with_context(|| format!("create {}", p.display()))?;
+            let both = f.try_clone().context("duplicate the output file")?;
+            (Stdio::from(f), Stdio::from(both))
+        }
+        None => (Stdio::from(File::create("/dev/null")?), Stdio::inherit()),
     };
     let start = sys::now_ns();
     let child = Command::new(prog)
         .args(args)
         .stdin(Stdio::null())
         .stdout(stdout)
+        .stderr(stderr)
         .spawn()
         .with_context(|| format!("run {prog}"))?;
     let pid = child.id() as libc::pid_t;
