@@ -370,6 +370,38 @@ fn one_event_wakes_a_sleeping_reader_not_a_polling_one() {
     );
 }
 
+/// The connection map read in batches (`BPF_MAP_LOOKUP_BATCH`) holds what reading it
+/// key by key holds: every one of a listener's connections, both ends, with the same
+/// entry. More connections than one batch, so the read spans batches.
+#[test]
+fn the_map_read_in_batches_holds_what_reading_key_by_key_holds() {
+    let _x = exclusive();
+    let loaded = load::load_and_attach(load::Sizes::default()).expect("load the eBPF program");
+    let listener = listen("127.0.0.1");
+    let port = listener.local_addr().unwrap().port();
+    let n = load::BATCH_ENTRIES / 2 + 100;
+    let conns: Vec<Conn> = (0..n).map(|_| Conn::open(&listener)).collect();
+    let ours = |entries: Vec<(u64, connwatch_common::ConnInfo)>| -> BTreeSet<(u64, u64, u16, u16)> {
+        entries
+            .into_iter()
+            .filter(|(_, i)| i.sport == port || i.dport == port)
+            .map(|(k, i)| (k, i.cookie, i.sport, i.dport))
+            .collect()
+    };
+    let batched = ours(
+        load::conn_entries_batched(&loaded.conns).expect("the kernel reads the map in batches"),
+    );
+    let one_by_one = ours(loaded.conns.iter().filter_map(Result::ok).collect());
+    // The listener and both ends of each connection.
+    assert_eq!(one_by_one.len(), 2 * n + 1, "the map holds each end");
+    assert!(
+        load::conn_entries(&loaded.conns).len() > load::BATCH_ENTRIES,
+        "the read spans more than one batch"
+    );
+    assert_eq!(batched, one_by_one);
+    drop(conns);
+}
+
 fn drain_into(loaded: &mut load::Loaded, tracker: &mut Tracker) {
     thread::sleep(Duration::from_millis(50));
     while let Some(item) = loaded.events.next() {

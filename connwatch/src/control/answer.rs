@@ -14,7 +14,7 @@ use super::protocol::{error, AgeBucket, Counters, KernelCounts, Reply, Request, 
 use crate::clock::monotonic_ns;
 use crate::engine::Engine;
 use crate::kernel::netns::Namespaces;
-use crate::kernel::{ConnMap, Stats};
+use crate::kernel::{conn_entries, ConnMap, Stats};
 use crate::observe::journal::Journal;
 use crate::observe::view::{self, Query, SortKey};
 use crate::track::{Source, Tracked};
@@ -40,19 +40,15 @@ pub fn unfollowed(engine: &Engine, conns: Option<&ConnMap>) -> HashMap<u64, Trac
     let Some(conns) = conns else {
         return HashMap::new();
     };
-    // Keys only where the engine follows the entry's socket already: one `bpf` call an
-    // entry, not two.
-    conns
-        .keys()
-        .filter_map(Result::ok)
-        .filter(|key| {
+    conn_entries(conns)
+        .into_iter()
+        .filter(|(key, _)| {
             engine
                 .tracker
                 .get(*key)
                 .is_none_or(|t| t.source != Source::Map)
         })
-        .filter_map(|key| {
-            let info = conns.get(&key, 0).ok()?;
+        .filter_map(|(key, info)| {
             let t = Tracked::from_info(&info)?;
             (engine.tracker.key_of(&t.id).is_none()).then_some((key, t))
         })

@@ -8,7 +8,7 @@ use super::per_ip::PerIp;
 use super::{ms, Engine};
 use crate::conn::{cookie_from_diag, Birth, SockId, TcpState};
 use crate::kernel::netns::Dump;
-use crate::kernel::ConnMap;
+use crate::kernel::{conn_entries, ConnMap};
 use crate::policy::Policy;
 use crate::track::{Seed, Source, Tracked};
 use connwatch_common::ConnInfo;
@@ -104,11 +104,8 @@ impl Engine {
         dump: &Dump,
         now: u64,
     ) -> (Reconciled, Vec<u64>) {
-        let entries = conns
-            .into_iter()
-            .flat_map(|c| c.iter())
-            .filter_map(Result::ok);
-        self.reconcile_with(entries, dump, now)
+        let entries = conns.map(conn_entries).unwrap_or_default();
+        self.reconcile_with(entries.into_iter(), dump, now)
     }
 
     /// [`Engine::reconcile`] with the map's entries given.

@@ -15,6 +15,6 @@ pub mod procfs;
 pub mod sock_diag;
 
 pub use load::{
-    load_and_attach, read_first_seen, read_stats, write_filter, write_first_seen, ConnMap,
-    FilterMap, FirstSeenMap, Loaded, Sizes, Stats,
+    conn_entries, load_and_attach, read_first_seen, read_stats, write_filter, write_first_seen,
+    ConnMap, FilterMap, FirstSeenMap, Loaded, Sizes, Stats,
 };
