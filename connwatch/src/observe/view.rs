@@ -100,6 +100,8 @@ pub struct Item {
     pub cgroup: Option<Arc<str>>,
     /// The daemon's key of the socket, to find its deadline.
     pub key: Option<u64>,
+    /// The device the socket is bound to (0: none), which an exact lookup must name.
+    pub ifindex: u32,
     /// What it carried, from `tcp_info`, where a dump was read.
     pub traffic: Option<TcpTraffic>,
 }
@@ -406,6 +408,7 @@ pub fn local_items(
                 direction: entry.and_then(|e| e.direction),
                 cgroup: entry.and_then(|e| cgroups(e.cgroup_id)),
                 key: None,
+                ifindex: s.ifindex,
                 traffic: s.traffic,
             }
         })
@@ -452,17 +455,27 @@ pub fn item_of(engine: &Engine, key: u64, t: &Tracked, now: u64) -> Item {
         direction: t.direction,
         cgroup: engine.subject(t).cgroup,
         key: Some(key),
+        ifindex: t.ifindex,
         traffic: None,
     }
 }
 
+/// Up to this many items are joined by exact lookups (one batched exchange a namespace);
+/// more by one dump of their namespace: the 100 rows of `list --limit 100` no longer
+/// cost a dump of 200,000 sockets' tcp_info.
+const LOOKUPS_AT_MOST: usize = 1024;
+
 /// Fills in what each item carried and how long it has been quiet (tcp_info's data
-/// timers, exact where the tracker knows only what a deadline last learned), from one
-/// sock_diag dump per network namespace the items live in (only the states they are
-/// in), joined by socket identity (namespace and cookie): never a lookup per socket.
-/// What the daemon's `list` pays on top of its tracker; a namespace that cannot be
-/// dumped leaves its items as they were.
+/// timers, exact where the tracker knows only what a deadline last learned), from the
+/// kernel's sockets joined by identity (namespace and cookie): exact lookups for a few
+/// items, else one sock_diag dump per network namespace the items live in (only the
+/// states they are in); never a lookup per socket of a large set. What the daemon's
+/// `list` pays on top of its tracker; a namespace that cannot be read leaves its items
+/// as they were.
 pub fn join_dump(items: &mut [Item], namespaces: &mut Namespaces) {
+    if items.len() <= LOOKUPS_AT_MOST {
+        return join_lookups(items, namespaces);
+    }
     let mut by_ns: BTreeMap<u32, u32> = BTreeMap::new();
     for it in items.iter() {
         *by_ns.entry(it.id.netns).or_default() |= 1 << it.state.0;
@@ -478,14 +491,51 @@ pub fn join_dump(items: &mut [Item], namespaces: &mut Namespaces) {
                 for s in sockets {
                     let id = SockId::new(netns, cookie_from_diag(s.cookie));
                     if let Some(&i) = wanted.get(&id) {
-                        items[i].traffic = s.traffic;
-                        if let Some(a) = s.activity {
-                            items[i].idle_ns = Some(u64::from(a.quiet_ms()) * 1_000_000);
-                        }
+                        items[i].learn(&s);
                     }
                 }
             }
             Err(e) => tracing::debug!("no traffic counts for network namespace {netns}: {e:#}"),
+        }
+    }
+}
+
+/// [`join_dump`] for a few items: each looked up by its tuple (and device), kept only
+/// where the kernel's socket there is still the item's (its cookie).
+fn join_lookups(items: &mut [Item], namespaces: &mut Namespaces) {
+    let mut by_ns: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    for (i, it) in items.iter().enumerate() {
+        by_ns.entry(it.id.netns).or_default().push(i);
+    }
+    for (netns, at) in by_ns {
+        let wanted: Vec<(Tuple, u32)> = at
+            .iter()
+            .map(|&i| (items[i].tuple, items[i].ifindex))
+            .collect();
+        let found = match namespaces.diag(netns, None) {
+            Ok(diag) => diag.get_many_on(&wanted),
+            Err(e) => {
+                tracing::debug!("no traffic counts for network namespace {netns}: {e:#}");
+                continue;
+            }
+        };
+        for (&i, found) in at.iter().zip(found) {
+            if let Ok(Some(s)) = found {
+                if cookie_from_diag(s.cookie) == items[i].id.cookie {
+                    items[i].learn(&s);
+                }
+            }
+        }
+    }
+}
+
+impl Item {
+    /// Takes in what the kernel's socket says: what it carried, how long it has been
+    /// quiet.
+    fn learn(&mut self, s: &DiagSocket) {
+        self.traffic = s.traffic;
+        if let Some(a) = s.activity {
+            self.idle_ns = Some(u64::from(a.quiet_ms()) * 1_000_000);
         }
     }
 }
