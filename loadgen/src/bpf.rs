@@ -5,14 +5,13 @@ use std::collections::HashMap;
 use std::ffi::CString;
 use std::io;
 use std::mem::size_of;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
 use connwatch_common::ConnInfo;
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: attr is a #[repr(C)] bpf_attr prefix of the size passed; the kernel
@@ -75,50 +74,7 @@ pub fn conns(fd: &OwnedFd) -> io::Result<Vec<(u64, ConnInfo)>> {
             size_of::<ConnInfo>()
         )));
     }
-    #[repr(C)]
-    struct Batch {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
-    const CHUNK: usize = 4096;
-    let mut keys = vec![0u64; CHUNK];
-    let mut values = vec![ConnInfo::zeroed(); CHUNK];
-    let mut token = 0u64;
-    let mut next = 0u64;
-    let mut first = true;
-    let mut out = Vec::new();
-    loop {
-        let mut attr = Batch {
-            in_batch: if first {
-                0
-            } else {
-                std::ptr::addr_of!(token) as u64
-            },
-            out_batch: std::ptr::addr_of_mut!(next) as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: CHUNK as u32,
-            map_fd: fd.as_raw_fd() as u32,
-            elem_flags: 0,
-            flags: 0,
-        };
-        let rc = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        let n = attr.count as usize;
-        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
-        match rc {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
-            Err(e) => return Err(e),
-        }
-        token = next;
-        first = false;
-    }
+    connwatch_common::conn_entries_batched(fd.as_fd())
 }
 
 /// The sum over CPUs of slot `index` of a per-CPU u64 array.

@@ -306,78 +306,19 @@ pub fn load_and_attach(sizes: Sizes) -> Result<Loaded> {
     })
 }
 
-/// Every entry of the connection map. Read [`BATCH_ENTRIES`] at a time with
-/// `BPF_MAP_LOOKUP_BATCH` (Linux 5.6): one system call for thousands of sockets, where
-/// iterating costs two a socket (its key, then its value): 200,000 sockets took most
-/// of a second to list. Iterates where the kernel refuses a batch.
+/// Every entry of the connection map, read in batches
+/// ([`connwatch_common::conn_entries_batched`]: 200,000 sockets read key by key took
+/// most of a second to list); iterated where the kernel refuses a batch.
 pub fn conn_entries(map: &ConnMap) -> Vec<(u64, ConnInfo)> {
     conn_entries_batched(map).unwrap_or_else(|_| map.iter().filter_map(Result::ok).collect())
 }
 
-/// Entries a batch read asks for; a hash bucket larger than this fails the read
-/// (`ENOSPC`), which then iterates.
-pub const BATCH_ENTRIES: usize = 4096;
-
-/// `bpf_attr` for the `BPF_MAP_*_BATCH` commands.
-#[repr(C)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+pub use connwatch_common::BATCH_ENTRIES;
 
 /// [`conn_entries`] by batches only: the kernel's error where it refuses one.
 pub fn conn_entries_batched(map: &ConnMap) -> std::io::Result<Vec<(u64, ConnInfo)>> {
     use aya::maps::IterableMap;
-    use std::os::fd::AsRawFd;
-    let fd = map.map().fd().as_fd().as_raw_fd();
-    let mut keys = vec![0u64; BATCH_ENTRIES];
-    let mut values = vec![ConnInfo::zeroed(); BATCH_ENTRIES];
-    let mut entries = Vec::new();
-    // The kernel's position in the map between calls (a bucket index for a hash map).
-    let (mut at, mut next) = (0u64, 0u64);
-    let mut first = true;
-    loop {
-        let mut attr = BatchAttr {
-            in_batch: if first { 0 } else { &at as *const u64 as u64 },
-            out_batch: &mut next as *mut u64 as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: BATCH_ENTRIES as u32,
-            map_fd: fd as u32,
-            elem_flags: 0,
-            flags: 0,
-        };
-        // SAFETY: the attribute names buffers of `count` keys and values of this map's
-        // types and two 8-byte batch positions, all alive across the call; the kernel
-        // writes back `count` and the position.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>(),
-            )
-        };
-        let error = (r < 0).then(std::io::Error::last_os_error);
-        let n = (attr.count as usize).min(BATCH_ENTRIES);
-        entries.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
-        match error {
-            None => {}
-            // The end of the map: the last entries came with it.
-            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(entries),
-            Some(e) => return Err(e),
-        }
-        at = next;
-        first = false;
-    }
+    connwatch_common::conn_entries_batched(map.map().fd().as_fd())
 }
 
 /// Tells the kernel program what to send: `filter` (its `active` 0 sends nothing).
