@@ -57,21 +57,21 @@ struct Polling {
 impl Polling {
     /// Counts a drain of the ring by the poll: after [`QUIET_DRAINS`] empty ones, the
     /// kernel is told to wake the daemon at each event, and the ring is drained once
-    /// more for what was sent before it knew. Returns true when the daemon now sleeps.
+    /// more for what was sent before it knew.
     fn drained(
         &mut self,
         events: usize,
         map: &mut FilterMap,
         ring: &mut RingBuf<MapData>,
         engine: &mut Engine,
-    ) -> bool {
+    ) {
         if events > 0 {
             self.empty_drains = 0;
-            return false;
+            return;
         }
         self.empty_drains += 1;
         if self.empty_drains < QUIET_DRAINS {
-            return false;
+            return;
         }
         let mut filter = *engine.filter();
         filter.wake_each = 1;
@@ -79,11 +79,10 @@ impl Polling {
             // Polling goes on: nothing is late, it only costs the wake-ups.
             tracing::debug!("{e:#}: the ring stays polled");
             self.empty_drains = 0;
-            return false;
+            return;
         }
         self.asleep = true;
         drain(ring, engine);
-        true
     }
 
     /// The kernel woke the daemon, or the policy's filter was written anew (which
