@@ -1044,6 +1044,58 @@ fn a_full_map_is_reconciled_with_a_back_off_and_told_once() {
     drop(held);
 }
 
+/// A sweep of thousands (more than two of its destroy batches: with two CPUs or more,
+/// the records of each batch are written while the next is destroyed) destroys each
+/// connection once, records each once with what it did, and its summary agrees.
+#[test]
+fn a_sweep_of_thousands_destroys_and_records_each_once() {
+    let _x = exclusive();
+    const N: usize = 3000;
+    let l = big_listener();
+    let p = port(&l);
+    let acc = accept_n(&l, N);
+    let holder = hold_clients(l.local_addr().unwrap(), N);
+    let servers = acc.join().unwrap();
+    // Named now: a destroyed socket has no peer address.
+    let named: Vec<String> = servers
+        .iter()
+        .map(|s| ends(s.local_addr().unwrap(), s.peer_addr().unwrap())[0].clone())
+        .collect();
+    thread::sleep(Duration::from_millis(1500));
+
+    let out = Command::new(BIN)
+        .args(["sweep", "--idle", "1s", "--local-port", &p, "--enforce"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}{log}");
+    assert!(
+        text.contains(&format!("matched={N} destroyed={N} skipped=0 failed=0")),
+        "{text}"
+    );
+    let lines: Vec<String> = log.lines().map(str::to_string).collect();
+    let counts = destroyed_counts(&lines);
+    for (s, server_end) in servers.iter().zip(&named) {
+        assert_eq!(
+            counts.get(server_end),
+            Some(&1),
+            "{server_end} is not recorded destroyed exactly once"
+        );
+        assert!(dead(s), "{server_end} was recorded destroyed but lives");
+    }
+    assert_eq!(counts.len(), N, "destroyed lines for other connections");
+    // Every destroy was announced before it was made.
+    let announced: usize = lines
+        .iter()
+        .filter_map(|l| l.split_once(" (each is logged again once done): "))
+        .filter_map(|(head, _)| head.rsplit("destroying ").next()?.split(' ').next())
+        .map(|n| n.parse::<usize>().unwrap())
+        .sum();
+    assert_eq!(announced, N, "intent lines name {announced} destroys");
+    drop(holder);
+}
+
 // ---------------------------------------------------------------------------------
 // 4. Least privilege
 

@@ -228,7 +228,10 @@ fn build_ebpf() -> Result<PathBuf> {
             "CARGO_ENCODED_RUSTFLAGS",
             ["-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"),
         )
-        .env("CARGO_TARGET_DIR", target_dir());
+        .env("CARGO_TARGET_DIR", target_dir())
+        // The workspace's release LTO is for the daemon: bpf-linker links the eBPF
+        // object's bitcode itself, as it always has.
+        .env("CARGO_PROFILE_RELEASE_LTO", "false");
     // rustc finds its linker through PATH; CI may not have $CARGO_HOME/bin there.
     if let Some(dir) = probe.linker_dir() {
         cmd.env("PATH", env::path_with(dir));
