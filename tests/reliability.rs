@@ -1044,9 +1044,8 @@ fn a_full_map_is_reconciled_with_a_back_off_and_told_once() {
     drop(held);
 }
 
-/// A sweep of thousands (more than two of its destroy batches: with two CPUs or more,
-/// the records of each batch are written while the next is destroyed) destroys each
-/// connection once, records each once with what it did, and its summary agrees.
+/// A sweep of thousands (a dozen batches of destroys) destroys each connection once,
+/// announces each before and records each once after, and its summary agrees.
 #[test]
 fn a_sweep_of_thousands_destroys_and_records_each_once() {
     let _x = exclusive();

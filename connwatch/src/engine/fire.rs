@@ -11,7 +11,7 @@ use crate::conn::{Owner, Tuple};
 use crate::engine::audit::Action;
 use crate::kernel::netns::Namespaces;
 use crate::kernel::procfs;
-use crate::kernel::sock_diag::{DestroyError, DiagSocket, SockDiag, TcpTraffic};
+use crate::kernel::sock_diag::{DestroyError, DiagSocket, SockDiag};
 use crate::kernel::ConnMap;
 use crate::policy::{Decision, Limit, RuleId};
 use crate::track::{Source, Tracked};
@@ -195,71 +195,52 @@ impl Engine {
                 kills.push((key, rule, destroy::target(&chosen, &live)));
             }
         }
-        let n = kills.len();
-        if !self.enforce {
-            for (key, rule, live) in &kills {
-                self.account(*key, *rule, live.traffic, Outcome::WouldDestroy, now);
-            }
-        } else {
+        let results: Vec<Outcome> = if self.enforce {
             let socks: Vec<&DiagSocket> = kills.iter().map(|(_, _, live)| live).collect();
             log_intent(&socks);
-            let mut next = 0;
-            let mut each = |this: &mut Self, answer: Result<(), DestroyError>| {
-                let (key, rule, live) = &kills[next];
-                next += 1;
-                this.account(*key, *rule, live.traffic, destroy::outcome_of(answer), now);
+            destroy_spread(diag, &socks, own_netns)
+                .into_iter()
+                .map(destroy::outcome_of)
+                .collect()
+        } else {
+            kills.iter().map(|_| Outcome::WouldDestroy).collect()
+        };
+        let killed = started.elapsed();
+        let n = kills.len();
+        for ((key, rule, live), outcome) in kills.into_iter().zip(results) {
+            let Some(chosen) = self.tracker.get(key).copied() else {
+                continue;
             };
-            if self.one_shot && n >= OVERLAP_FROM && cpus() >= 2 {
-                destroy_overlapped(diag, &socks, |answer| each(self, answer));
+            if matches!(outcome, Outcome::Destroyed | Outcome::WouldDestroy) {
+                self.window_used += 1;
+            }
+            if matches!(outcome, Outcome::WouldDestroy) {
+                // As a live run's destroy would: out of its groups, never due again.
+                self.settle(key, SettledAs::WouldDestroy);
+                self.plan(key);
+            }
+            // No kernel event will say a socket outside the map is gone.
+            if chosen.source != Source::Map && matches!(outcome, Outcome::Destroyed) {
+                self.tracker.remove(key);
+                self.plan(key);
+            }
+            self.note_block(&chosen, rule, &outcome);
+            let r = self.policy.rule(rule);
+            let (reason, name) = (r.limit.kind(), r.name.clone());
+            self.record_carried(&chosen, reason, name, now, &outcome, None, live.traffic);
+            if transient(&outcome) {
+                self.retry_later(key, now);
             } else {
-                for answer in destroy_spread(diag, &socks, own_netns) {
-                    each(self, answer);
-                }
+                self.retries.remove(&key);
             }
         }
         tracing::debug!(
-            "round of {n_due} deadlines ({} looked up): lookups took {:?}, {n} kills and their records ended at {:?}",
+            "round of {n_due} deadlines ({} looked up): lookups took {:?}, {n} kills ended at {:?}, records at {:?}",
             tuples.len(),
             looked_up,
+            killed,
             started.elapsed()
         );
-    }
-
-    /// Takes in one kill's outcome: counts, settles, records it, and retries it later
-    /// if its failure may pass.
-    fn account(
-        &mut self,
-        key: u64,
-        rule: RuleId,
-        traffic: Option<TcpTraffic>,
-        outcome: Outcome,
-        now: u64,
-    ) {
-        let Some(chosen) = self.tracker.get(key).copied() else {
-            return;
-        };
-        if matches!(outcome, Outcome::Destroyed | Outcome::WouldDestroy) {
-            self.window_used += 1;
-        }
-        if matches!(outcome, Outcome::WouldDestroy) {
-            // As a live run's destroy would: out of its groups, never due again.
-            self.settle(key, SettledAs::WouldDestroy);
-            self.plan(key);
-        }
-        // No kernel event will say a socket outside the map is gone.
-        if chosen.source != Source::Map && matches!(outcome, Outcome::Destroyed) {
-            self.tracker.remove(key);
-            self.plan(key);
-        }
-        self.note_block(&chosen, rule, &outcome);
-        let r = self.policy.rule(rule);
-        let (reason, name) = (r.limit.kind(), r.name.clone());
-        self.record_carried(&chosen, reason, name, now, &outcome, None, traffic);
-        if transient(&outcome) {
-            self.retry_later(key, now);
-        } else {
-            self.retries.remove(&key);
-        }
     }
 
     /// Takes in what the map says of a tracked socket now. False when it is no longer
@@ -438,45 +419,6 @@ const SPREAD_FROM: usize = 4096;
 /// (figure 4) and left the other core to them.
 const SPREAD_CPUS: usize = 4;
 
-/// A one-shot run destroying at least this many records each batch while the kernel
-/// resets the next ([`destroy_overlapped`]).
-const OVERLAP_FROM: usize = 2 * OVERLAP_BATCH;
-
-/// Destroys handed over at a time by [`destroy_overlapped`]'s thread.
-const OVERLAP_BATCH: usize = 4 * SockDiag::BATCH;
-
-/// CPUs this process may use; asked once (the answer reads the process's affinity and
-/// cgroup CPU limits).
-fn cpus() -> usize {
-    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-}
-
-/// Destroys `socks` on a thread of its own and hands each answer, in `socks` order, to
-/// `each` on this one as its batch comes back. A sweep's own CPU is mostly its records
-/// (formatting a line for each destroy): written while the kernel resets the next
-/// batch, they no longer wait for the last reset. The daemon keeps its records after
-/// its destroys ([`destroy_spread`]): there the time to the last reset counts.
-fn destroy_overlapped(
-    diag: &mut SockDiag,
-    socks: &[&DiagSocket],
-    mut each: impl FnMut(Result<(), DestroyError>),
-) {
-    std::thread::scope(|s| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        s.spawn(move || {
-            for batch in socks.chunks(OVERLAP_BATCH) {
-                if tx.send(diag.destroy_many(batch)).is_err() {
-                    return;
-                }
-            }
-        });
-        for answer in rx.into_iter().flatten() {
-            each(answer);
-        }
-    });
-}
-
 /// Destroys `socks`, many at once on two threads (a sock_diag socket each) so that the
 /// kernel's abort work (the reset, waking the owners) uses two cores. Only in the
 /// daemon's own namespace, where a second socket is one `socket(2)` away, and with
@@ -486,6 +428,9 @@ fn destroy_spread(
     socks: &[&DiagSocket],
     own_netns: bool,
 ) -> Vec<Result<(), DestroyError>> {
+    // Asked once: the answer reads the process's affinity and cgroup CPU limits.
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cpus = || *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     if !own_netns || socks.len() < SPREAD_FROM || cpus() < SPREAD_CPUS {
         return diag.destroy_many(socks);
     }
