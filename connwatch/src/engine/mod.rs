@@ -9,6 +9,7 @@
 //! [`manual`] is the control API's destroy of a named connection.
 
 pub mod audit;
+mod batch;
 mod block;
 pub mod destroy;
 mod filter;
@@ -37,6 +38,17 @@ use per_ip::PerIp;
 pub use filter::{dump_scope, filter_of};
 pub use fire::INTENT;
 pub use reconcile::{suggested_max_conns, Pace, Reconciled};
+
+fn trace_event(ev: &ConnEvent) {
+    tracing::trace!(
+        key = format_args!("{:#x}", ev.key),
+        kind = ev.kind,
+        from = %TcpState(ev.oldstate),
+        to = %TcpState(ev.info.state),
+        tuple = ?Tuple::from_info(&ev.info),
+        "kernel event"
+    );
+}
 
 /// Milliseconds, as `tcp_info` counts them, in nanoseconds.
 fn ms(n: u32) -> u64 {
@@ -361,22 +373,8 @@ impl Engine {
 
     pub fn on_event(&mut self, ev: &ConnEvent) {
         self.counters.events += 1;
-        tracing::trace!(
-            key = format_args!("{:#x}", ev.key),
-            kind = ev.kind,
-            from = %TcpState(ev.oldstate),
-            to = %TcpState(ev.info.state),
-            tuple = ?Tuple::from_info(&ev.info),
-            "kernel event"
-        );
-        // A connection closing from these states usually lives on in TIME_WAIT, which
-        // the map does not hold: follow it only when a limit asks for it.
-        let to_time_wait = ev.kind == event_kind::CLOSED
-            && matches!(
-                TcpState(ev.oldstate),
-                TcpState::FIN_WAIT1 | TcpState::FIN_WAIT2 | TcpState::CLOSING
-            )
-            && self.policy.limits_state(TcpState::TIME_WAIT);
+        trace_event(ev);
+        let to_time_wait = self.to_time_wait(ev);
         let was = self.tracker.get(ev.key).copied();
         for key in self.tracker.apply(ev) {
             self.plan(key);
@@ -397,6 +395,17 @@ impl Engine {
                 self.plan(ev.key);
             }
         }
+    }
+
+    /// Whether a close hands the connection on to TIME_WAIT, which the map does not
+    /// hold: only from these states, and only when a limit asks for it.
+    fn to_time_wait(&self, ev: &ConnEvent) -> bool {
+        ev.kind == event_kind::CLOSED
+            && matches!(
+                TcpState(ev.oldstate),
+                TcpState::FIN_WAIT1 | TcpState::FIN_WAIT2 | TcpState::CLOSING
+            )
+            && self.policy.limits_state(TcpState::TIME_WAIT)
     }
 
     /// The rule under which a socket is due now, if it still is (protection by

@@ -327,6 +327,7 @@ proptest! {
 /// ports that rules may or may not select.
 mod filtered {
     use super::*;
+    use crate::engine::batch::{batches, followed};
     use crate::engine::filter_of;
     use crate::policy::PortRange;
     use connwatch_common::{sends, Filter};
@@ -597,6 +598,31 @@ mod filtered {
             for (_, t) in some.tracker.iter() {
                 prop_assert!(t.source != crate::track::Source::Map
                     || connwatch_common::matters(&f, t.state.0, t.tuple.local.port(), t.tuple.remote.port()));
+            }
+        }
+
+        /// A filtered engine fed the daemon's batches (each drain of the ring at once,
+        /// sockets that come and go within one passed over, sockets that leave the
+        /// states that matter forgotten) follows, after every batch, the sockets one
+        /// fed an event at a time follows, with the same deadlines.
+        #[test]
+        fn batches_leave_what_single_events_leave(
+            lives in prop::collection::vec(arb_life(), 0..30),
+            policy in arb_policy(),
+            sizes in prop::collection::vec(1usize..16, 0..8),
+        ) {
+            let evs = sent(&events(&lives), &filter_of(&policy));
+            let mut one = Engine::new(policy.clone(), false);
+            let mut batched = Engine::new(policy, false);
+            one.filtered();
+            batched.filtered();
+            for batch in batches(&evs, &sizes) {
+                for ev in batch {
+                    one.on_event(ev);
+                }
+                batched.on_events(batch);
+                prop_assert_eq!(followed(&batched), followed(&one));
+                prop_assert_eq!(decisions(&batched), decisions(&one));
             }
         }
 

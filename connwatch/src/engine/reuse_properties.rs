@@ -13,6 +13,7 @@ use proptest::prelude::*;
 
 use crate::clock::SEC;
 use crate::conn::{canonical, Birth, SockId, TcpState, Tuple};
+use crate::engine::batch::{batches, followed};
 use crate::engine::Engine;
 use crate::kernel::netns::Dump;
 use crate::policy::{Limit, Policy, PortRange, Rule, Selector, Verdict};
@@ -363,5 +364,32 @@ proptest! {
             prop_assert_eq!(e.tracker.key_of(&t.id), Some(k));
         }
         check_counts_and_deadlines(&e)?;
+    }
+
+    /// The same lives taken in by the daemon's batches (each drain of the ring at once,
+    /// sockets that come and go within one passed over): after every batch the engine
+    /// follows the same sockets with the same deadlines as one fed an event at a time,
+    /// and after one reconcile too.
+    #[test]
+    fn batches_leave_what_single_events_leave(
+        lives in arb_lives(),
+        policy in arb_policy(),
+        sizes in prop::collection::vec(1usize..16, 0..8),
+    ) {
+        let placed = place(&lives);
+        let w = world(&placed);
+        let mut one = Engine::new(policy.clone(), false);
+        let mut batched = Engine::new(policy, false);
+        for batch in batches(&w.events, &sizes) {
+            for ev in batch {
+                one.on_event(ev);
+            }
+            batched.on_events(batch);
+            prop_assert_eq!(followed(&batched), followed(&one));
+            prop_assert_eq!(batched.counters.events, one.counters.events);
+        }
+        let _ = one.reconcile_with(w.map.iter().copied(), &w.dump, w.now);
+        let _ = batched.reconcile_with(w.map.iter().copied(), &w.dump, w.now);
+        prop_assert_eq!(followed(&batched), followed(&one));
     }
 }
