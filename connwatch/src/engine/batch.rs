@@ -14,19 +14,36 @@ use crate::track::{FastMap, Tracked};
 /// What a batch does at one socket address (map key), traced through its events as
 /// [`Engine::on_event`] would change the tracker there.
 struct AtKey {
-    /// No event there reaches past it: nothing was tracked there before the batch, no
-    /// socket of its events is tracked elsewhere (found by a dump) or seen at another
-    /// address in the batch, and no close hands a connection on to TIME_WAIT.
+    /// No event there reaches past it: no socket of its events is tracked at another
+    /// address (found by a dump) or seen at another address in the batch.
     apart: bool,
     /// The socket the tracker would hold there after the events so far.
     holder: Option<SockId>,
+    /// The run of events under way there that began with nothing held, if one is.
+    run: Option<u32>,
 }
+
+/// A batch's bookkeeping, kept between batches so that a busy host's drains do not
+/// allocate it each time.
+#[derive(Default)]
+pub(super) struct Scratch {
+    at: FastMap<u64, AtKey>,
+    key_of: FastMap<SockId, u64>,
+    /// Each event's run ([`NO_RUN`]: none).
+    run_of: Vec<u32>,
+    /// Each run: whether it ended with nothing held, no close in it handing a
+    /// connection on to TIME_WAIT.
+    passable: Vec<bool>,
+}
+
+const NO_RUN: u32 = u32::MAX;
 
 impl Engine {
     /// Takes in events in the order the kernel sent them, as [`Engine::on_event`] on
-    /// each would, except that the events at an address the engine knows nothing of,
-    /// after which it would follow nothing there (the socket closed, or went to a state
-    /// no rule acts in), are only counted.
+    /// each would, except that a run of events at one address that begins and ends
+    /// with nothing followed there (a socket that opened and closed, or went to a
+    /// state no rule acts in, within the batch) is only counted: what the engine holds
+    /// after it is what it held before it.
     ///
     /// Under a per-address limit every connection counts toward the others' limits
     /// while it is open, so each is taken in, however short its life.
@@ -37,45 +54,68 @@ impl Engine {
             }
             return;
         }
-        let mut at: FastMap<u64, AtKey> = FastMap::default();
-        let mut key_of: FastMap<SockId, u64> = FastMap::default();
-        at.reserve(evs.len());
-        key_of.reserve(evs.len());
+        let mut sc = std::mem::take(&mut self.batch);
+        sc.at.clear();
+        sc.key_of.clear();
+        sc.run_of.clear();
+        sc.passable.clear();
         for ev in evs {
             let id = SockId::new(ev.info.netns, ev.info.cookie);
-            let elsewhere = key_of.insert(id, ev.key).filter(|k| *k != ev.key);
-            let known = self.tracker.key_of(&id).is_some();
-            let to_time_wait = self.to_time_wait(ev);
-            let here = at.entry(ev.key).or_insert_with(|| AtKey {
-                apart: self.tracker.get(ev.key).is_none(),
-                holder: None,
+            let elsewhere = sc.key_of.insert(id, ev.key).filter(|k| *k != ev.key);
+            let known_elsewhere = self.tracker.key_of(&id).is_some_and(|k| k != ev.key);
+            let here = sc.at.entry(ev.key).or_insert_with(|| AtKey {
+                apart: true,
+                holder: self.tracker.get(ev.key).map(|t| t.id),
+                run: None,
             });
-            here.apart &= !known && elsewhere.is_none() && !to_time_wait;
+            here.apart &= !known_elsewhere && elsewhere.is_none();
+            if here.holder.is_none() && here.run.is_none() {
+                here.run = Some(sc.passable.len() as u32);
+                sc.passable.push(true);
+            }
             if ev.kind == event_kind::CLOSED {
                 if here.holder == Some(id) {
                     here.holder = None;
                 }
             } else {
-                if Tracked::from_info(&ev.info).is_some() {
+                if Tracked::takes(&ev.info) {
                     here.holder = Some(id);
                 }
                 if !self.follows(&ev.info) && here.holder == Some(id) {
                     here.holder = None;
                 }
             }
-            if let Some(other) = elsewhere.and_then(|k| at.get_mut(&k)) {
+            match here.run {
+                Some(run) => {
+                    sc.run_of.push(run);
+                    if self.to_time_wait(ev) {
+                        sc.passable[run as usize] = false;
+                    }
+                    if here.holder.is_none() {
+                        here.run = None;
+                    }
+                }
+                None => sc.run_of.push(NO_RUN),
+            }
+            if let Some(other) = elsewhere.and_then(|k| sc.at.get_mut(&k)) {
                 other.apart = false;
             }
         }
-        for ev in evs {
-            let here = &at[&ev.key];
-            if here.apart && here.holder.is_none() {
+        // A run still holding a socket at the end is taken in.
+        for here in sc.at.values() {
+            if let Some(run) = here.run {
+                sc.passable[run as usize] = false;
+            }
+        }
+        for (ev, run) in evs.iter().zip(&sc.run_of) {
+            if *run != NO_RUN && sc.passable[*run as usize] && sc.at[&ev.key].apart {
                 self.counters.events += 1;
                 trace_event(ev);
             } else {
                 self.on_event(ev);
             }
         }
+        self.batch = sc;
     }
 }
 
@@ -110,4 +150,163 @@ pub(super) fn batches<'a>(evs: &'a [ConnEvent], sizes: &[usize]) -> Vec<&'a [Con
         rest = later;
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use connwatch_common::{tcp_state, ConnInfo, AF_INET};
+
+    use super::*;
+    use crate::conn::{TcpState, Tuple};
+    use crate::policy::{Limit, Policy, Rule, Selector};
+    use crate::track::Seed;
+
+    const NETNS: u32 = 4026531840;
+
+    fn idle_policy() -> Policy {
+        Policy {
+            rules: vec![Rule {
+                name: "idle".into(),
+                selector: Selector::default(),
+                limit: Limit::Idle(Duration::from_secs(60)),
+            }],
+            ..Policy::default()
+        }
+    }
+
+    fn info(cookie: u64, state: u32, sport: u16) -> ConnInfo {
+        let mut i = ConnInfo::zeroed();
+        i.family = AF_INET;
+        i.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        i.daddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        i.sport = sport;
+        i.dport = 8080;
+        i.state = state;
+        i.netns = NETNS;
+        i.cookie = cookie;
+        i.birth_ns = cookie;
+        i.seen_ns = cookie;
+        i.state_since_ns = cookie;
+        i
+    }
+
+    fn ev(key: u64, kind: u32, oldstate: u32, info: ConnInfo) -> ConnEvent {
+        ConnEvent {
+            key,
+            kind,
+            oldstate,
+            info,
+        }
+    }
+
+    /// Two engines, one fed a batch, one an event at a time; both filtered.
+    fn both(evs: &[ConnEvent], prepare: impl Fn(&mut Engine)) -> (Engine, Engine) {
+        let mut one = Engine::new(idle_policy(), false);
+        let mut batched = Engine::new(idle_policy(), false);
+        for e in [&mut one, &mut batched] {
+            e.filtered();
+            prepare(e);
+        }
+        for ev in evs {
+            one.on_event(ev);
+        }
+        batched.on_events(evs);
+        (one, batched)
+    }
+
+    /// A socket a dump found (tracked under a key of its own) whose first event
+    /// leaves the states that matter: the engine forgets it, batch or not.
+    #[test]
+    fn a_socket_found_by_a_dump_is_forgotten_in_a_batch_too() {
+        let found = info(7, tcp_state::FIN_WAIT1, 40000);
+        let seed = |e: &mut Engine| {
+            e.tracker.seed(Seed {
+                id: SockId::new(NETNS, 7),
+                tuple: Tuple::from_info(&found).unwrap(),
+                state: TcpState::ESTABLISHED,
+                ifindex: 0,
+                seen_ns: 1,
+                last_activity_ns: 0,
+            });
+        };
+        let evs = [
+            ev(0xa000, event_kind::STATE, tcp_state::ESTABLISHED, found),
+            ev(
+                0xb000,
+                event_kind::OPENED,
+                tcp_state::CLOSE,
+                info(8, tcp_state::ESTABLISHED, 40001),
+            ),
+        ];
+        let (one, batched) = both(&evs, seed);
+        assert_eq!(one.tracker.len(), 1, "only the new socket is followed");
+        assert_eq!(followed(&batched), followed(&one));
+    }
+
+    /// A socket that opens and closes within the batch is only counted; one opened
+    /// in it and still open, and one followed before it that closes in it, are
+    /// taken in.
+    #[test]
+    fn a_batch_passes_over_what_opens_and_closes_in_it() {
+        let before = info(1, tcp_state::ESTABLISHED, 40000);
+        let open = |e: &mut Engine| e.on_event(&ev(0xa000, event_kind::OPENED, 0, before));
+        let short = info(2, tcp_state::ESTABLISHED, 40001);
+        let mut short_closed = short;
+        short_closed.state = tcp_state::CLOSE;
+        let mut before_closed = before;
+        before_closed.state = tcp_state::CLOSE;
+        let evs = [
+            ev(0xb000, event_kind::OPENED, tcp_state::CLOSE, short),
+            ev(
+                0xa000,
+                event_kind::CLOSED,
+                tcp_state::ESTABLISHED,
+                before_closed,
+            ),
+            ev(
+                0xb000,
+                event_kind::CLOSED,
+                tcp_state::ESTABLISHED,
+                short_closed,
+            ),
+            // The address of the closed one, a new socket now.
+            ev(
+                0xa000,
+                event_kind::OPENED,
+                tcp_state::CLOSE,
+                info(3, tcp_state::ESTABLISHED, 40002),
+            ),
+        ];
+        let (one, batched) = both(&evs, open);
+        assert_eq!(followed(&batched), followed(&one));
+        let ids: Vec<u64> = followed(&batched)
+            .iter()
+            .map(|(_, t, _)| t.id.cookie)
+            .collect();
+        assert_eq!(ids, [3]);
+        assert_eq!(batched.counters.events, one.counters.events);
+        // Passed over: run the batch's own bookkeeping again and look.
+        let runs = &batched.batch.passable;
+        assert_eq!(
+            runs,
+            &[true, false],
+            "the short socket's run passes, the new one's is open"
+        );
+    }
+
+    /// Only a value with its final identity (a cookie) and a family a tuple is made of
+    /// makes an entry: a run that sees another does not think it holds a socket.
+    #[test]
+    fn only_a_final_identity_of_a_known_family_makes_an_entry() {
+        assert!(Tracked::takes(&info(5, tcp_state::ESTABLISHED, 40000)));
+        let pending = info(0, tcp_state::SYN_RECV, 40000);
+        assert!(!Tracked::takes(&pending));
+        assert!(Tracked::from_info(&pending).is_none());
+        let mut unknown = info(5, tcp_state::ESTABLISHED, 40000);
+        unknown.family = 99;
+        assert!(!Tracked::takes(&unknown));
+        assert!(Tracked::from_info(&unknown).is_none());
+    }
 }

@@ -142,6 +142,8 @@ pub struct Engine {
     /// Whether the kernel sends only what [`Engine::filter`] says matters: the engine
     /// then follows exactly those sockets (the map holds the others).
     filtered: bool,
+    /// What [`Engine::on_events`] learns of a batch, kept for the next one's.
+    batch: batch::Scratch,
     /// A one-shot run (`sweep`): see [`Engine::one_shot`].
     one_shot: bool,
     /// When each socket older than connwatch (birth unknown) was first seen, as kept
@@ -188,6 +190,7 @@ impl Engine {
             firewall: None,
             to_block: Vec::new(),
             one_shot: false,
+            batch: batch::Scratch::default(),
         }
     }
 

@@ -4,7 +4,9 @@
 use super::FastMap;
 use std::sync::Arc;
 
-use connwatch_common::{event_kind, ConnEvent, ConnInfo, FLAG_BIRTH_UNKNOWN, FLAG_OWNER_LISTENER};
+use connwatch_common::{
+    event_kind, ConnEvent, ConnInfo, AF_INET, AF_INET6, FLAG_BIRTH_UNKNOWN, FLAG_OWNER_LISTENER,
+};
 
 use crate::conn::{Birth, Direction, Owner, SockId};
 use crate::conn::{TcpState, Tuple};
@@ -50,8 +52,14 @@ impl Tracked {
     /// What a map entry says of its socket; None for an entry with no usable tuple, or
     /// one whose identity is not final yet (`ConnInfo::identity_pending`: an accepted
     /// child between its birth and its next state change, on kernels before 6.15).
+    /// Whether [`Tracked::from_info`] makes an entry of this map value: its identity is
+    /// final and its family one a tuple is made of.
+    pub fn takes(info: &ConnInfo) -> bool {
+        !info.identity_pending() && matches!(info.family, AF_INET | AF_INET6)
+    }
+
     pub fn from_info(info: &ConnInfo) -> Option<Tracked> {
-        if info.identity_pending() {
+        if !Self::takes(info) {
             return None;
         }
         Some(Tracked {
@@ -358,7 +366,7 @@ impl Tracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use connwatch_common::{tcp_state, AF_INET};
+    use connwatch_common::tcp_state;
 
     const SK: u64 = 0xffff_8880_0000_1000;
     const HOST: u32 = 4026531840;
