@@ -1,5 +1,8 @@
-//! Support for unit tests: sockets as sock_diag reports them, and a guard for the
+//! Support for unit tests: sockets as sock_diag reports them and as the map holds
+//! them, and a guard for the
 //! tests that need the real kernel.
+
+use connwatch_common::{ConnInfo, AF_INET};
 
 use crate::conn::{cookie_to_diag, TcpState, Tuple};
 use crate::kernel::sock_diag::DiagSocket;
@@ -18,6 +21,24 @@ pub fn diag_socket(tuple: Tuple, state: TcpState, cookie: u64) -> DiagSocket {
         activity: None,
         traffic: None,
     }
+}
+
+/// A map entry of socket `cookie` in namespace `netns`: 127.0.0.1:`sport` to
+/// 127.0.0.1:8080 in `state`, born, first seen and in its state since `cookie` ns.
+pub fn loopback_info(netns: u32, state: u32, sport: u16, cookie: u64) -> ConnInfo {
+    let mut i = ConnInfo::zeroed();
+    i.family = AF_INET;
+    i.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+    i.daddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+    i.sport = sport;
+    i.dport = 8080;
+    i.state = state;
+    i.netns = netns;
+    i.cookie = cookie;
+    i.birth_ns = cookie;
+    i.seen_ns = cookie;
+    i.state_since_ns = cookie;
+    i
 }
 
 /// Fails the calling test, saying why, when it cannot run: these tests exercise the

@@ -156,11 +156,12 @@ pub(super) fn batches<'a>(evs: &'a [ConnEvent], sizes: &[usize]) -> Vec<&'a [Con
 mod tests {
     use std::time::Duration;
 
-    use connwatch_common::{tcp_state, ConnInfo, AF_INET};
+    use connwatch_common::{tcp_state, ConnInfo};
 
     use super::*;
     use crate::conn::{TcpState, Tuple};
     use crate::policy::{Limit, Policy, Rule, Selector};
+    use crate::testing::loopback_info;
     use crate::track::Seed;
 
     const NETNS: u32 = 4026531840;
@@ -177,19 +178,7 @@ mod tests {
     }
 
     fn info(cookie: u64, state: u32, sport: u16) -> ConnInfo {
-        let mut i = ConnInfo::zeroed();
-        i.family = AF_INET;
-        i.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
-        i.daddr[..4].copy_from_slice(&[127, 0, 0, 1]);
-        i.sport = sport;
-        i.dport = 8080;
-        i.state = state;
-        i.netns = NETNS;
-        i.cookie = cookie;
-        i.birth_ns = cookie;
-        i.seen_ns = cookie;
-        i.state_since_ns = cookie;
-        i
+        loopback_info(NETNS, state, sport, cookie)
     }
 
     fn ev(key: u64, kind: u32, oldstate: u32, info: ConnInfo) -> ConnEvent {

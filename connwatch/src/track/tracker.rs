@@ -366,6 +366,7 @@ impl Tracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::loopback_info;
     use connwatch_common::tcp_state;
 
     const SK: u64 = 0xffff_8880_0000_1000;
@@ -374,19 +375,9 @@ mod tests {
 
     /// A map entry of socket `cookie` in namespace `netns`.
     fn info_in(netns: u32, state: u32, sport: u16, cookie: u64, flags: u32) -> ConnInfo {
-        let mut i = ConnInfo::zeroed();
-        i.family = AF_INET;
-        i.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
-        i.daddr[..4].copy_from_slice(&[127, 0, 0, 1]);
-        i.sport = sport;
-        i.dport = 8080;
-        i.state = state;
-        i.seen_ns = cookie;
+        let mut i = loopback_info(netns, state, sport, cookie);
         i.birth_ns = if flags == 0 { cookie } else { 0 };
-        i.state_since_ns = cookie;
         i.flags = flags;
-        i.netns = netns;
-        i.cookie = cookie;
         i
     }
 
