@@ -374,94 +374,14 @@ pub mod stat {
 }
 
 #[cfg(feature = "user")]
-pub use user::{conn_entries_batched, BATCH_ENTRIES};
+pub use user::{bpf, conn_entries_batched, obj_get, obj_info, BATCH_ENTRIES};
 
 // Userspace only: the kernel side has no std.
 #[cfg(feature = "user")]
 extern crate std;
 
 #[cfg(feature = "user")]
-mod user {
-    use super::ConnInfo;
-    use std::vec;
-    use std::vec::Vec;
-
-    /// Entries a batch read asks for; a hash bucket larger than this fails the read
-    /// (`ENOSPC`).
-    pub const BATCH_ENTRIES: usize = 4096;
-
-    /// `bpf_attr` for the `BPF_MAP_*_BATCH` commands.
-    #[repr(C)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
-
-    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-
-    /// Every entry of a connection map (`u64` keys, [`ConnInfo`] values), read
-    /// [`BATCH_ENTRIES`] at a time with `BPF_MAP_LOOKUP_BATCH` (Linux 5.6): one system
-    /// call for thousands of sockets, where iterating costs two a socket (its key,
-    /// then its value). The kernel's error where it refuses a batch.
-    pub fn conn_entries_batched(
-        map: std::os::fd::BorrowedFd<'_>,
-    ) -> std::io::Result<Vec<(u64, ConnInfo)>> {
-        use std::os::fd::AsRawFd;
-        let mut keys = vec![0u64; BATCH_ENTRIES];
-        let mut values = vec![ConnInfo::zeroed(); BATCH_ENTRIES];
-        let mut entries = Vec::new();
-        // The kernel's position in the map between calls (a bucket index for a hash).
-        let (mut at, mut next) = (0u64, 0u64);
-        let mut first = true;
-        loop {
-            let mut attr = BatchAttr {
-                in_batch: if first { 0 } else { &at as *const u64 as u64 },
-                out_batch: &mut next as *mut u64 as u64,
-                keys: keys.as_mut_ptr() as u64,
-                values: values.as_mut_ptr() as u64,
-                count: BATCH_ENTRIES as u32,
-                map_fd: map.as_raw_fd() as u32,
-                elem_flags: 0,
-                flags: 0,
-            };
-            // SAFETY: the attribute names buffers of `count` keys and values of the
-            // map's types and two 8-byte batch positions, all alive across the call; the
-            // kernel writes back `count` and the position.
-            let r = unsafe {
-                libc::syscall(
-                    libc::SYS_bpf,
-                    BPF_MAP_LOOKUP_BATCH,
-                    &mut attr as *mut BatchAttr,
-                    std::mem::size_of::<BatchAttr>(),
-                )
-            };
-            let error = (r < 0).then(std::io::Error::last_os_error);
-            let n = (attr.count as usize).min(BATCH_ENTRIES);
-            entries.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
-            match error {
-                None => {}
-                // The end of the map: the last entries came with it.
-                Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(entries),
-                Some(e) => return Err(e),
-            }
-            at = next;
-            first = false;
-        }
-    }
-
-    // SAFETY: both are #[repr(C)], made only of integers and byte arrays, with explicit
-    // padding fields, so every bit pattern is valid and there is no hidden padding.
-    unsafe impl aya::Pod for super::ConnInfo {}
-    unsafe impl aya::Pod for super::ConnEvent {}
-    unsafe impl aya::Pod for super::Filter {}
-    unsafe impl aya::Pod for super::ListenOwner {}
-}
+mod user;
 
 #[cfg(test)]
 mod tests {

@@ -2,51 +2,18 @@
 //! their size in kernel memory (fdinfo's `memlock`), their entries, the drop counters.
 
 use std::collections::HashMap;
-use std::ffi::CString;
 use std::io;
 use std::mem::size_of;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
-use connwatch_common::ConnInfo;
+use connwatch_common::{bpf, obj_get, obj_info, ConnInfo};
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-const BPF_OBJ_GET: libc::c_long = 7;
-
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-    // SAFETY: attr is a #[repr(C)] bpf_attr prefix of the size passed; the kernel
-    // treats the rest of the union as zero.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
-}
 
 /// Opens a pinned map.
 pub fn open(path: &Path) -> io::Result<OwnedFd> {
-    #[repr(C)]
-    struct ObjGet {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        path_fd: i32,
-        _pad: u32,
-    }
-    let c = CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
-    let mut attr = ObjGet {
-        pathname: c.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-        path_fd: 0,
-        _pad: 0,
-    };
-    let fd = bpf(BPF_OBJ_GET, &mut attr)
-        .map_err(|e| io::Error::new(e.kind(), format!("open {}: {e}", path.display())))?;
-    // SAFETY: a fresh descriptor from the kernel.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    obj_get(path).map_err(|e| io::Error::new(e.kind(), format!("open {}: {e}", path.display())))
 }
 
 /// The kernel's description of a map descriptor: `map_type`, `max_entries`,
@@ -96,7 +63,8 @@ pub fn percpu_sum(fd: &OwnedFd, index: u32) -> io::Result<u64> {
         value: values.as_mut_ptr() as u64,
         flags: 0,
     };
-    bpf(BPF_MAP_LOOKUP_ELEM, &mut attr)?;
+    // SAFETY: the key and a value for each CPU, alive across the call.
+    unsafe { bpf(BPF_MAP_LOOKUP_ELEM, &mut attr)? };
     Ok(values.iter().sum())
 }
 
@@ -117,7 +85,6 @@ fn possible_cpus() -> io::Result<usize> {
 
 const BPF_PROG_GET_NEXT_ID: libc::c_long = 11;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 
 /// One loaded BPF program: its name (at most 15 bytes, as the kernel keeps it) and,
 /// when `kernel.bpf_stats_enabled` is on, how often it ran and for how long.
@@ -143,12 +110,6 @@ pub fn progs() -> io::Result<Vec<Prog>> {
         next_id: u32,
         open_flags: u32,
     }
-    #[repr(C)]
-    struct InfoByFd {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
     let mut out = Vec::new();
     let mut id = 0u32;
     loop {
@@ -157,7 +118,8 @@ pub fn progs() -> io::Result<Vec<Prog>> {
             next_id: 0,
             open_flags: 0,
         };
-        match bpf(BPF_PROG_GET_NEXT_ID, &mut next) {
+        // SAFETY: no pointers in the attribute.
+        match unsafe { bpf(BPF_PROG_GET_NEXT_ID, &mut next) } {
             Ok(_) => id = next.next_id,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
             Err(e) => return Err(e),
@@ -168,19 +130,15 @@ pub fn progs() -> io::Result<Vec<Prog>> {
             open_flags: 0,
         };
         // A program unloaded meanwhile is simply skipped.
-        let Ok(fd) = bpf(BPF_PROG_GET_FD_BY_ID, &mut by_id) else {
+        // SAFETY: no pointers in the attribute.
+        let Ok(fd) = (unsafe { bpf(BPF_PROG_GET_FD_BY_ID, &mut by_id) }) else {
             continue;
         };
         // SAFETY: a fresh descriptor from the kernel.
         let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
         // struct bpf_prog_info: name[16] at offset 64.
         let mut info = [0u8; 256];
-        let mut attr = InfoByFd {
-            bpf_fd: fd.as_raw_fd() as u32,
-            info_len: info.len() as u32,
-            info: info.as_mut_ptr() as u64,
-        };
-        if bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).is_err() {
+        if obj_info(fd.as_fd(), &mut info).is_err() {
             continue;
         }
         let name = &info[64..80];

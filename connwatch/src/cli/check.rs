@@ -44,21 +44,10 @@ fn bpf_syscall() -> Result<String> {
     attr[1] = 4; // key size
     attr[2] = 4; // value size
     attr[3] = 1; // max entries
-                 // SAFETY: BPF_MAP_CREATE (0) reads a bpf_attr of the given size from a valid buffer.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            0,
-            attr.as_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    if fd < 0 {
-        bail!(
-            "bpf() refused to create a map: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+
+    // SAFETY: BPF_MAP_CREATE (0) reads a bpf_attr without pointers.
+    let fd = unsafe { connwatch_common::bpf(0, &mut attr) }
+        .map_err(|e| anyhow::anyhow!("bpf() refused to create a map: {e}"))?;
     // SAFETY: a descriptor the syscall just returned to us.
     unsafe { libc::close(fd as i32) };
     Ok("bpf() syscall works".into())

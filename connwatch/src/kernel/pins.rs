@@ -4,13 +4,13 @@
 //! the shared types, so a daemon never reads a map of another layout.
 
 use std::fs;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
 
 use anyhow::{Context, Result};
 use aya::maps::{Map, MapData};
-use connwatch_common::{LAYOUT_VERSION, MAP_CONNS, MAP_FIRST_SEEN};
+use connwatch_common::{obj_get, obj_info, LAYOUT_VERSION, MAP_CONNS, MAP_FIRST_SEEN};
 
 use crate::kernel::layout::Hook;
 use crate::kernel::load::{ConnMap, FirstSeenMap};
@@ -51,63 +51,17 @@ pub fn prog_pin(program: &str) -> PathBuf {
     Path::new(PIN_DIR.as_str()).join(format!("prog_{program}"))
 }
 
-/// The tag of a loaded program: the kernel's hash of its instructions (see
-/// [`prog_info`]), the same for the same build's program on the same kernel.
-pub(crate) fn prog_tag(fd: BorrowedFd<'_>) -> std::io::Result<[u8; 8]> {
-    // The leading fields of `struct bpf_prog_info` (include/uapi/linux/bpf.h), stable ABI.
-    #[repr(C)]
-    #[derive(Default)]
-    struct Info {
-        ty: u32,
-        id: u32,
-        tag: [u8; 8],
-    }
-    let mut info = Info::default();
-    // SAFETY: `Info` is the leading part of `bpf_prog_info`; the kernel writes at most
-    // its size into it.
-    unsafe {
-        prog_info(
-            fd,
-            (&mut info as *mut Info).cast(),
-            std::mem::size_of::<Info>(),
-        )?
-    };
-    Ok(info.tag)
-}
-
-/// `BPF_OBJ_GET_INFO_BY_FD` on a program descriptor into `len` bytes at `info` (a
-/// leading part of `struct bpf_prog_info`). Done by hand: aya fetches program info
-/// through calls that need CAP_SYS_ADMIN, where this needs only the descriptor.
+/// The tag of a loaded program: the kernel's hash of its instructions, the same for
+/// the same build's program on the same kernel.
 ///
-/// # Safety
-/// `info` must be valid for `len` bytes of writes, and any pointer field in it must
-/// point where the kernel may write what that field asks for.
-unsafe fn prog_info(fd: BorrowedFd<'_>, info: *mut u8, len: usize) -> std::io::Result<()> {
-    #[repr(C)]
-    struct InfoAttr {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    let attr = InfoAttr {
-        bpf_fd: fd.as_raw_fd() as u32,
-        info_len: len as u32,
-        info: info as u64,
-    };
-    // SAFETY: the caller vouches for `info`; attr is a valid bpf_attr prefix.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &attr as *const InfoAttr,
-            std::mem::size_of::<InfoAttr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+/// Program info is read by hand ([`obj_info`]): aya fetches it through calls that need
+/// CAP_SYS_ADMIN, where this needs only the descriptor.
+pub(crate) fn prog_tag(fd: BorrowedFd<'_>) -> std::io::Result<[u8; 8]> {
+    // The leading fields of `struct bpf_prog_info` (include/uapi/linux/bpf.h), stable
+    // ABI: type, id (u32 each), then the tag.
+    let mut info = [0u8; 16];
+    obj_info(fd, &mut info)?;
+    Ok(info[8..16].try_into().expect("8 bytes"))
 }
 
 /// A program's `recursion_misses` (`struct bpf_prog_info`, Linux 5.12+; 0 before):
@@ -115,51 +69,15 @@ unsafe fn prog_info(fd: BorrowedFd<'_>, info: *mut u8, len: usize) -> std::io::R
 pub fn recursion_misses(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
     // `struct bpf_prog_info` up to `recursion_misses` (offset 208) and the u32 after it.
     const RECURSION_MISSES: usize = 208;
-    #[repr(C, align(8))]
-    struct Info([u8; 224]);
-    let mut info = Info([0; 224]);
-    // SAFETY: the kernel writes at most the buffer's size into it; every pointer field
-    // in it is zero, so it writes nowhere else.
-    unsafe { prog_info(fd, info.0.as_mut_ptr(), info.0.len())? };
-    let b = &info.0[RECURSION_MISSES..RECURSION_MISSES + 8];
+    let mut info = [0u8; 224];
+    obj_info(fd, &mut info)?;
+    let b = &info[RECURSION_MISSES..RECURSION_MISSES + 8];
     Ok(u64::from_ne_bytes(b.try_into().expect("8 bytes")))
 }
 
 /// Opens a pinned program, to read its statistics.
 pub fn open_prog(path: &Path) -> std::io::Result<OwnedFd> {
     obj_get(path)
-}
-
-/// Opens a pinned object (`BPF_OBJ_GET`): needs only permission on the pin.
-fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
-    #[repr(C)]
-    struct ObjAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    const BPF_OBJ_GET: libc::c_long = 7;
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    let attr = ObjAttr {
-        pathname: c.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-    };
-    // SAFETY: BPF_OBJ_GET reads a NUL-terminated path and returns a new descriptor.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &attr as *const ObjAttr,
-            std::mem::size_of::<ObjAttr>(),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a descriptor the kernel just gave us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 pub(crate) fn remove_pin(path: &Path) -> Result<()> {
