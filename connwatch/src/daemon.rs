@@ -181,6 +181,7 @@ fn drain(ring: &mut RingBuf<MapData>, engine: &mut Engine) -> usize {
                 batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const ConnEvent) });
                 n += 1;
             }
+            // The record's ring space is free again before the batch's work.
             drop(item);
             if batch.len() == EVENT_BATCH {
                 engine.on_events(batch);

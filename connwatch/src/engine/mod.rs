@@ -39,6 +39,7 @@ pub use filter::{dump_scope, filter_of};
 pub use fire::INTENT;
 pub use reconcile::{suggested_max_conns, Pace, Reconciled};
 
+/// One kernel event at trace level: those a batch passes over are told too.
 fn trace_event(ev: &ConnEvent) {
     tracing::trace!(
         key = format_args!("{:#x}", ev.key),
