@@ -573,8 +573,8 @@ mod tests {
     use super::*;
     use crate::conn::cookie_to_diag;
     use crate::kernel::sock_diag::TcpActivity;
-    use crate::testing::diag_socket;
-    use connwatch_common::{ConnInfo, AF_INET, FLAG_BIRTH_UNKNOWN};
+    use crate::testing::{diag_socket, loopback_info};
+    use connwatch_common::{ConnInfo, FLAG_BIRTH_UNKNOWN};
 
     const NS: u32 = 4026531840;
     const POD: u32 = 4026532999;
@@ -597,19 +597,12 @@ mod tests {
     }
 
     fn entry(lport: u16, birth: u64, flags: u32) -> ConnInfo {
-        let mut i = ConnInfo::zeroed();
-        i.family = AF_INET;
-        i.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
-        i.daddr[..4].copy_from_slice(&[127, 0, 0, 1]);
-        i.sport = lport;
+        let mut i = loopback_info(NS, TcpState::ESTABLISHED.0, lport, u64::from(lport));
         i.dport = 9000;
         i.birth_ns = birth;
         i.seen_ns = birth;
         i.state_since_ns = birth;
-        i.state = TcpState::ESTABLISHED.0;
         i.flags = flags;
-        i.netns = NS;
-        i.cookie = u64::from(lport);
         i
     }
 
