@@ -88,6 +88,7 @@ fn load(
         tracing::warn!("cannot dump network namespace {inode}: {e:#}; its sockets are left alone");
     }
     let mut engine = Engine::new(policy, enforce);
+    engine.expect(dump.sockets.len());
     engine.name_cgroups(Cgroups::default());
     // Stale entries are the daemon's to remove: a one-shot run only reads the map.
     let _ = engine.reconcile(conns.as_ref(), &dump, now);

@@ -204,6 +204,15 @@ impl Engine {
         self.one_shot = true;
     }
 
+    /// Room for `n` sockets about to be loaded at once (a one-shot run's dump), so the
+    /// tables are sized once. The daemon does not ask: its tables hold the followed
+    /// sockets, far fewer than its first dump, and keep their size.
+    pub fn expect(&mut self, n: usize) {
+        self.tracker.reserve(n);
+        self.deadlines.reserve(n);
+        self.first_seen.reserve(n);
+    }
+
     /// Names cgroups by walking this tree (the daemon's /sys/fs/cgroup); without it
     /// (tests, pure uses) sockets have no cgroup path and cgroup rules match none.
     pub fn name_cgroups(&mut self, cgroups: Cgroups) {

@@ -268,7 +268,9 @@ impl tracing_subscriber::field::VisitFmt for TextVisitor<'_> {
 struct Escaping<'a, W>(&'a mut W);
 
 /// The characters escaped: the C0 codes that start or act in terminal sequences, DEL,
-/// and the C1 codes (8-bit sequence introducers).
+/// and the C1 codes (8-bit sequence introducers). Lines are scanned for them as bytes
+/// ([`first_acting`]); this is the definition the scan is tested against.
+#[cfg(test)]
 fn acts_on_a_terminal(c: char) -> bool {
     matches!(
         c,
@@ -276,10 +278,22 @@ fn acts_on_a_terminal(c: char) -> bool {
     )
 }
 
+/// Where the first character a terminal acts on starts (`acts_on_a_terminal`). A scan of bytes, not of
+/// decoded characters (the message is most of a record's length): each such character
+/// is one ASCII byte or, for a C1 code, 0xC2 followed by 0x80..=0x9F.
+fn first_acting(s: &str) -> Option<usize> {
+    let b = s.as_bytes();
+    b.iter().enumerate().position(|(i, &c)| match c {
+        0x1b | 0x07 | 0x08 | 0x0c | 0x7f => true,
+        0xc2 => matches!(b.get(i + 1), Some(0x80..=0x9f)),
+        _ => false,
+    })
+}
+
 impl<W: std::fmt::Write> std::fmt::Write for Escaping<'_, W> {
     fn write_str(&mut self, s: &str) -> std::fmt::Result {
         let mut rest = s;
-        while let Some(at) = rest.find(acts_on_a_terminal) {
+        while let Some(at) = first_acting(rest) {
             self.0.write_str(&rest[..at])?;
             let c = rest[at..].chars().next().unwrap_or_default();
             match c {
@@ -291,6 +305,57 @@ impl<W: std::fmt::Write> std::fmt::Write for Escaping<'_, W> {
             rest = &rest[at + c.len_utf8()..];
         }
         self.0.write_str(rest)
+    }
+}
+
+/// Line timestamps as tracing's own (`2026-12-01T12:00:44.608309Z`, UTC), with the
+/// part up to the second formatted once a second: a round of thousands of records
+/// shares a few seconds.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LineTime;
+
+thread_local! {
+    /// The last second formatted: its UNIX time and its text up to the seconds.
+    static SECOND: std::cell::RefCell<(u64, String)> =
+        const { std::cell::RefCell::new((u64::MAX, String::new())) };
+}
+
+/// The text of the second that `tracing`'s clock formats, when it is `secs`: asked of
+/// tracing's own formatter between two readings of the clock in the same second.
+fn second_text(secs: u64) -> Option<String> {
+    use tracing_subscriber::fmt::time::FormatTime;
+    let mut line = String::new();
+    let ok = tracing_subscriber::fmt::time::SystemTime
+        .format_time(&mut tracing_subscriber::fmt::format::Writer::new(&mut line))
+        .is_ok();
+    let after = unix_now().0;
+    let (prefix, _) = line.split_once('.')?;
+    (ok && after == secs).then(|| prefix.to_string())
+}
+
+fn unix_now() -> (u64, u32) {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (d.as_secs(), d.subsec_micros())
+}
+
+impl tracing_subscriber::fmt::time::FormatTime for LineTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        let (secs, micros) = unix_now();
+        SECOND.with_borrow_mut(|(cached, text)| {
+            if *cached != secs {
+                match second_text(secs) {
+                    Some(t) => (*cached, *text) = (secs, t),
+                    // The second turned while it was formatted: this line as tracing
+                    // writes it, the cache at the next.
+                    None => {
+                        return tracing_subscriber::fmt::time::SystemTime.format_time(w);
+                    }
+                }
+            }
+            write!(w, "{text}.{micros:06}Z")
+        })
     }
 }
 
@@ -348,6 +413,7 @@ pub fn init(format: LogFormat, log_file: Option<&Path>) -> Result<Option<String>
     let layer: Box<dyn Layer<Registry> + Send + Sync> = match (format, journal) {
         (LogFormat::Text, false) => fmt::layer()
             .with_writer(writer)
+            .with_timer(LineTime)
             .fmt_fields(TextFields)
             .with_ansi(ansi)
             .with_target(false)
@@ -365,6 +431,7 @@ pub fn init(format: LogFormat, log_file: Option<&Path>) -> Result<Option<String>
             .boxed(),
         (LogFormat::Json, false) => fmt::layer()
             .with_writer(writer)
+            .with_timer(LineTime)
             .json()
             .flatten_event(true)
             .with_target(false)
@@ -493,6 +560,63 @@ mod tests {
             "{theirs}"
         );
         assert_eq!(theirs.lines().count(), 5);
+    }
+
+    #[test]
+    fn the_byte_scan_finds_what_the_character_test_finds() {
+        let samples = [
+            "plain 10.0.0.1:80 -> 10.0.0.2:5000",
+            "\u{e9}t\u{e9} \u{9b} \u{80}\u{9f}\u{a0}\u{7e}",
+            "\x1b[31m",
+            "tab\tnl\ncr\r",
+            "\u{100}\u{c2}\u{c29f}x\x7f",
+            "\u{1f600}\x07",
+        ];
+        for s in samples {
+            for start in s.char_indices().map(|(i, _)| i) {
+                let t = &s[start..];
+                assert_eq!(first_acting(t), t.find(acts_on_a_terminal), "{t:?}");
+            }
+        }
+        // Every character up to U+0800 (all one- and two-byte encodings), alone and
+        // between two letters.
+        for c in (0..0x800u32).filter_map(char::from_u32) {
+            let t = format!("a{c}b");
+            assert_eq!(first_acting(&t), t.find(acts_on_a_terminal), "{c:?}");
+        }
+    }
+
+    /// A timestamp of [`LineTime`] reads as tracing's own does, and the two agree to
+    /// the second (taken one after the other, they may differ in the microseconds).
+    #[test]
+    fn line_time_writes_what_tracing_writes() {
+        use tracing_subscriber::fmt::format::Writer;
+        use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+        let shape = |t: &str| {
+            t.len() == 27
+                && t.bytes().enumerate().all(|(i, b)| match i {
+                    4 | 7 => b == b'-',
+                    10 => b == b'T',
+                    13 | 16 => b == b':',
+                    19 => b == b'.',
+                    26 => b == b'Z',
+                    _ => b.is_ascii_digit(),
+                })
+        };
+        let mut agreed = 0;
+        for _ in 0..2000 {
+            let (mut ours, mut theirs) = (String::new(), String::new());
+            LineTime.format_time(&mut Writer::new(&mut ours)).unwrap();
+            SystemTime
+                .format_time(&mut Writer::new(&mut theirs))
+                .unwrap();
+            assert!(shape(&ours), "{ours:?}");
+            assert!(shape(&theirs), "{theirs:?}");
+            if ours[..19] == theirs[..19] {
+                agreed += 1;
+            }
+        }
+        assert!(agreed >= 1990, "only {agreed} of 2000 in the same second");
     }
 
     #[test]

@@ -31,6 +31,13 @@ impl<K: Copy + Eq + Hash + Ord> Deadlines<K> {
         }
     }
 
+    /// Room for `n` more deadlines, so that loading many at once does not grow the
+    /// tables step by step.
+    pub fn reserve(&mut self, n: usize) {
+        self.heap.reserve(n);
+        self.live.reserve(n);
+    }
+
     /// Sets (or moves) the deadline of `key` to `at`.
     pub fn set(&mut self, key: K, at: u64) {
         if self.live.get(&key).is_some_and(|(t, _)| *t == at) {

@@ -156,6 +156,12 @@ impl Tracker {
         self.conns.len()
     }
 
+    /// Room for `n` more sockets (see [`crate::engine::Engine::expect`]).
+    pub fn reserve(&mut self, n: usize) {
+        self.conns.reserve(n);
+        self.by_id.reserve(n);
+    }
+
     pub fn is_empty(&self) -> bool {
         self.conns.is_empty()
     }
