@@ -278,9 +278,9 @@ fn acts_on_a_terminal(c: char) -> bool {
     )
 }
 
-/// Where the first character a terminal acts on starts (`acts_on_a_terminal`). A scan of bytes, not of
-/// decoded characters (the message is most of a record's length): each such character
-/// is one ASCII byte or, for a C1 code, 0xC2 followed by 0x80..=0x9F.
+/// Where the first character a terminal acts on starts (`acts_on_a_terminal`). A scan
+/// of bytes, not of decoded characters (the message is most of a record's length):
+/// each such character is one ASCII byte or, for a C1 code, 0xC2 then 0x80..=0x9F.
 fn first_acting(s: &str) -> Option<usize> {
     let b = s.as_bytes();
     b.iter().enumerate().position(|(i, &c)| match c {

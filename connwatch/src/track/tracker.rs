@@ -156,7 +156,7 @@ impl Tracker {
         self.conns.len()
     }
 
-    /// Room for `n` more sockets (see [`crate::engine::Engine::expect`]).
+    /// Room for `n` more sockets, for a one-shot run that loads a whole dump at once.
     pub fn reserve(&mut self, n: usize) {
         self.conns.reserve(n);
         self.by_id.reserve(n);
