@@ -1,6 +1,5 @@
 //! Support for unit tests: sockets as sock_diag reports them and as the map holds
-//! them, and a guard for the
-//! tests that need the real kernel.
+//! them, and a guard for the tests that need the real kernel.
 
 use connwatch_common::{ConnInfo, AF_INET};
 

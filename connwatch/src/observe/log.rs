@@ -296,11 +296,11 @@ impl<W: std::fmt::Write> std::fmt::Write for Escaping<'_, W> {
         while let Some(at) = first_acting(rest) {
             self.0.write_str(&rest[..at])?;
             let c = rest[at..].chars().next().unwrap_or_default();
-            match c {
-                '\x1b' | '\x07' | '\x08' | '\x0c' | '\x7f' => {
-                    write!(self.0, "\\x{:02x}", c as u32)?
-                }
-                c => write!(self.0, "\\u{{{:x}}}", c as u32)?,
+            // The ASCII ones as `\x1b`, the C1 codes as `\u{9b}`, as tracing writes them.
+            if c.is_ascii() {
+                write!(self.0, "\\x{:02x}", c as u32)?
+            } else {
+                write!(self.0, "\\u{{{:x}}}", c as u32)?
             }
             rest = &rest[at + c.len_utf8()..];
         }
@@ -320,41 +320,25 @@ thread_local! {
         const { std::cell::RefCell::new((u64::MAX, String::new())) };
 }
 
-/// The text of the second that `tracing`'s clock formats, when it is `secs`: asked of
-/// tracing's own formatter between two readings of the clock in the same second.
-fn second_text(secs: u64) -> Option<String> {
-    use tracing_subscriber::fmt::time::FormatTime;
-    let mut line = String::new();
-    let ok = tracing_subscriber::fmt::time::SystemTime
-        .format_time(&mut tracing_subscriber::fmt::format::Writer::new(&mut line))
-        .is_ok();
-    let after = unix_now().0;
-    let (prefix, _) = line.split_once('.')?;
-    (ok && after == secs).then(|| prefix.to_string())
-}
-
-fn unix_now() -> (u64, u32) {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    (d.as_secs(), d.subsec_micros())
-}
-
 impl tracing_subscriber::fmt::time::FormatTime for LineTime {
     fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
-        let (secs, micros) = unix_now();
+        use std::fmt::Write as _;
+        use std::time::{Duration, UNIX_EPOCH};
+        let since = std::time::SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let secs = since.as_secs();
         SECOND.with_borrow_mut(|(cached, text)| {
             if *cached != secs {
-                match second_text(secs) {
-                    Some(t) => (*cached, *text) = (secs, t),
-                    // The second turned while it was formatted: this line as tracing
-                    // writes it, the cache at the next.
-                    None => {
-                        return tracing_subscriber::fmt::time::SystemTime.format_time(w);
-                    }
-                }
+                // The calendar part, as `audit::rfc3339` writes it; its `Z` goes after
+                // the microseconds.
+                let second = UNIX_EPOCH + Duration::from_secs(secs);
+                text.clear();
+                write!(text, "{}", humantime::format_rfc3339_seconds(second))?;
+                text.pop();
+                *cached = secs;
             }
-            write!(w, "{text}.{micros:06}Z")
+            write!(w, "{text}.{:06}Z", since.subsec_micros())
         })
     }
 }
