@@ -372,44 +372,71 @@ fn one_event_wakes_a_sleeping_reader_not_a_polling_one() {
 
 /// The connection map read in batches (`BPF_MAP_LOOKUP_BATCH`) holds what reading it
 /// key by key holds: every one of a listener's connections, both ends, with the same
-/// entry. More connections than one batch, so the read spans batches.
+/// entry. More connections than one batch, so the read spans batches. IPv6 connections
+/// among them, whose addresses the kernel keeps apart: each end read either way has its
+/// own addresses and ports, as the socket itself says.
 #[test]
 fn the_map_read_in_batches_holds_what_reading_key_by_key_holds() {
     let _x = exclusive();
     let loaded = load::load_and_attach(load::Sizes::default()).expect("load the eBPF program");
     let listener = listen("127.0.0.1");
     let port = listener.local_addr().unwrap().port();
+    let listener6 = listen("[::1]");
+    let port6 = listener6.local_addr().unwrap().port();
     let n = load::BATCH_ENTRIES / 2 + 100;
     let conns: Vec<Conn> = (0..n).map(|_| Conn::open(&listener)).collect();
-    let ours = |entries: Vec<(u64, connwatch_common::ConnInfo)>| -> BTreeSet<(u64, u64, u16, u16)> {
+    let conns6: Vec<Conn> = (0..100).map(|_| Conn::open(&listener6)).collect();
+    type Row = (u64, u64, std::net::SocketAddr, std::net::SocketAddr);
+    let ours = |entries: Vec<(u64, connwatch_common::ConnInfo)>| -> BTreeSet<Row> {
         entries
             .into_iter()
-            .filter(|(_, i)| i.sport == port || i.dport == port)
-            .map(|(k, i)| (k, i.cookie, i.sport, i.dport))
+            .filter(|(_, i)| [port, port6].contains(&i.sport) || [port, port6].contains(&i.dport))
+            .filter_map(|(k, i)| {
+                let t = Tuple::from_info(&i)?;
+                Some((k, i.cookie, t.local, t.remote))
+            })
             .collect()
     };
     let batched = ours(
-        load::conn_entries_batched(&loaded.conns).expect("the kernel reads the map in batches"),
+        loaded
+            .conns
+            .entries_batched()
+            .expect("the kernel reads the map in batches"),
     );
-    let one_by_one = ours(loaded.conns.iter().filter_map(Result::ok).collect());
-    // The listener and both ends of each connection.
-    assert_eq!(one_by_one.len(), 2 * n + 1, "the map holds each end");
+    let one_by_one = ours(loaded.conns.entries_one_by_one());
+    // The listeners and both ends of each connection.
+    assert_eq!(
+        one_by_one.len(),
+        2 * n + 1 + 2 * 100 + 1,
+        "the map holds each end"
+    );
     assert!(
-        load::conn_entries(&loaded.conns).len() > load::BATCH_ENTRIES,
+        loaded.conns.entries().len() > load::BATCH_ENTRIES,
         "the read spans more than one batch"
     );
     assert_eq!(batched, one_by_one);
+    let ends: BTreeSet<(std::net::SocketAddr, std::net::SocketAddr)> = conns
+        .iter()
+        .chain(&conns6)
+        .flat_map(|c| [(c.local, c.remote), (c.remote, c.local)])
+        .collect();
+    let read: BTreeSet<_> = batched.iter().map(|(_, _, l, r)| (*l, *r)).collect();
+    for end in &ends {
+        assert!(read.contains(end), "{end:?} is read with its own addresses");
+    }
     drop(conns);
+    drop(conns6);
 }
 
 fn drain_into(loaded: &mut load::Loaded, tracker: &mut Tracker) {
     thread::sleep(Duration::from_millis(50));
     while let Some(item) = loaded.events.next() {
-        // SAFETY: the program writes whole ConnEvent records.
-        let ev = unsafe {
-            std::ptr::read_unaligned(item.as_ptr() as *const connwatch_common::ConnEvent)
+        assert!(item.len() >= std::mem::size_of::<connwatch_common::EntryEvent>());
+        // SAFETY: the program writes whole EntryEvent records (checked above).
+        let record = unsafe {
+            std::ptr::read_unaligned(item.as_ptr() as *const connwatch_common::EntryEvent)
         };
-        tracker.apply(&ev);
+        tracker.apply(&connwatch_common::ConnEvent::from_record(&record));
     }
 }
 
@@ -556,8 +583,8 @@ fn a_restarted_daemon_keeps_the_ages() {
     let d = Daemon::start(&["--max-age", "1h", "--port", &port(&l)]);
     let map = pins::open_pinned_conns().unwrap();
     let in_map: Vec<Tuple> = map
-        .iter()
-        .flatten()
+        .entries()
+        .into_iter()
         .filter_map(|(_, info)| Tuple::from_info(&info))
         .collect();
     for t in &gone_ends {

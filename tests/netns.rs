@@ -248,8 +248,8 @@ fn a_deleted_namespace_leaves_no_ghosts() {
         let ghosts_listed = rows.iter().filter(|r| r["netns"] == inode).count();
         let ghosts_mapped = connwatch::kernel::pins::open_pinned_conns()
             .unwrap()
-            .iter()
-            .flatten()
+            .entries()
+            .into_iter()
             .filter(|(_, info)| info.netns == inode)
             .count();
         if ghosts_listed == 0 && ghosts_mapped == 0 {

@@ -47,17 +47,8 @@ fn num(v: &Value) -> f64 {
     v.as_f64().unwrap_or_else(|| panic!("{v} is not a number"))
 }
 
-/// The kernel's name for this thread, which the kernel program records as the owner
-/// of the sockets it uses.
-fn my_comm() -> String {
-    std::fs::read_to_string("/proc/thread-self/comm")
-        .unwrap()
-        .trim_end()
-        .to_string()
-}
-
 /// The process's own name (its main thread's), which the daemon reads from `/proc`
-/// when it records a decision.
+/// for the pid the kernel program records as a socket's owner.
 fn my_process_comm() -> String {
     std::fs::read_to_string("/proc/self/comm")
         .unwrap()
@@ -116,7 +107,7 @@ fn list_ages_match_connections_opened_at_known_times_with_and_without_a_daemon()
     let rows = list_json(&["--port", &p]);
     assert_eq!(rows.len(), 4, "two connections, two ends each: {rows:#?}");
     check_ages(&rows, &[&old, &new], true);
-    let me = my_comm();
+    let me = my_process_comm();
     assert_eq!(row_of(&rows, &old)["process"], me.as_str());
     assert_eq!(row_of(&rows, &old)["pid"], std::process::id());
 
@@ -712,7 +703,7 @@ fn top_runs_in_a_real_80x24_terminal_and_quits_on_q() {
         states.contains("ESTABLISHED        2"),
         "two ends: {states}"
     );
-    let me = my_comm();
+    let me = my_process_comm();
     assert!(
         screen.contains(&me[..me.len().min(6)]),
         "the owner is shown:\n{screen}"

@@ -450,7 +450,8 @@ fn an_accepted_socket_shows_its_listener_but_is_protected_by_its_holder() {
         .iter()
         .find(|r| r["local"] == server_end.to_string() && r["remote"] == client_end.to_string())
         .unwrap_or_else(|| panic!("the accepted end is listed: {rows:#?}"));
-    let me = std::fs::read_to_string("/proc/thread-self/comm").unwrap();
+    // The process's name, as /proc shows it for its main thread (and `ss -p`).
+    let me = std::fs::read_to_string("/proc/self/comm").unwrap();
     assert_eq!(row["process"], me.trim_end(), "the listener's owner: {row}");
     assert_eq!(row["pid"], std::process::id(), "{row}");
     // The accepted end goes to `sleep` (as its stdin); this process keeps none of it.

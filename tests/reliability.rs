@@ -188,8 +188,8 @@ fn map_entries() -> HashMap<Tuple, ConnInfo> {
     let host = host_netns();
     pins::open_pinned_conns()
         .expect("the pinned map")
-        .iter()
-        .flatten()
+        .entries()
+        .into_iter()
         .filter(|(_, info)| info.netns == host)
         .filter_map(|(_, info)| Some((Tuple::from_info(&info)?, info)))
         .collect()

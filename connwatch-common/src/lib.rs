@@ -5,15 +5,19 @@
 //! [`LAYOUT_VERSION`] when that happens.
 #![no_std]
 
-/// Bumped whenever [`ConnInfo`] or [`ConnEvent`] change shape; part of the pin path so a
-/// new daemon never reads an old map with the wrong layout.
-pub const LAYOUT_VERSION: u32 = 4;
+/// Bumped whenever [`ConnEntry`] or [`EntryEvent`] change shape; part of the pin path so
+/// a new daemon never reads an old map with the wrong layout.
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Names of the maps, as the eBPF object declares them and bpffs pins them.
 pub const MAP_CONNS: &str = "CW_CONNS";
 pub const MAP_EVENTS: &str = "CW_EVENTS";
 pub const MAP_STATS: &str = "CW_STATS";
 pub const MAP_LISTENERS: &str = "CW_LISTENERS";
+/// The addresses of IPv6 sockets (`[local, remote]`, 32 bytes) by the connection map's
+/// key, for the entries flagged [`FLAG_ADDRS6`]: kept apart so that an entry fits the
+/// kernel's 128-byte allocation.
+pub const MAP_ADDRS6: &str = "CW_ADDRS6";
 
 /// Capacity of the listener map (one entry per listening port and network namespace;
 /// allocated as used).
@@ -139,6 +143,9 @@ pub const FLAG_OUTBOUND: u32 = 4;
 /// process that called listen() on that port), not necessarily the process holding it:
 /// shown to users, never trusted to protect it.
 pub const FLAG_OWNER_LISTENER: u32 = 8;
+/// `ConnEntry::flags`: an IPv6 socket whose addresses are not both IPv4-mapped: they are
+/// in [`MAP_ADDRS6`] under the entry's key, not in the entry.
+pub const FLAG_ADDRS6: u32 = 16;
 
 /// Key of the listener map: a listening port in a network namespace.
 #[inline(always)]
@@ -157,14 +164,143 @@ pub struct ListenOwner {
     pub cgroup_id: u64,
     pub pid: u32,
     pub _pad: u32,
-    pub comm: [u8; 16],
 }
 
-/// One tracked TCP socket: the value of the connection map, keyed by the kernel's socket
-/// address (stable for the socket's life, reused after it). The socket's identity is
-/// (`cookie`, `netns`): the cookie is the one sock_diag reports (`idiag_cookie`, and
-/// `ss -e` as `sk:`), the namespace is the inode of its network namespace. Times are
-/// `CLOCK_MONOTONIC` nanoseconds (`bpf_ktime_get_ns`).
+/// One tracked TCP socket as the kernel keeps it: the value of the connection map, keyed
+/// by the kernel's socket address (stable for the socket's life, reused after it). The
+/// socket's identity is (`cookie`, `netns`): the cookie is the one sock_diag reports
+/// (`idiag_cookie`, and `ss -e` as `sk:`), the namespace is the inode of its network
+/// namespace. Times are `CLOCK_MONOTONIC` nanoseconds (`bpf_ktime_get_ns`).
+///
+/// 64 bytes, so that with the hash table's own header each element is one 128-byte
+/// allocation: an IPv6 socket's addresses live in [`MAP_ADDRS6`] ([`FLAG_ADDRS6`]), and
+/// the owner's name is read from `/proc` when shown. Userspace reads it as a
+/// [`ConnInfo`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnEntry {
+    /// When the socket was born (connect, listen or accept); with `FLAG_BIRTH_UNKNOWN`,
+    /// when the program first saw it. Either way when the entry was made: the
+    /// generation that tells a reused socket address from an earlier socket.
+    pub first_ns: u64,
+    /// When the current state began.
+    pub state_since_ns: u64,
+    /// As [`ConnInfo::cookie`]; 0 while an accepted child's identity is pending.
+    pub cookie: u64,
+    /// The owning process's cgroup v2 id where the owner was learned; 0 = unknown.
+    pub cgroup_id: u64,
+    /// Local and remote IPv4 address (or the IPv4 address an IPv4-mapped IPv6 one
+    /// carries); zero with `FLAG_ADDRS6`.
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    /// Local and remote port, host byte order.
+    pub sport: u16,
+    pub dport: u16,
+    pub netns: u32,
+    pub pid: u32,
+    pub bound_dev_if: u32,
+    pub family: u16,
+    pub state: u8,
+    /// The `FLAG_*` bits (all below 256).
+    pub flags: u8,
+    pub _pad: u32,
+}
+
+/// `::ffff:0:0/96`, the prefix of an IPv4-mapped IPv6 address.
+const V4_MAPPED: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+
+/// The IPv4 address an IPv4-mapped IPv6 address carries (in network order, as bytes),
+/// given as two native-endian words, as the kernel program reads it; None for any other
+/// address. Word compares: a byte slice compare would be a call on the BPF target.
+#[inline(always)]
+pub fn v4_mapped(words: [u64; 2]) -> Option<[u8; 4]> {
+    let second = words[1].to_ne_bytes();
+    let prefix = u32::from_ne_bytes([second[0], second[1], second[2], second[3]]);
+    (words[0] == 0 && prefix == u32::from_ne_bytes([0, 0, 0xff, 0xff]))
+        .then_some([second[4], second[5], second[6], second[7]])
+}
+
+/// An address as the two native-endian words [`v4_mapped`] takes.
+pub fn address_words(a: &[u8; 16]) -> [u64; 2] {
+    let mut lo = [0u8; 8];
+    let mut hi = [0u8; 8];
+    lo.copy_from_slice(&a[..8]);
+    hi.copy_from_slice(&a[8..]);
+    [u64::from_ne_bytes(lo), u64::from_ne_bytes(hi)]
+}
+
+impl ConnEntry {
+    pub const fn zeroed() -> Self {
+        ConnEntry {
+            first_ns: 0,
+            state_since_ns: 0,
+            cookie: 0,
+            cgroup_id: 0,
+            saddr: [0; 4],
+            daddr: [0; 4],
+            sport: 0,
+            dport: 0,
+            netns: 0,
+            pid: 0,
+            bound_dev_if: 0,
+            family: 0,
+            state: 0,
+            flags: 0,
+            _pad: 0,
+        }
+    }
+
+    /// As [`ConnInfo::identity_pending`].
+    pub const fn identity_pending(&self) -> bool {
+        self.cookie == 0
+    }
+
+    /// What the kernel program keeps of `info`: the entry, and the addresses it keeps
+    /// apart (an IPv6 socket's, unless both are IPv4-mapped). The owner's name is not
+    /// kept.
+    pub fn of(info: &ConnInfo) -> (ConnEntry, Option<[u8; 32]>) {
+        let mut e = ConnEntry {
+            first_ns: info.seen_ns,
+            state_since_ns: info.state_since_ns,
+            cookie: info.cookie,
+            cgroup_id: info.cgroup_id,
+            saddr: [0; 4],
+            daddr: [0; 4],
+            sport: info.sport,
+            dport: info.dport,
+            netns: info.netns,
+            pid: info.pid,
+            bound_dev_if: info.bound_dev_if,
+            family: info.family,
+            state: info.state as u8,
+            flags: (info.flags & !FLAG_ADDRS6) as u8,
+            _pad: 0,
+        };
+        let (s, d) = (&info.saddr, &info.daddr);
+        if info.family != AF_INET6 {
+            e.saddr.copy_from_slice(&s[..4]);
+            e.daddr.copy_from_slice(&d[..4]);
+            return (e, None);
+        }
+        match (v4_mapped(address_words(s)), v4_mapped(address_words(d))) {
+            (Some(s4), Some(d4)) => {
+                e.saddr = s4;
+                e.daddr = d4;
+                (e, None)
+            }
+            _ => {
+                e.flags |= FLAG_ADDRS6 as u8;
+                let mut both = [0u8; 32];
+                both[..16].copy_from_slice(s);
+                both[16..].copy_from_slice(d);
+                (e, Some(both))
+            }
+        }
+    }
+}
+
+/// One tracked TCP socket as userspace reads it: a [`ConnEntry`] with its addresses in
+/// full, and the owner's name where userspace has read it (zero from the kernel).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnInfo {
@@ -227,6 +363,45 @@ impl ConnInfo {
         }
     }
 
+    /// The socket an entry describes, its IPv6 addresses from `addrs6` (`[local,
+    /// remote]`) where the entry keeps them apart (zero if they were not found).
+    pub fn from_entry(e: &ConnEntry, addrs6: Option<&[u8; 32]>) -> ConnInfo {
+        let flags = e.flags as u32;
+        let mut info = ConnInfo::zeroed();
+        info.birth_ns = if flags & FLAG_BIRTH_UNKNOWN != 0 {
+            0
+        } else {
+            e.first_ns
+        };
+        info.seen_ns = e.first_ns;
+        info.state_since_ns = e.state_since_ns;
+        if flags & FLAG_ADDRS6 != 0 {
+            if let Some(both) = addrs6 {
+                info.saddr.copy_from_slice(&both[..16]);
+                info.daddr.copy_from_slice(&both[16..]);
+            }
+        } else if e.family == AF_INET6 {
+            info.saddr[..12].copy_from_slice(&V4_MAPPED);
+            info.daddr[..12].copy_from_slice(&V4_MAPPED);
+            info.saddr[12..].copy_from_slice(&e.saddr);
+            info.daddr[12..].copy_from_slice(&e.daddr);
+        } else {
+            info.saddr[..4].copy_from_slice(&e.saddr);
+            info.daddr[..4].copy_from_slice(&e.daddr);
+        }
+        info.sport = e.sport;
+        info.dport = e.dport;
+        info.family = e.family;
+        info.state = e.state as u32;
+        info.flags = flags;
+        info.pid = e.pid;
+        info.netns = e.netns;
+        info.cookie = e.cookie;
+        info.cgroup_id = e.cgroup_id;
+        info.bound_dev_if = e.bound_dev_if;
+        info
+    }
+
     /// An accepted child recorded at its birth on a kernel that reports the birth
     /// before the socket has its identity. Before Linux 6.15, `inet_csk_clone_lock()`
     /// fires LISTEN -> SYN_RECV while the child still holds its listener's tuple (no
@@ -252,14 +427,38 @@ pub mod event_kind {
     pub const CLOSED: u32 = 4;
 }
 
-/// A lifecycle event: the socket's key, what happened, and its entry after the change.
+/// A lifecycle event as the ring buffer carries it: the socket's key, what happened, its
+/// entry after the change and, with `FLAG_ADDRS6`, its addresses.
 #[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EntryEvent {
+    pub key: u64,
+    pub kind: u32,
+    pub oldstate: u32,
+    pub entry: ConnEntry,
+    /// `[local, remote]` IPv6 addresses where the entry's flags say so; else zero.
+    pub addrs6: [u8; 32],
+}
+
+/// A lifecycle event as userspace reads it: the socket's key, what happened, and the
+/// socket after the change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnEvent {
     pub key: u64,
     pub kind: u32,
     pub oldstate: u32,
     pub info: ConnInfo,
+}
+
+impl ConnEvent {
+    pub fn from_record(r: &EntryEvent) -> ConnEvent {
+        ConnEvent {
+            key: r.key,
+            kind: r.kind,
+            oldstate: r.oldstate,
+            info: ConnInfo::from_entry(&r.entry, Some(&r.addrs6)),
+        }
+    }
 }
 
 /// Name of the one-entry array map through which the daemon tells the kernel program
@@ -374,7 +573,7 @@ pub mod stat {
 }
 
 #[cfg(feature = "user")]
-pub use user::{bpf, conn_entries_batched, obj_get, obj_info, BATCH_ENTRIES};
+pub use user::{bpf, conn_entries_batched, entries_batched, obj_get, obj_info, BATCH_ENTRIES};
 
 // Userspace only: the kernel side has no std.
 #[cfg(feature = "user")]
@@ -392,28 +591,95 @@ mod tests {
 
     #[test]
     fn layouts_have_no_padding() {
-        // 3 times, 2 addresses, 3 u16 + pad, state/flags/pid/netns, comm, cookie,
-        // cgroup id, bound_dev_if + pad: the sum of the fields is the size.
+        // 4 u64, 2 IPv4 addresses, 2 ports, netns/pid/bound_dev_if, family, state,
+        // flags, pad: the sum of the fields is the size.
         assert_eq!(
-            size_of::<ConnInfo>(),
-            3 * 8 + 32 + 4 * 2 + 4 * 4 + 16 + 8 + 8 + 4 + 4
+            size_of::<ConnEntry>(),
+            4 * 8 + 2 * 4 + 2 * 2 + 3 * 4 + 2 + 1 + 1 + 4
         );
-        assert_eq!(size_of::<ConnInfo>(), 120);
-        assert_eq!(size_of::<ConnInfo>() % 8, 0);
-        assert_eq!(size_of::<ConnEvent>(), 8 + 4 + 4 + size_of::<ConnInfo>());
-        assert_eq!(size_of::<ConnEvent>(), 136);
-        assert_eq!(size_of::<ListenOwner>(), 8 + 8 + 4 + 4 + 16);
+        // With the hash table's 48-byte header, the 8-byte key and the allocator's
+        // 8-byte link: one 128-byte object per socket.
+        assert_eq!(size_of::<ConnEntry>(), 64);
+        assert_eq!(size_of::<EntryEvent>(), 8 + 4 + 4 + 64 + 32);
+        assert_eq!(size_of::<ListenOwner>(), 8 + 8 + 4 + 4);
     }
 
     #[test]
     fn identity_fields_are_where_the_layout_says() {
-        assert_eq!(offset_of!(ConnInfo, pid), 72);
-        assert_eq!(offset_of!(ConnInfo, netns), 76);
-        assert_eq!(offset_of!(ConnInfo, comm), 80);
-        assert_eq!(offset_of!(ConnInfo, cookie), 96);
-        assert_eq!(offset_of!(ConnInfo, cgroup_id), 104);
-        assert_eq!(offset_of!(ConnInfo, bound_dev_if), 112);
-        assert_eq!(offset_of!(ConnEvent, info), 16);
+        assert_eq!(offset_of!(ConnEntry, cookie), 16);
+        assert_eq!(offset_of!(ConnEntry, netns), 44);
+        assert_eq!(offset_of!(ConnEntry, pid), 48);
+        assert_eq!(offset_of!(EntryEvent, entry), 16);
+        assert_eq!(offset_of!(EntryEvent, addrs6), 80);
+    }
+
+    fn info(family: u16, saddr: [u8; 16], daddr: [u8; 16]) -> ConnInfo {
+        let mut i = ConnInfo::zeroed();
+        i.birth_ns = 5;
+        i.seen_ns = 5;
+        i.state_since_ns = 9;
+        i.saddr = saddr;
+        i.daddr = daddr;
+        i.sport = 80;
+        i.dport = 40000;
+        i.family = family;
+        i.state = tcp_state::CLOSE_WAIT;
+        i.flags = FLAG_INBOUND | FLAG_OWNER_LISTENER;
+        i.pid = 77;
+        i.netns = 4026531840;
+        i.cookie = 1234;
+        i.cgroup_id = 99;
+        i.bound_dev_if = 3;
+        i
+    }
+
+    #[test]
+    fn mapped_addresses_are_told_by_words() {
+        let mut a = [0u8; 16];
+        a[10..12].copy_from_slice(&[0xff, 0xff]);
+        a[12..].copy_from_slice(&[192, 0, 2, 7]);
+        assert_eq!(v4_mapped(address_words(&a)), Some([192, 0, 2, 7]));
+        for i in 0..12 {
+            let mut b = a;
+            b[i] ^= 1;
+            assert_eq!(v4_mapped(address_words(&b)), None, "byte {i}");
+        }
+        assert_eq!(v4_mapped(address_words(&[0; 16])), None);
+    }
+
+    #[test]
+    fn an_entry_and_its_addresses_give_back_the_socket() {
+        let mut v4 = [0u8; 16];
+        v4[..4].copy_from_slice(&[10, 0, 0, 1]);
+        let mut v4b = [0u8; 16];
+        v4b[..4].copy_from_slice(&[10, 0, 0, 2]);
+        let mut mapped = [0u8; 16];
+        mapped[10..12].copy_from_slice(&[0xff, 0xff]);
+        mapped[12..].copy_from_slice(&[192, 0, 2, 1]);
+        let mut v6 = [0u8; 16];
+        v6[..2].copy_from_slice(&[0x20, 0x01]);
+        v6[15] = 1;
+        let mut unknown = info(AF_INET, v4, v4b);
+        unknown.flags |= FLAG_BIRTH_UNKNOWN;
+        unknown.birth_ns = 0;
+        for (i, apart) in [
+            (info(AF_INET, v4, v4b), false),
+            (unknown, false),
+            (info(AF_INET6, mapped, mapped), false),
+            (info(AF_INET6, v6, mapped), true),
+            (info(AF_INET6, [0; 16], [0; 16]), true),
+        ] {
+            let (e, addrs) = ConnEntry::of(&i);
+            assert_eq!(addrs.is_some(), apart, "{i:?}");
+            assert_eq!(e.flags as u32 & FLAG_ADDRS6 != 0, apart);
+            let mut back = ConnInfo::from_entry(&e, addrs.as_ref());
+            back.flags &= !FLAG_ADDRS6;
+            assert_eq!(back, i);
+        }
+        // Addresses kept apart but not found: the socket without them, never another's.
+        let (e, _) = ConnEntry::of(&info(AF_INET6, v6, v6));
+        let lost = ConnInfo::from_entry(&e, None);
+        assert_eq!((lost.saddr, lost.daddr), ([0; 16], [0; 16]));
     }
 
     #[test]
@@ -423,9 +689,11 @@ mod tests {
             FLAG_INBOUND,
             FLAG_OUTBOUND,
             FLAG_OWNER_LISTENER,
+            FLAG_ADDRS6,
         ];
         for (i, a) in all.iter().enumerate() {
             assert_eq!(a.count_ones(), 1);
+            assert!(*a < 256, "the entry keeps flags in a byte");
             for b in &all[i + 1..] {
                 assert_eq!(a & b, 0);
             }

@@ -8,12 +8,14 @@ use std::path::Path;
 use std::vec;
 use std::vec::Vec;
 
-use super::ConnInfo;
+use std::collections::HashMap;
+
+use super::{ConnEntry, ConnInfo, FLAG_ADDRS6};
 
 // SAFETY: all are #[repr(C)], made only of integers and byte arrays, with explicit
 // padding fields, so every bit pattern is valid and there is no hidden padding.
-unsafe impl aya::Pod for super::ConnInfo {}
-unsafe impl aya::Pod for super::ConnEvent {}
+unsafe impl aya::Pod for super::ConnEntry {}
+unsafe impl aya::Pod for super::EntryEvent {}
 unsafe impl aya::Pod for super::Filter {}
 unsafe impl aya::Pod for super::ListenOwner {}
 
@@ -83,11 +85,31 @@ pub fn obj_info(fd: BorrowedFd<'_>, info: &mut [u8]) -> io::Result<()> {
 /// (`ENOSPC`).
 pub const BATCH_ENTRIES: usize = 4096;
 
-/// Every entry of a connection map (`u64` keys, [`ConnInfo`] values), read
-/// [`BATCH_ENTRIES`] at a time with `BPF_MAP_LOOKUP_BATCH` (Linux 5.6): one system
-/// call for thousands of sockets, where iterating costs two a socket (its key, then
-/// its value). The kernel's error where it refuses a batch.
-pub fn conn_entries_batched(map: BorrowedFd<'_>) -> io::Result<Vec<(u64, ConnInfo)>> {
+/// Every entry of a connection map and its IPv6 addresses, read [`BATCH_ENTRIES`] at a
+/// time with `BPF_MAP_LOOKUP_BATCH` (Linux 5.6): one system call for thousands of
+/// sockets, where iterating costs two a socket (its key, then its value). `addrs6` is
+/// the map of [`crate::MAP_ADDRS6`], read only when some entry keeps its addresses
+/// there. The kernel's error where it refuses a batch.
+pub fn conn_entries_batched(
+    conns: BorrowedFd<'_>,
+    addrs6: Option<BorrowedFd<'_>>,
+) -> io::Result<Vec<(u64, ConnInfo)>> {
+    let entries: Vec<(u64, ConnEntry)> = entries_batched(conns)?;
+    let apart = entries
+        .iter()
+        .any(|(_, e)| e.flags as u32 & FLAG_ADDRS6 != 0);
+    let addrs: HashMap<u64, [u8; 32]> = match addrs6 {
+        Some(fd) if apart => entries_batched(fd)?.into_iter().collect(),
+        _ => HashMap::new(),
+    };
+    Ok(entries
+        .iter()
+        .map(|(k, e)| (*k, ConnInfo::from_entry(e, addrs.get(k))))
+        .collect())
+}
+
+/// Every entry of a hash map whose keys are `K` and values `V`, read in batches.
+pub fn entries_batched<K: aya::Pod, V: aya::Pod>(map: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>> {
     /// `bpf_attr` for the `BPF_MAP_*_BATCH` commands.
     #[repr(C)]
     struct BatchAttr {
@@ -100,8 +122,27 @@ pub fn conn_entries_batched(map: BorrowedFd<'_>) -> io::Result<Vec<(u64, ConnInf
         elem_flags: u64,
         flags: u64,
     }
-    let mut keys = vec![0u64; BATCH_ENTRIES];
-    let mut values = vec![ConnInfo::zeroed(); BATCH_ENTRIES];
+    // `struct bpf_map_info` begins type, id, key_size, value_size: the kernel writes
+    // whole keys and values of its own sizes into the buffers below.
+    let mut info = [0u8; 16];
+    obj_info(map, &mut info)?;
+    let size = |at: usize| u32::from_ne_bytes(info[at..at + 4].try_into().unwrap()) as usize;
+    if (size(8), size(12)) != (size_of::<K>(), size_of::<V>()) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            std::format!(
+                "the map's keys and values are {} and {} bytes, this build reads {} and {}",
+                size(8),
+                size(12),
+                size_of::<K>(),
+                size_of::<V>()
+            ),
+        ));
+    }
+    // SAFETY: Pod types are valid for any bit pattern, zero included.
+    let (k0, v0): (K, V) = unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+    let mut keys = vec![k0; BATCH_ENTRIES];
+    let mut values = vec![v0; BATCH_ENTRIES];
     let mut entries = Vec::new();
     // The kernel's position in the map between calls (a bucket index for a hash).
     let (mut at, mut next) = (0u64, 0u64);
@@ -118,8 +159,8 @@ pub fn conn_entries_batched(map: BorrowedFd<'_>) -> io::Result<Vec<(u64, ConnInf
             flags: 0,
         };
         // SAFETY: the attribute names buffers of `count` keys and values of the map's
-        // types and two 8-byte batch positions, all alive across the call; the kernel
-        // writes back `count` and the position.
+        // sizes (checked above) and two 8-byte batch positions, all alive across the call; the kernel writes back
+        // `count` and the position.
         let done = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
         let n = (attr.count as usize).min(BATCH_ENTRIES);
         entries.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));

@@ -19,7 +19,7 @@ use aya_ebpf::{
     cty::c_void,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_socket_cookie,
-        bpf_ktime_get_ns, generated,
+        bpf_ktime_get_ns,
     },
     macros::{btf_tracepoint, map},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
@@ -27,16 +27,22 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use connwatch_common::{
-    event_kind, listener_key, sends, stat, tcp_state, ConnEvent, ConnInfo, Filter, ListenOwner,
-    AF_INET, AF_INET6, DEFAULT_MAX_CONNS, DEFAULT_RING_BYTES, FLAG_BIRTH_UNKNOWN, FLAG_INBOUND,
-    FLAG_OUTBOUND, FLAG_OWNER_LISTENER, IPPROTO_TCP, MAX_LISTENERS,
+    event_kind, listener_key, sends, stat, tcp_state, v4_mapped, ConnEntry, EntryEvent, Filter,
+    ListenOwner, AF_INET, AF_INET6, DEFAULT_MAX_CONNS, DEFAULT_RING_BYTES, FLAG_ADDRS6,
+    FLAG_BIRTH_UNKNOWN, FLAG_INBOUND, FLAG_OUTBOUND, FLAG_OWNER_LISTENER, IPPROTO_TCP,
+    MAX_LISTENERS,
 };
 
 // Pinned by name: a restarted daemon finds the same maps, and the ages in them.
 // Allocated as sockets come (no preallocation): it costs what it holds, not what it
 // could hold.
 #[map(name = "CW_CONNS")]
-static CONNS: HashMap<u64, ConnInfo> = HashMap::pinned(DEFAULT_MAX_CONNS, BPF_F_NO_PREALLOC);
+static CONNS: HashMap<u64, ConnEntry> = HashMap::pinned(DEFAULT_MAX_CONNS, BPF_F_NO_PREALLOC);
+
+// The `[local, remote]` addresses of the entries flagged FLAG_ADDRS6 (IPv6 sockets not
+// talking IPv4), by the same key: apart, so that every entry fits a 128-byte object.
+#[map(name = "CW_ADDRS6")]
+static ADDRS6: HashMap<u64, [u64; 4]> = HashMap::pinned(DEFAULT_MAX_CONNS, BPF_F_NO_PREALLOC);
 
 #[map(name = "CW_EVENTS")]
 static EVENTS: RingBuf = RingBuf::pinned(DEFAULT_RING_BYTES, 0);
@@ -148,56 +154,46 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> u32 {
 }
 
 /// Records the current process as the socket's owner; only called where the current
-/// process is certainly the one using the socket (connect, listen).
+/// process is certainly the one using the socket (connect, listen). Its name is not
+/// kept: userspace reads it from /proc when it shows it.
 #[inline(always)]
-fn set_owner(info: &mut ConnInfo) {
-    info.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // Straight into the entry: the helper fills all 16 bytes (zeroes on failure), and a
-    // zeroed array on the stack first would cost a byte-by-byte memset.
-    // SAFETY: the pointer and length are those of `info.comm`.
-    unsafe {
-        generated::bpf_get_current_comm(
-            info.comm.as_mut_ptr().cast::<c_void>(),
-            info.comm.len() as u32,
-        )
-    };
+fn set_owner(entry: &mut ConnEntry) {
+    entry.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // SAFETY: no arguments; the cgroup v2 id of the current task (0 without cgroup v2).
-    info.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    entry.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
 }
 
 /// A socket entered LISTEN: remember its owner for the sockets it will accept.
 #[inline(always)]
-fn remember_listener(info: &ConnInfo) {
+fn remember_listener(entry: &ConnEntry) {
     let owner = ListenOwner {
-        cookie: info.cookie,
-        cgroup_id: info.cgroup_id,
-        pid: info.pid,
+        cookie: entry.cookie,
+        cgroup_id: entry.cgroup_id,
+        pid: entry.pid,
         _pad: 0,
-        comm: info.comm,
     };
     // A full map only costs accepted sockets their shown owner.
-    let _ = LISTENERS.insert(&listener_key(info.netns, info.sport), &owner, BPF_ANY);
+    let _ = LISTENERS.insert(&listener_key(entry.netns, entry.sport), &owner, BPF_ANY);
 }
 
 /// A listening socket closed: forget it, unless another socket listens there now.
 #[inline(always)]
-fn forget_listener(info: &ConnInfo) {
-    let key = listener_key(info.netns, info.sport);
+fn forget_listener(entry: &ConnEntry) {
+    let key = listener_key(entry.netns, entry.sport);
     // SAFETY: read-only use of a map value.
-    if unsafe { LISTENERS.get(&key) }.is_some_and(|l| l.cookie == info.cookie) {
+    if unsafe { LISTENERS.get(&key) }.is_some_and(|l| l.cookie == entry.cookie) {
         let _ = LISTENERS.remove(&key);
     }
 }
 
 /// An accepted socket takes its listener's owner, flagged as such.
 #[inline(always)]
-fn inherit_owner(info: &mut ConnInfo) {
+fn inherit_owner(entry: &mut ConnEntry) {
     // SAFETY: read-only use of a map value.
-    if let Some(l) = unsafe { LISTENERS.get(&listener_key(info.netns, info.sport)) } {
-        info.pid = l.pid;
-        copy_comm(&mut info.comm, &l.comm);
-        info.cgroup_id = l.cgroup_id;
-        info.flags |= FLAG_OWNER_LISTENER;
+    if let Some(l) = unsafe { LISTENERS.get(&listener_key(entry.netns, entry.sport)) } {
+        entry.pid = l.pid;
+        entry.cgroup_id = l.cgroup_id;
+        entry.flags |= FLAG_OWNER_LISTENER as u8;
     }
 }
 
@@ -205,8 +201,10 @@ fn inherit_owner(info: &mut ConnInfo) {
 struct Seen {
     state: u32,
     at: u64,
-    saddr: [u8; 16],
-    daddr: [u8; 16],
+    /// `[local, remote]`, two words each (an IPv4 address in the first 4 bytes of each).
+    addrs: [u64; 4],
+    /// The IPv4 addresses the entry holds; None when they are kept apart (`FLAG_ADDRS6`).
+    v4: Option<([u8; 4], [u8; 4])>,
     sport: u16,
     dport: u16,
     family: u16,
@@ -214,44 +212,76 @@ struct Seen {
 }
 
 impl Seen {
+    /// Writes what changed into the entry (its addresses if it holds them); true when
+    /// the addresses are to be kept apart.
     #[inline(always)]
-    fn write_to(&self, info: &mut ConnInfo) {
-        info.state = self.state;
-        info.state_since_ns = self.at;
-        info.saddr = self.saddr;
-        info.daddr = self.daddr;
-        info.sport = self.sport;
-        info.dport = self.dport;
-        info.family = self.family;
-        info.bound_dev_if = self.bound_dev_if;
+    fn write_to(&self, entry: &mut ConnEntry) -> bool {
+        entry.state = self.state as u8;
+        entry.state_since_ns = self.at;
+        entry.sport = self.sport;
+        entry.dport = self.dport;
+        entry.family = self.family;
+        entry.bound_dev_if = self.bound_dev_if;
+        match self.v4 {
+            Some((s, d)) => {
+                entry.saddr = s;
+                entry.daddr = d;
+                entry.flags &= !(FLAG_ADDRS6 as u8);
+                false
+            }
+            None => {
+                entry.saddr = [0; 4];
+                entry.daddr = [0; 4];
+                entry.flags |= FLAG_ADDRS6 as u8;
+                true
+            }
+        }
     }
 }
 
-/// Zeroes an entry a word at a time. A zeroed struct (`ConnInfo::zeroed`) compiles to a
-/// call to memset, which the BPF target runs as a loop of byte stores: 120 of them at
+/// Keeps the addresses apart for an entry that says so (`apart`), written only when they
+/// changed; removes them when the entry no longer needs them (`had`: it did before).
+/// False if they could not be stored (the map is full).
+#[inline(always)]
+fn follow_addrs(key: u64, apart: bool, had: bool, addrs: &[u64; 4]) -> bool {
+    if !apart {
+        if had {
+            let _ = ADDRS6.remove(&key);
+        }
+        return true;
+    }
+    if let Some(p) = ADDRS6.get_ptr_mut(&key) {
+        // SAFETY: a map value of four words; one socket's changes are serialised by its
+        // lock.
+        let old = unsafe { &mut *p };
+        if old[0] != addrs[0] || old[1] != addrs[1] || old[2] != addrs[2] || old[3] != addrs[3] {
+            old[0] = addrs[0];
+            old[1] = addrs[1];
+            old[2] = addrs[2];
+            old[3] = addrs[3];
+        }
+        return true;
+    }
+    ADDRS6.insert(&key, addrs, BPF_ANY).is_ok()
+}
+
+/// Zeroes an entry a word at a time. A zeroed struct (`ConnEntry::zeroed`) compiles to a
+/// call to memset, which the BPF target runs as a loop of byte stores: 64 of them at
 /// every birth. Volatile stores are not merged back into that call.
 ///
 /// # Safety
-/// `info` points to a writable `ConnInfo`.
+/// `entry` points to a writable `ConnEntry`.
 #[inline(always)]
-unsafe fn clear(info: *mut ConnInfo) {
-    const WORDS: usize = core::mem::size_of::<ConnInfo>() / 8;
-    const _: () = assert!(core::mem::size_of::<ConnInfo>() % 8 == 0);
-    let words = info.cast::<u64>();
+unsafe fn clear(entry: *mut ConnEntry) {
+    const WORDS: usize = core::mem::size_of::<ConnEntry>() / 8;
+    const _: () = assert!(core::mem::size_of::<ConnEntry>() % 8 == 0);
+    let words = entry.cast::<u64>();
     let mut i = 0;
     while i < WORDS {
-        // SAFETY: within the value, 8-aligned (ConnInfo holds u64 fields).
+        // SAFETY: within the value, 8-aligned (ConnEntry holds u64 fields).
         core::ptr::write_volatile(words.add(i), 0);
         i += 1;
     }
-}
-
-/// Copies a command name with word loads: an array assignment from a map value compiles
-/// to a call to memmove, a byte loop on the BPF target.
-#[inline(always)]
-fn copy_comm(dst: &mut [u8; 16], src: &[u8; 16]) {
-    // SAFETY: both are 16 bytes, distinct (a map value and the stack).
-    unsafe { core::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_mut_ptr(), 16) };
 }
 
 /// Counts one more in a per-CPU slot; returns the count on this CPU (0 if the slot is
@@ -269,26 +299,50 @@ fn count(index: u32) -> u64 {
 }
 
 /// Bytes one event takes in the ring buffer: the record and its 8-byte header.
-const EVENT_BYTES: u64 = (core::mem::size_of::<ConnEvent>() + 8) as u64;
+const EVENT_BYTES: u64 = (core::mem::size_of::<EntryEvent>() + 8) as u64;
 
 /// Writes the event straight into the ring buffer (no copy on the stack), if the
-/// daemon's filter wants it.
+/// daemon's filter wants it: the entry, and the addresses where it keeps them apart.
 #[inline(always)]
-fn send(ctx: &BtfTracePointContext, key: u64, kind: u32, oldstate: u32, info: &ConnInfo) {
+fn send(
+    ctx: &BtfTracePointContext,
+    key: u64,
+    kind: u32,
+    oldstate: u32,
+    entry: &ConnEntry,
+    addrs: &[u64; 4],
+) {
     let Some(filter) = FILTER.get(0) else {
         return;
     };
-    if !sends(filter, kind, oldstate, info.state, info.sport, info.dport) {
+    if !sends(
+        filter,
+        kind,
+        oldstate,
+        entry.state as u32,
+        entry.sport,
+        entry.dport,
+    ) {
         return;
     }
-    match EVENTS.reserve::<ConnEvent>(0) {
-        Some(mut entry) => {
-            entry.write(ConnEvent {
-                key,
-                kind,
-                oldstate,
-                info: *info,
-            });
+    match EVENTS.reserve::<EntryEvent>(0) {
+        Some(mut slot) => {
+            let ev = slot.as_mut_ptr();
+            // SAFETY: a reserved record of EntryEvent's size; every field is written,
+            // the addresses as words (EntryEvent is 8-aligned, its addresses at 80).
+            unsafe {
+                (*ev).key = key;
+                (*ev).kind = kind;
+                (*ev).oldstate = oldstate;
+                (*ev).entry = *entry;
+                let words = core::ptr::addr_of_mut!((*ev).addrs6).cast::<u64>();
+                let apart = entry.flags & FLAG_ADDRS6 as u8 != 0;
+                let mut i = 0;
+                while i < 4 {
+                    *words.add(i) = if apart { addrs[i] } else { 0 };
+                    i += 1;
+                }
+            }
             let wake = global(&CW_RB_WAKEUP_BYTES) as u64;
             let flags = if filter.wake_each != 0 {
                 // The daemon sleeps until told: this event is the first of a spell.
@@ -304,7 +358,7 @@ fn send(ctx: &BtfTracePointContext, key: u64, kind: u32, oldstate: u32, info: &C
                     BPF_RB_NO_WAKEUP
                 }
             };
-            entry.submit(flags);
+            slot.submit(flags);
         }
         None => {
             // Rare, and told once per CPU: the daemon counts every loss.
@@ -330,30 +384,34 @@ unsafe fn cookie_of(sk: *const u8) -> u64 {
 #[inline(always)]
 unsafe fn seen(sk: *const u8, state: u32, at: u64) -> Option<Seen> {
     let family: u16 = load(sk, global(&CW_OFF_SKC_FAMILY));
-    let mut saddr = [0u8; 16];
-    let mut daddr = [0u8; 16];
-    if family == AF_INET {
-        let s: [u8; 4] = load(sk, global(&CW_OFF_SKC_RCV_SADDR));
-        let d: [u8; 4] = load(sk, global(&CW_OFF_SKC_DADDR));
-        saddr[..4].copy_from_slice(&s);
-        daddr[..4].copy_from_slice(&d);
+    let (addrs, v4) = if family == AF_INET {
+        // Network order in memory: the bytes of the native-endian word are the address.
+        let s: u32 = load(sk, global(&CW_OFF_SKC_RCV_SADDR));
+        let d: u32 = load(sk, global(&CW_OFF_SKC_DADDR));
+        (
+            [s as u64, 0, d as u64, 0],
+            Some((s.to_ne_bytes(), d.to_ne_bytes())),
+        )
     } else if family == AF_INET6 {
         let s = global(&CW_OFF_SKC_V6_RCV_SADDR);
         let d = global(&CW_OFF_SKC_V6_DADDR);
         let s: [u64; 2] = [load(sk, s), load(sk, s + 8)];
         let d: [u64; 2] = [load(sk, d), load(sk, d + 8)];
-        saddr = core::mem::transmute::<[u64; 2], [u8; 16]>(s);
-        daddr = core::mem::transmute::<[u64; 2], [u8; 16]>(d);
+        let v4 = match (v4_mapped(s), v4_mapped(d)) {
+            (Some(s4), Some(d4)) => Some((s4, d4)),
+            _ => None,
+        };
+        ([s[0], s[1], d[0], d[1]], v4)
     } else {
         return None;
-    }
+    };
     let dport: u16 = load(sk, global(&CW_OFF_SKC_DPORT));
     let bound_dev_if: i32 = load(sk, global(&CW_OFF_SKC_BOUND_DEV_IF));
     Some(Seen {
         state,
         at,
-        saddr,
-        daddr,
+        addrs,
+        v4,
         // skc_num is host order, skc_dport network order: both host order here, as the
         // classic tracepoint gave them.
         sport: load(sk, global(&CW_OFF_SKC_NUM)),
@@ -389,23 +447,30 @@ unsafe fn record(ctx: &BtfTracePointContext, sk: *const u8, oldstate: u32, newst
         let cookie = cookie_of(sk);
         // The entry is copied out before it is removed. One at this address with another
         // cookie is a dead socket's whose close went unseen: reported closed all the same.
-        if let Some(info) = CONNS.get(&key) {
-            let mut info = *info;
-            info.state = newstate;
-            info.state_since_ns = now;
+        if let Some(entry) = CONNS.get(&key) {
+            let mut entry = *entry;
+            let mut addrs = [0u64; 4];
+            if entry.flags & FLAG_ADDRS6 as u8 != 0 {
+                if let Some(a) = ADDRS6.get(&key) {
+                    addrs = *a;
+                }
+                let _ = ADDRS6.remove(&key);
+            }
+            entry.state = newstate as u8;
+            entry.state_since_ns = now;
             let _ = CONNS.remove(&key);
-            if info.identity_pending() && oldstate == tcp_state::SYN_RECV {
+            if entry.identity_pending() && oldstate == tcp_state::SYN_RECV {
                 // An accepted child that dies before its identity was completed.
-                info.cookie = cookie;
-            } else if info.cookie != cookie {
+                entry.cookie = cookie;
+            } else if entry.cookie != cookie {
                 let _ = count(stat::REPLACED);
             }
             if oldstate == tcp_state::LISTEN {
-                forget_listener(&info);
+                forget_listener(&entry);
             } else {
                 let _ = count(stat::CLOSED);
             }
-            send(ctx, key, event_kind::CLOSED, oldstate, &info);
+            send(ctx, key, event_kind::CLOSED, oldstate, &entry, &addrs);
         }
         return;
     }
@@ -417,7 +482,7 @@ unsafe fn record(ctx: &BtfTracePointContext, sk: *const u8, oldstate: u32, newst
     // Before Linux 6.15 an accepted child enters SYN_RECV still holding its listener's
     // tuple (no peer: remote port 0), and the kernel sets its cookie only after this
     // tracepoint, replacing any asked for now. Its entry is made now, with the birth and
-    // no identity (`ConnInfo::identity_pending`); its next change completes it and
+    // no identity (`ConnEntry::identity_pending`); its next change completes it and
     // reports the birth. From 6.15 the child has its peer and cookie here already.
     let early_child = newstate == tcp_state::SYN_RECV && seen.dport == 0;
     let cookie = if early_child { 0 } else { cookie_of(sk) };
@@ -427,43 +492,49 @@ unsafe fn record(ctx: &BtfTracePointContext, sk: *const u8, oldstate: u32, newst
     // close went unseen (the program was detached): the new socket replaces it.
     let born = oldstate == tcp_state::CLOSE || newstate == tcp_state::SYN_RECV;
     let mut replaced = false;
+    let mut had_addrs = false;
     if !born {
-        if let Some(entry) = CONNS.get_ptr_mut(&key) {
+        if let Some(p) = CONNS.get_ptr_mut(&key) {
             // SAFETY: a map value pointer; concurrent updates of one socket's state are
             // serialised by the socket lock the kernel holds around this tracepoint.
-            let info = &mut *entry;
-            if info.cookie == cookie {
-                seen.write_to(info);
-                send(ctx, key, event_kind::STATE, oldstate, info);
-                return;
-            }
-            if info.identity_pending()
-                && info.state == tcp_state::SYN_RECV
+            let entry = &mut *p;
+            had_addrs = entry.flags & FLAG_ADDRS6 as u8 != 0;
+            let kind = if entry.cookie == cookie {
+                event_kind::STATE
+            } else if entry.identity_pending()
+                && entry.state as u32 == tcp_state::SYN_RECV
                 && oldstate == tcp_state::SYN_RECV
             {
                 // The accepted child recorded at its birth: now it has its cookie and
                 // its peer, and the daemon hears of its birth.
-                info.cookie = cookie;
-                seen.write_to(info);
-                send(ctx, key, event_kind::OPENED, oldstate, info);
+                entry.cookie = cookie;
+                event_kind::OPENED
+            } else {
+                // Another socket's entry at this address: this one is first seen now.
+                0
+            };
+            if kind != 0 {
+                let apart = seen.write_to(entry);
+                if !follow_addrs(key, apart, had_addrs, &seen.addrs) {
+                    let _ = count(stat::MAP_FULL);
+                }
+                send(ctx, key, kind, oldstate, entry, &seen.addrs);
                 return;
             }
-            // Another socket's entry at this address: this one is first seen now.
             let _ = count(stat::REPLACED);
             replaced = true;
         }
     }
 
     // A new socket, or one first seen now: that one predates the program.
-    let mut slot = core::mem::MaybeUninit::<ConnInfo>::uninit();
+    let mut slot = core::mem::MaybeUninit::<ConnEntry>::uninit();
     clear(slot.as_mut_ptr());
-    // SAFETY: every byte was just written; any bit pattern is a valid ConnInfo.
-    let info = &mut *slot.as_mut_ptr();
-    info.cookie = cookie;
-    info.netns = netns_of(sk);
-    info.birth_ns = if born { now } else { 0 };
-    info.seen_ns = now;
-    info.flags = if born {
+    // SAFETY: every byte was just written; any bit pattern is a valid ConnEntry.
+    let entry = &mut *slot.as_mut_ptr();
+    entry.cookie = cookie;
+    entry.netns = netns_of(sk);
+    entry.first_ns = now;
+    let flags = if born {
         if newstate == tcp_state::SYN_RECV {
             FLAG_INBOUND
         } else if newstate == tcp_state::SYN_SENT {
@@ -478,24 +549,32 @@ unsafe fn record(ctx: &BtfTracePointContext, sk: *const u8, oldstate: u32, newst
     } else {
         FLAG_BIRTH_UNKNOWN
     };
-    seen.write_to(info);
+    entry.flags = flags as u8;
+    let apart = seen.write_to(entry);
     // connect() and listen() run in the owner's process; everything else here may run
     // in softirq, where the current task is unrelated: an accepted socket is told its
     // listener's.
     if oldstate == tcp_state::CLOSE {
-        set_owner(info);
+        set_owner(entry);
         if newstate == tcp_state::LISTEN {
-            remember_listener(info);
+            remember_listener(entry);
         }
     } else if born {
-        inherit_owner(info);
+        inherit_owner(entry);
     }
-    let flags = if born || replaced {
+    // The addresses first, so that a reader never finds an entry without them. A dead
+    // socket's at this address (its close unseen) are replaced, or removed where its
+    // entry was found; a newborn's does not look (the daemon removes what is left).
+    let stored = follow_addrs(key, apart, had_addrs, &seen.addrs);
+    let insert = if born || replaced {
         BPF_ANY
     } else {
         BPF_NOEXIST
     };
-    if CONNS.insert(&key, &*info, flags).is_err() {
+    if !stored || CONNS.insert(&key, &*entry, insert).is_err() {
+        if apart && stored {
+            let _ = ADDRS6.remove(&key);
+        }
         // Rare, and told once per CPU: the daemon counts every one.
         if count(stat::MAP_FULL) == 1 {
             warn!(
@@ -506,9 +585,9 @@ unsafe fn record(ctx: &BtfTracePointContext, sk: *const u8, oldstate: u32, newst
         return;
     }
     // Counted here, not from the events: the filter lets few of them through.
-    if born && info.flags & FLAG_INBOUND != 0 {
+    if born && flags & FLAG_INBOUND != 0 {
         let _ = count(stat::OPENED_IN);
-    } else if born && info.flags & FLAG_OUTBOUND != 0 {
+    } else if born && flags & FLAG_OUTBOUND != 0 {
         let _ = count(stat::OPENED_OUT);
     }
     if early_child {
@@ -520,7 +599,7 @@ unsafe fn record(ctx: &BtfTracePointContext, sk: *const u8, oldstate: u32, newst
     } else {
         event_kind::DISCOVERED
     };
-    send(ctx, key, kind, oldstate, info);
+    send(ctx, key, kind, oldstate, entry, &seen.addrs);
 }
 
 #[cfg(not(test))]

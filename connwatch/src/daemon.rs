@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
-use connwatch_common::ConnEvent;
+use connwatch_common::{ConnEvent, EntryEvent};
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -166,30 +166,38 @@ const EVENT_BATCH: usize = 2048;
 thread_local! {
     /// The events of a batch, kept between drains.
     static BATCH: std::cell::RefCell<Vec<ConnEvent>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The owners' names, which the kernel program does not record.
+    static NAMES: std::cell::RefCell<kernel::procfs::Names> = std::cell::RefCell::default();
 }
 
 /// Hands the engine every event in the ring, a batch at a time; returns how many there
 /// were.
 fn drain(ring: &mut RingBuf<MapData>, engine: &mut Engine) -> usize {
     BATCH.with_borrow_mut(|batch| {
-        let mut n = 0;
-        batch.clear();
-        while let Some(item) = ring.next() {
-            if item.len() >= std::mem::size_of::<ConnEvent>() {
-                // SAFETY: the kernel program writes whole ConnEvent records; read
-                // unaligned: ring records are only 8-byte aligned by contract.
-                batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const ConnEvent) });
-                n += 1;
+        NAMES.with_borrow_mut(|names| {
+            let mut n = 0;
+            batch.clear();
+            while let Some(item) = ring.next() {
+                if item.len() >= std::mem::size_of::<EntryEvent>() {
+                    // SAFETY: the kernel program writes whole EntryEvent records; read
+                    // unaligned: ring records are only 8-byte aligned by contract.
+                    let record =
+                        unsafe { std::ptr::read_unaligned(item.as_ptr() as *const EntryEvent) };
+                    let mut ev = ConnEvent::from_record(&record);
+                    ev.info.comm = names.comm(ev.info.pid);
+                    batch.push(ev);
+                    n += 1;
+                }
+                // The record's ring space is free again before the batch's work.
+                drop(item);
+                if batch.len() == EVENT_BATCH {
+                    engine.on_events(batch);
+                    batch.clear();
+                }
             }
-            // The record's ring space is free again before the batch's work.
-            drop(item);
-            if batch.len() == EVENT_BATCH {
-                engine.on_events(batch);
-                batch.clear();
-            }
-        }
-        engine.on_events(batch);
-        n
+            engine.on_events(batch);
+            n
+        })
     })
 }
 
@@ -246,7 +254,11 @@ fn full_reconcile(
     }
     let (done, stale) = engine.reconcile(Some(conns), &dump, now);
     for key in &stale {
-        let _ = conns.remove(key);
+        conns.remove(*key);
+    }
+    let unclaimed = conns.remove_unclaimed();
+    if unclaimed > 0 {
+        tracing::info!("removed the IPv6 addresses of {unclaimed} sockets whose close went unseen");
     }
     if let Some(map) = first_seen {
         let unwritten = kernel::write_first_seen(map, &done.first_seen_set, &done.first_seen_gone);
@@ -363,10 +375,7 @@ pub async fn run(opts: Options) -> Result<()> {
     // are reported from here: since this start, not since boot.
     let start_stats = read_stats().unwrap_or_default();
     let mut last_stats = start_stats;
-    let capacity = {
-        use aya::maps::IterableMap;
-        conns.map().info().map(|i| i.max_entries()).unwrap_or(0)
-    };
+    let capacity = conns.max_entries();
     let mut pace = Pace::new(STATS_EVERY, RECONCILE_MAX_EVERY);
     let mut told_map_full = false;
     let done = full_reconcile(

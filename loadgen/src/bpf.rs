@@ -7,7 +7,7 @@ use std::mem::size_of;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
-use connwatch_common::{bpf, obj_get, obj_info, ConnInfo};
+use connwatch_common::{bpf, obj_get, obj_info, ConnEntry, ConnInfo, MAP_ADDRS6, MAP_CONNS};
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 
@@ -31,17 +31,20 @@ pub fn info_u64(info: &HashMap<String, String>, key: &str) -> u64 {
     info.get(key).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
-/// Every entry of the connection map (u64 key, ConnInfo value), read in batches.
-pub fn conns(fd: &OwnedFd) -> io::Result<Vec<(u64, ConnInfo)>> {
-    let info = fdinfo(fd)?;
+/// Every socket of the connection map pinned in `pin_dir`, with the IPv6 addresses
+/// kept beside it, read in batches.
+pub fn conns(pin_dir: &Path) -> io::Result<Vec<(u64, ConnInfo)>> {
+    let fd = open(&pin_dir.join(MAP_CONNS))?;
+    let info = fdinfo(&fd)?;
     let value_size = info_u64(&info, "value_size") as usize;
-    if value_size != size_of::<ConnInfo>() {
+    if value_size != size_of::<ConnEntry>() {
         return Err(io::Error::other(format!(
-            "the pinned map's values are {value_size} bytes, this build's ConnInfo {}: rebuild loadgen",
-            size_of::<ConnInfo>()
+            "the pinned map's values are {value_size} bytes, this build's entry {}: rebuild loadgen",
+            size_of::<ConnEntry>()
         )));
     }
-    connwatch_common::conn_entries_batched(fd.as_fd())
+    let addrs6 = open(&pin_dir.join(MAP_ADDRS6))?;
+    connwatch_common::conn_entries_batched(fd.as_fd(), Some(addrs6.as_fd()))
 }
 
 /// The sum over CPUs of slot `index` of a per-CPU u64 array.

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use connwatch_common::{stat, tcp_state, AF_INET, MAP_CONNS, MAP_EVENTS, MAP_STATS};
+use connwatch_common::{stat, tcp_state, AF_INET, MAP_ADDRS6, MAP_CONNS, MAP_EVENTS, MAP_STATS};
 
 use crate::bpf;
 use crate::diag::{self, Diag};
@@ -77,10 +77,11 @@ pub fn rusage(cmd: &[String], out: Option<&Path>, timeout_secs: f64) -> Result<(
     Ok(())
 }
 
-/// Prints, for each pinned map, `map <name> <max_entries> <memlock_bytes>`; then
-/// `entries <n>` for the connection map and `stats <events> <map_full> <ring_full>`.
+/// Prints, for each pinned map (the connection map and its IPv6 addresses, the ring,
+/// the counters), `map <name> <max_entries> <memlock_bytes>`; then `entries <n>` for
+/// the connection map and `stats <events> <map_full> <ring_full>`.
 pub fn maps(pin_dir: &Path) -> Result<()> {
-    for name in [MAP_CONNS, MAP_EVENTS, MAP_STATS] {
+    for name in [MAP_CONNS, MAP_ADDRS6, MAP_EVENTS, MAP_STATS] {
         let fd = bpf::open(&pin_dir.join(name))?;
         let info = bpf::fdinfo(&fd)?;
         println!(
@@ -89,8 +90,7 @@ pub fn maps(pin_dir: &Path) -> Result<()> {
             bpf::info_u64(&info, "memlock")
         );
     }
-    let conns = bpf::open(&pin_dir.join(MAP_CONNS))?;
-    println!("entries {}", bpf::conns(&conns)?.len());
+    println!("entries {}", bpf::conns(pin_dir)?.len());
     let stats = bpf::open(&pin_dir.join(MAP_STATS))?;
     println!(
         "stats {} {} {}",
@@ -156,8 +156,7 @@ fn listed(connwatch: &Path, lo: u16, hi: u16) -> Result<(HashSet<Tuple>, usize)>
 pub fn agree(pin_dir: &Path, lo: u16, hi: u16, connwatch: Option<&Path>) -> Result<()> {
     let before = kernel_table(lo, hi)?;
     let list = connwatch.map(|c| listed(c, lo, hi)).transpose()?;
-    let fd = bpf::open(&pin_dir.join(MAP_CONNS))?;
-    let entries = bpf::conns(&fd)?;
+    let entries = bpf::conns(pin_dir)?;
     let after = kernel_table(lo, hi)?;
     let mut map: HashMap<Tuple, u32> = HashMap::new();
     for (_, info) in &entries {

@@ -14,7 +14,7 @@ use super::protocol::{error, AgeBucket, Counters, KernelCounts, Reply, Request, 
 use crate::clock::monotonic_ns;
 use crate::engine::Engine;
 use crate::kernel::netns::Namespaces;
-use crate::kernel::{conn_entries, ConnMap, Stats};
+use crate::kernel::{ConnMap, Stats};
 use crate::observe::journal::Journal;
 use crate::observe::view::{self, Query, SortKey};
 use crate::track::{Source, Tracked};
@@ -40,7 +40,8 @@ pub fn unfollowed(engine: &Engine, conns: Option<&ConnMap>) -> HashMap<u64, Trac
     let Some(conns) = conns else {
         return HashMap::new();
     };
-    conn_entries(conns)
+    conns
+        .entries()
         .into_iter()
         .filter(|(key, _)| {
             engine

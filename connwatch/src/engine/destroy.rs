@@ -80,7 +80,7 @@ pub fn recheck(
     let live =
         looked_up.map_err(|e| Outcome::Failed(DestroyError::Other(std::io::Error::other(e))))?;
     let entry = match (chosen.source, conns) {
-        (Source::Map, Some(conns)) => conns.get(&key, 0).ok(),
+        (Source::Map, Some(conns)) => conns.get(key),
         _ => None,
     };
     verify(chosen, entry.as_ref(), live.as_ref()).map_err(Outcome::Skipped)?;

@@ -250,8 +250,8 @@ impl Engine {
             return false;
         };
         if let (Source::Map, Some(conns)) = (before.source, conns) {
-            match conns.get(&key, 0) {
-                Ok(info) if self.tracker.refresh(key, &info) => {}
+            match conns.get(key) {
+                Some(info) if self.tracker.refresh(key, &info) => {}
                 _ => {
                     self.tracker.remove(key);
                     self.plan(key);
@@ -382,8 +382,9 @@ impl Engine {
         }
     }
 
-    /// The owner to judge protection by: the process's own name where the kernel saw it
-    /// connect or listen (the program sees thread names), else whoever of the protected
+    /// The owner to judge protection by: the process's own name now where the kernel saw
+    /// it connect or listen (the name it had when read, if it has exited since), else
+    /// whoever of the protected
     /// processes holds the socket's inode (an accepted socket's listener may have handed
     /// it to another process).
     pub(super) fn owner_of(

@@ -30,7 +30,7 @@ impl Engine {
         // after it.
         let mut adopted = Vec::new();
         if self.is_filtered() {
-            for (key, info) in conns.into_iter().flat_map(|c| c.iter()).flatten() {
+            for (key, info) in conns.into_iter().flat_map(|c| c.entries()) {
                 if Tuple::from_info(&info) != Some(tuple) {
                     continue;
                 }

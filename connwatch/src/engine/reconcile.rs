@@ -8,7 +8,7 @@ use super::per_ip::PerIp;
 use super::{ms, Engine};
 use crate::conn::{cookie_from_diag, Birth, SockId, TcpState};
 use crate::kernel::netns::Dump;
-use crate::kernel::{conn_entries, ConnMap};
+use crate::kernel::ConnMap;
 use crate::policy::Policy;
 use crate::track::{Seed, Source, Tracked};
 use connwatch_common::ConnInfo;
@@ -104,7 +104,7 @@ impl Engine {
         dump: &Dump,
         now: u64,
     ) -> (Reconciled, Vec<u64>) {
-        let entries = conns.map(conn_entries).unwrap_or_default();
+        let entries = conns.map(ConnMap::entries).unwrap_or_default();
         self.reconcile_with(entries.into_iter(), dump, now)
     }
 

@@ -11,11 +11,12 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::BtfTracePoint;
 use aya::{Btf, Ebpf, EbpfLoader};
 use connwatch_common::{
-    sock_globals, stat, ConnInfo, Filter, DEFAULT_RING_BYTES, LAYOUT_VERSION, MAP_CONNS,
+    sock_globals, stat, Filter, DEFAULT_RING_BYTES, LAYOUT_VERSION, MAP_ADDRS6, MAP_CONNS,
     MAP_EVENTS, MAP_FILTER, MAP_FIRST_SEEN, MAP_STATS, SET_STATE_PROGRAM,
 };
 
 use crate::kernel::btf::SockOffsets;
+use crate::kernel::conns::ConnMap;
 use crate::kernel::fs::ensure_filesystems;
 use crate::kernel::layout::{check_hook, Hook, HOOKS};
 use crate::kernel::pins::{
@@ -25,7 +26,6 @@ use crate::kernel::pins::{
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/connwatch.bpf.o"));
 
-pub type ConnMap = HashMap<MapData, u64, ConnInfo>;
 pub type FilterMap = Array<MapData, Filter>;
 /// First sightings of sockets older than connwatch: `[cookie, netns inode]` -> ns.
 pub type FirstSeenMap = HashMap<MapData, [u64; 2], u64>;
@@ -212,6 +212,7 @@ pub fn load_and_attach(sizes: Sizes) -> Result<Loaded> {
     loader.override_global(sock_globals::RB_WAKEUP_BYTES, &wakeup, true);
     if let Some(n) = sizes.max_conns {
         loader.map_max_entries(MAP_CONNS, n);
+        loader.map_max_entries(MAP_ADDRS6, n);
     }
     if let Some(n) = sizes.ring_bytes {
         loader.map_max_entries(MAP_EVENTS, n);
@@ -272,7 +273,7 @@ pub fn load_and_attach(sizes: Sizes) -> Result<Loaded> {
             }
         }
     }
-    let conns = ConnMap::try_from(conns_map)?;
+    let conns = ConnMap::new(conns_map, ebpf.take_map(MAP_ADDRS6))?;
     let mut events = RingBuf::try_from(ebpf.take_map(MAP_EVENTS).context("no event ring")?)?;
     let mut stale = 0u64;
     while events.next().is_some() {
@@ -306,20 +307,7 @@ pub fn load_and_attach(sizes: Sizes) -> Result<Loaded> {
     })
 }
 
-/// Every entry of the connection map, read in batches
-/// ([`connwatch_common::conn_entries_batched`]: 200,000 sockets read key by key took
-/// most of a second to list); iterated where the kernel refuses a batch.
-pub fn conn_entries(map: &ConnMap) -> Vec<(u64, ConnInfo)> {
-    conn_entries_batched(map).unwrap_or_else(|_| map.iter().filter_map(Result::ok).collect())
-}
-
 pub use connwatch_common::BATCH_ENTRIES;
-
-/// [`conn_entries`] by batches only: the kernel's error where it refuses one.
-pub fn conn_entries_batched(map: &ConnMap) -> std::io::Result<Vec<(u64, ConnInfo)>> {
-    use aya::maps::IterableMap;
-    connwatch_common::conn_entries_batched(map.map().fd().as_fd())
-}
 
 /// Tells the kernel program what to send: `filter` (its `active` 0 sends nothing).
 pub fn write_filter(map: &mut FilterMap, filter: &Filter) -> Result<()> {

@@ -4,6 +4,7 @@
 
 pub mod btf;
 pub mod cgroup;
+pub mod conns;
 pub mod firewall;
 pub mod fs;
 pub mod layout;
@@ -14,7 +15,8 @@ pub mod privilege;
 pub mod procfs;
 pub mod sock_diag;
 
+pub use conns::ConnMap;
 pub use load::{
-    conn_entries, load_and_attach, read_first_seen, read_stats, write_filter, write_first_seen,
-    ConnMap, FilterMap, FirstSeenMap, Loaded, Sizes, Stats,
+    load_and_attach, read_first_seen, read_stats, write_filter, write_first_seen, FilterMap,
+    FirstSeenMap, Loaded, Sizes, Stats,
 };

@@ -10,10 +10,11 @@ use std::sync::LazyLock;
 
 use anyhow::{Context, Result};
 use aya::maps::{Map, MapData};
-use connwatch_common::{obj_get, obj_info, LAYOUT_VERSION, MAP_CONNS, MAP_FIRST_SEEN};
+use connwatch_common::{obj_get, obj_info, LAYOUT_VERSION, MAP_ADDRS6, MAP_CONNS, MAP_FIRST_SEEN};
 
+use crate::kernel::conns::ConnMap;
 use crate::kernel::layout::Hook;
-use crate::kernel::load::{ConnMap, FirstSeenMap};
+use crate::kernel::load::FirstSeenMap;
 
 /// Where every layout's pins live; `cleanup` empties it.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/connwatch";
@@ -180,7 +181,10 @@ pub fn open_pinned_conns() -> Result<ConnMap> {
             path.display()
         )
     })?;
-    Ok(ConnMap::try_from(Map::HashMap(data))?)
+    // Pinned beside it by the same build (the layout is in the pin path).
+    let addrs6 = MapData::from_pin(Path::new(PIN_DIR.as_str()).join(MAP_ADDRS6))
+        .with_context(|| format!("cannot open {MAP_ADDRS6} beside {}", path.display()))?;
+    ConnMap::new(Map::HashMap(data), Some(Map::HashMap(addrs6)))
 }
 
 /// Opens the pinned map of first sightings of sockets older than connwatch.

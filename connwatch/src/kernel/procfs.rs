@@ -1,10 +1,12 @@
-//! Who owns a socket, from `/proc`, for the sockets the kernel program could not
-//! attribute (never used by a process since connwatch watched). Asked only when a
+//! Who owns a socket, from `/proc`: the names of the processes the kernel program
+//! recorded by pid, and for the sockets it could not attribute (never used by a process
+//! since connwatch watched) the holders of their inodes. Those are asked only when a
 //! socket is about to be destroyed, and then only of the protected processes: their
 //! descriptors are few, where a walk of every process's descriptors is not.
 
 use std::collections::HashMap;
 use std::fs;
+use std::time::{Duration, Instant};
 
 use crate::conn::Owner;
 
@@ -12,6 +14,40 @@ use crate::conn::Owner;
 pub fn process_name(pid: u32) -> Option<String> {
     let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
     Some(comm.trim_end_matches('\n').to_string())
+}
+
+/// How long a process name read from /proc is taken as still right: names are shown,
+/// not trusted (a decision reads the name again), and a pid is rarely reused sooner.
+const NAME_FRESH: Duration = Duration::from_secs(1);
+
+/// Process names by pid, each read from /proc at most once a [`NAME_FRESH`]: the kernel
+/// program keeps a socket's owner's pid, not its name.
+#[derive(Default)]
+pub struct Names {
+    known: HashMap<u32, ([u8; 16], Instant)>,
+}
+
+impl Names {
+    /// The name of process `pid` as the kernel's 16-byte command name (zero when the
+    /// process is gone or `pid` is 0, unknown).
+    pub fn comm(&mut self, pid: u32) -> [u8; 16] {
+        if pid == 0 {
+            return [0; 16];
+        }
+        let now = Instant::now();
+        if let Some((comm, at)) = self.known.get(&pid) {
+            if now.duration_since(*at) < NAME_FRESH {
+                return *comm;
+            }
+        }
+        if self.known.len() >= 4096 {
+            self.known
+                .retain(|_, (_, at)| now.duration_since(*at) < NAME_FRESH);
+        }
+        let comm = process_name(pid).map_or([0; 16], |n| Owner::new(pid, &n).comm);
+        self.known.insert(pid, (comm, now));
+        comm
+    }
 }
 
 /// The socket inodes held by processes with one of these names, with their owner.

@@ -420,7 +420,7 @@ pub fn read_local() -> Result<Vec<Item>> {
     let mut entries = HashMap::new();
     match pins::open_pinned_conns() {
         Ok(map) => {
-            for (_, info) in map.iter().flatten() {
+            for (_, info) in map.entries() {
                 if let Some(t) = Tracked::from_info(&info) {
                     entries.insert(t.id, t);
                 }

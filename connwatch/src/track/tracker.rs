@@ -88,9 +88,12 @@ impl Tracked {
     }
 
     /// The owner protections may be judged by: one the kernel saw use the socket
-    /// (connect, listen) or /proc found holding it, never a listener's.
+    /// (connect, listen) or /proc found holding it, never a listener's. Not one without
+    /// a name: the kernel keeps the pid alone, and a process gone when the socket was
+    /// read may have left it to another (a child), whose name only its inode tells.
     pub fn trusted_owner(&self) -> Option<Owner> {
-        self.owner.filter(|_| !self.owner_from_listener)
+        self.owner
+            .filter(|o| !self.owner_from_listener && !o.name().is_empty())
     }
 
     /// When the connection last did something: its last data, or its birth.
@@ -470,11 +473,20 @@ mod tests {
         // A socket that connected is its own process's.
         let mut out = info(tcp_state::ESTABLISHED, 40001, 8, 0);
         out.pid = 12;
+        out.comm[..4].copy_from_slice(b"curl");
         t.apply(&ev_at(SK + 64, event_kind::OPENED, out));
         assert_eq!(
             t.get(SK + 64).unwrap().trusted_owner().map(|o| o.pid),
             Some(12)
         );
+        // Unless its process had gone when the socket was read (no name): a child may
+        // hold it now, which only the socket's inode tells.
+        let mut orphan = info(tcp_state::ESTABLISHED, 40002, 9, 0);
+        orphan.pid = 13;
+        t.apply(&ev_at(SK + 128, event_kind::OPENED, orphan));
+        let got = t.get(SK + 128).unwrap();
+        assert_eq!(got.owner.map(|o| o.pid), Some(13), "shown");
+        assert_eq!(got.trusted_owner(), None, "not trusted");
     }
 
     #[test]

@@ -297,7 +297,11 @@ impl Tools {
                     m.memlock += n(3);
                     if f.get(1) == Some(&"CW_CONNS") {
                         m.conns_max = n(2);
-                        m.conns_memlock = n(3);
+                        m.conns_memlock += n(3);
+                    }
+                    // The IPv6 addresses kept beside the entries are the map's too.
+                    if f.get(1) == Some(&"CW_ADDRS6") {
+                        m.conns_memlock += n(3);
                     }
                 }
                 Some(&"entries") => m.entries = n(1),

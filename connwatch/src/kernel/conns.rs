@@ -1,0 +1,129 @@
+//! The connection map as userspace reads it: each entry joined with the addresses kept
+//! apart for IPv6 sockets (`CW_ADDRS6`) and its owner's name from /proc, as one
+//! [`ConnInfo`].
+
+use std::collections::HashSet;
+use std::os::fd::AsFd;
+use std::sync::Mutex;
+
+use anyhow::{Context, Result};
+use aya::maps::{HashMap, IterableMap, Map, MapData};
+use connwatch_common::{ConnEntry, ConnInfo, FLAG_ADDRS6};
+
+use crate::kernel::procfs::Names;
+
+type Entries = HashMap<MapData, u64, ConnEntry>;
+type Addrs6 = HashMap<MapData, u64, [u8; 32]>;
+
+/// The pinned connection map and the addresses beside it.
+pub struct ConnMap {
+    entries: Entries,
+    /// None only for an object without the map, where no entry is flagged.
+    addrs6: Option<Addrs6>,
+    names: Mutex<Names>,
+}
+
+impl ConnMap {
+    pub fn new(entries: Map, addrs6: Option<Map>) -> Result<ConnMap> {
+        Ok(ConnMap {
+            entries: Entries::try_from(entries).context("the connection map")?,
+            addrs6: addrs6
+                .map(Addrs6::try_from)
+                .transpose()
+                .context("the map of IPv6 addresses")?,
+            names: Mutex::default(),
+        })
+    }
+
+    /// The socket at `key`, if the map holds one.
+    pub fn get(&self, key: u64) -> Option<ConnInfo> {
+        let e = self.entries.get(&key, 0).ok()?;
+        let addrs = (e.flags as u32 & FLAG_ADDRS6 != 0)
+            .then(|| self.addrs6.as_ref()?.get(&key, 0).ok())
+            .flatten();
+        let mut info = ConnInfo::from_entry(&e, addrs.as_ref());
+        info.comm = self.names().comm(info.pid);
+        Some(info)
+    }
+
+    /// Removes the socket at `key` and its addresses.
+    pub fn remove(&mut self, key: u64) {
+        let _ = self.entries.remove(&key);
+        if let Some(a) = self.addrs6.as_mut() {
+            let _ = a.remove(&key);
+        }
+    }
+
+    /// Removes the addresses no entry claims (a socket at a reused address whose close
+    /// went unseen can leave them); returns how many. The addresses are read before the
+    /// entries: the kernel program stores a socket's addresses just before its entry,
+    /// so by the time the entries are read every live socket claims its own.
+    pub fn remove_unclaimed(&mut self) -> usize {
+        let Some(a) = self.addrs6.as_mut() else {
+            return 0;
+        };
+        let kept: Vec<(u64, [u8; 32])> =
+            connwatch_common::entries_batched(a.map().fd().as_fd()).unwrap_or_default();
+        if kept.is_empty() {
+            return 0;
+        }
+        let Ok(entries) =
+            connwatch_common::entries_batched::<u64, ConnEntry>(self.entries.map().fd().as_fd())
+        else {
+            return 0;
+        };
+        let claimed: HashSet<u64> = entries
+            .iter()
+            .filter(|(_, e)| e.flags as u32 & FLAG_ADDRS6 != 0)
+            .map(|(k, _)| *k)
+            .collect();
+        kept.iter()
+            .filter(|(k, _)| !claimed.contains(k) && a.remove(k).is_ok())
+            .count()
+    }
+
+    pub fn max_entries(&self) -> u32 {
+        self.entries
+            .map()
+            .info()
+            .map(|i| i.max_entries())
+            .unwrap_or(0)
+    }
+
+    /// Every socket the map holds, read in batches
+    /// ([`connwatch_common::conn_entries_batched`]: 200,000 sockets read key by key took
+    /// most of a second to list); key by key where the kernel refuses a batch.
+    pub fn entries(&self) -> Vec<(u64, ConnInfo)> {
+        self.entries_batched()
+            .unwrap_or_else(|_| self.entries_one_by_one())
+    }
+
+    /// [`ConnMap::entries`] by batches only: the kernel's error where it refuses one.
+    pub fn entries_batched(&self) -> std::io::Result<Vec<(u64, ConnInfo)>> {
+        let mut all = connwatch_common::conn_entries_batched(
+            self.entries.map().fd().as_fd(),
+            self.addrs6.as_ref().map(|a| a.map().fd().as_fd()),
+        )?;
+        self.name(&mut all);
+        Ok(all)
+    }
+
+    /// [`ConnMap::entries`] key by key.
+    pub fn entries_one_by_one(&self) -> Vec<(u64, ConnInfo)> {
+        let keys: Vec<u64> = self.entries.keys().filter_map(Result::ok).collect();
+        keys.into_iter()
+            .filter_map(|k| Some((k, self.get(k)?)))
+            .collect()
+    }
+
+    fn names(&self) -> std::sync::MutexGuard<'_, Names> {
+        self.names.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn name(&self, all: &mut [(u64, ConnInfo)]) {
+        let mut names = self.names();
+        for (_, info) in all {
+            info.comm = names.comm(info.pid);
+        }
+    }
+}
