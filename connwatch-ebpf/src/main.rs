@@ -550,7 +550,15 @@ unsafe fn record(ctx: &BtfTracePointContext, sk: *const u8, oldstate: u32, newst
         FLAG_BIRTH_UNKNOWN
     };
     entry.flags = flags as u8;
-    let apart = seen.write_to(entry);
+    let mut apart = seen.write_to(entry);
+    if early_child {
+        // Its tuple is its listener's, which nothing reads (no identity yet): no
+        // addresses are kept for it until its next change gives it its own.
+        entry.saddr = [0; 4];
+        entry.daddr = [0; 4];
+        entry.flags &= !(FLAG_ADDRS6 as u8);
+        apart = false;
+    }
     // connect() and listen() run in the owner's process; everything else here may run
     // in softirq, where the current task is unrelated: an accepted socket is told its
     // listener's.
