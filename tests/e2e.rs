@@ -563,6 +563,63 @@ fn an_unselected_connection_is_listed_with_its_age_and_followed_after_a_reload()
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// IPv6 addresses that no entry claims are removed when a daemon starts; a live IPv6
+/// connection keeps its own. A socket can leave its addresses unclaimed when its close
+/// went unseen and a new socket took its address. The test writes such an element
+/// itself, at a key no socket has.
+#[test]
+fn addresses_no_entry_claims_are_removed_and_a_live_sockets_kept() {
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+    let _x = exclusive();
+    let loaded = load::load_and_attach(load::Sizes::default()).expect("load the eBPF program");
+    drop(loaded);
+    let l = listen("[::1]");
+    let c = Conn::open(&l);
+    let path = std::path::Path::new(pins::PIN_DIR.as_str()).join(connwatch_common::MAP_ADDRS6);
+    let open = || -> BpfHashMap<MapData, u64, [u8; 32]> {
+        BpfHashMap::try_from(Map::HashMap(MapData::from_pin(&path).unwrap())).unwrap()
+    };
+    // Kernel socket addresses are 8-aligned kernel pointers: never 1.
+    const ORPHAN: u64 = 1;
+    open().insert(ORPHAN, [7u8; 32], 0).unwrap();
+    let ours = |m: &BpfHashMap<MapData, u64, [u8; 32]>| -> usize {
+        let mine: [u8; 16] = std::net::Ipv6Addr::LOCALHOST.octets();
+        m.iter()
+            .filter_map(Result::ok)
+            .filter(|(_, a)| a[..16] == mine && a[16..] == mine)
+            .count()
+    };
+    let live_before = ours(&open());
+    assert!(
+        live_before >= 2,
+        "both ends of the connection keep their addresses"
+    );
+    let d = Daemon::start(&["--max-age", "1h", "--port", &port(&l)]);
+    d.wait_for(
+        "removed the IPv6 addresses of 1 sockets whose close went unseen",
+        Duration::from_secs(10),
+    );
+    let after = open();
+    assert!(
+        after.get(&ORPHAN, 0).is_err(),
+        "the unclaimed element is gone"
+    );
+    assert_eq!(
+        ours(&after),
+        live_before,
+        "the live sockets' addresses stay"
+    );
+    // And the connection is listed with them.
+    let out = Command::new(BIN).args(["list", "--json"]).output().unwrap();
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        rows.iter()
+            .any(|r| r["local"] == c.local.to_string() && r["remote"] == c.remote.to_string()),
+        "{rows:#?}"
+    );
+    d.stop();
+}
+
 #[test]
 fn a_restarted_daemon_keeps_the_ages() {
     let _x = exclusive();
