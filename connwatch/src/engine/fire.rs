@@ -384,9 +384,8 @@ impl Engine {
 
     /// The owner to judge protection by: the process's own name now where the kernel saw
     /// it connect or listen (the name it had when read, if it has exited since), else
-    /// whoever of the protected
-    /// processes holds the socket's inode (an accepted socket's listener may have handed
-    /// it to another process).
+    /// whoever of the protected processes holds the socket's inode (an accepted socket's
+    /// listener may have handed it to another process).
     pub(super) fn owner_of(
         &self,
         chosen: &Tracked,
