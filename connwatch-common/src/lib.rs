@@ -230,26 +230,6 @@ pub fn address_words(a: &[u8; 16]) -> [u64; 2] {
 }
 
 impl ConnEntry {
-    pub const fn zeroed() -> Self {
-        ConnEntry {
-            first_ns: 0,
-            state_since_ns: 0,
-            cookie: 0,
-            cgroup_id: 0,
-            saddr: [0; 4],
-            daddr: [0; 4],
-            sport: 0,
-            dport: 0,
-            netns: 0,
-            pid: 0,
-            bound_dev_if: 0,
-            family: 0,
-            state: 0,
-            flags: 0,
-            _pad: 0,
-        }
-    }
-
     /// As [`ConnInfo::identity_pending`].
     pub const fn identity_pending(&self) -> bool {
         self.cookie == 0

@@ -1,14 +1,13 @@
 //! Userspace only (the `user` feature): the shared types as aya reads them, and the
 //! raw bpf(2) calls that aya does not offer, shared by the daemon and loadgen.
 
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::vec;
 use std::vec::Vec;
-
-use std::collections::HashMap;
 
 use super::{ConnEntry, ConnInfo, FLAG_ADDRS6};
 
@@ -159,8 +158,8 @@ pub fn entries_batched<K: aya::Pod, V: aya::Pod>(map: BorrowedFd<'_>) -> io::Res
             flags: 0,
         };
         // SAFETY: the attribute names buffers of `count` keys and values of the map's
-        // sizes (checked above) and two 8-byte batch positions, all alive across the call; the kernel writes back
-        // `count` and the position.
+        // sizes (checked above) and two 8-byte batch positions, all alive across the
+        // call; the kernel writes back `count` and the position.
         let done = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
         let n = (attr.count as usize).min(BATCH_ENTRIES);
         entries.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));

@@ -239,8 +239,7 @@ impl Seen {
     }
 }
 
-/// Keeps the addresses apart for an entry that says so (`apart`), written only when they
-/// changed; removes them when the entry no longer needs them (`had`: it did before).
+/// Keeps the addresses apart for an entry that says so (`apart`); removes them when the entry no longer needs them (`had`: it did before).
 /// False if they could not be stored (the map is full).
 #[inline(always)]
 fn follow_addrs(key: u64, apart: bool, had: bool, addrs: &[u64; 4]) -> bool {
@@ -252,21 +251,15 @@ fn follow_addrs(key: u64, apart: bool, had: bool, addrs: &[u64; 4]) -> bool {
     }
     if let Some(p) = ADDRS6.get_ptr_mut(&key) {
         // SAFETY: a map value of four words; one socket's changes are serialised by its
-        // lock.
-        let old = unsafe { &mut *p };
-        if old[0] != addrs[0] || old[1] != addrs[1] || old[2] != addrs[2] || old[3] != addrs[3] {
-            old[0] = addrs[0];
-            old[1] = addrs[1];
-            old[2] = addrs[2];
-            old[3] = addrs[3];
-        }
+        // lock. Written in place: an update would allocate a new element.
+        unsafe { *p = *addrs };
         return true;
     }
     ADDRS6.insert(&key, addrs, BPF_ANY).is_ok()
 }
 
-/// Zeroes an entry a word at a time. A zeroed struct (`ConnEntry::zeroed`) compiles to a
-/// call to memset, which the BPF target runs as a loop of byte stores: 64 of them at
+/// Zeroes an entry a word at a time. A zeroed struct literal compiles to a call to
+/// memset, which the BPF target runs as a loop of byte stores: 64 of them at
 /// every birth. Volatile stores are not merged back into that call.
 ///
 /// # Safety
@@ -476,7 +469,7 @@ unsafe fn record(ctx: &BtfTracePointContext, sk: *const u8, oldstate: u32, newst
     }
 
     // The tuple is re-read on every change: at SYN_SENT the local port is still 0.
-    let Some(seen) = seen(sk, newstate, now) else {
+    let Some(mut seen) = seen(sk, newstate, now) else {
         return;
     };
     // Before Linux 6.15 an accepted child enters SYN_RECV still holding its listener's
@@ -486,6 +479,11 @@ unsafe fn record(ctx: &BtfTracePointContext, sk: *const u8, oldstate: u32, newst
     // reports the birth. From 6.15 the child has its peer and cookie here already.
     let early_child = newstate == tcp_state::SYN_RECV && seen.dport == 0;
     let cookie = if early_child { 0 } else { cookie_of(sk) };
+    if early_child {
+        // Its tuple is its listener's, which nothing reads (no identity yet): its entry
+        // keeps no addresses until its next change gives it its own.
+        seen.v4 = Some(([0; 4], [0; 4]));
+    }
 
     // A socket is born when it leaves CLOSE (connect, listen) or when an accepted child
     // enters SYN_RECV. An entry already at its address belongs to a dead socket whose
@@ -550,15 +548,7 @@ unsafe fn record(ctx: &BtfTracePointContext, sk: *const u8, oldstate: u32, newst
         FLAG_BIRTH_UNKNOWN
     };
     entry.flags = flags as u8;
-    let mut apart = seen.write_to(entry);
-    if early_child {
-        // Its tuple is its listener's, which nothing reads (no identity yet): no
-        // addresses are kept for it until its next change gives it its own.
-        entry.saddr = [0; 4];
-        entry.daddr = [0; 4];
-        entry.flags &= !(FLAG_ADDRS6 as u8);
-        apart = false;
-    }
+    let apart = seen.write_to(entry);
     // connect() and listen() run in the owner's process; everything else here may run
     // in softirq, where the current task is unrelated: an accepted socket is told its
     // listener's.

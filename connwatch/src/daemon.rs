@@ -166,38 +166,35 @@ const EVENT_BATCH: usize = 2048;
 thread_local! {
     /// The events of a batch, kept between drains.
     static BATCH: std::cell::RefCell<Vec<ConnEvent>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// The owners' names, which the kernel program does not record.
-    static NAMES: std::cell::RefCell<kernel::procfs::Names> = std::cell::RefCell::default();
 }
 
 /// Hands the engine every event in the ring, a batch at a time; returns how many there
 /// were.
 fn drain(ring: &mut RingBuf<MapData>, engine: &mut Engine) -> usize {
     BATCH.with_borrow_mut(|batch| {
-        NAMES.with_borrow_mut(|names| {
-            let mut n = 0;
-            batch.clear();
-            while let Some(item) = ring.next() {
-                if item.len() >= std::mem::size_of::<EntryEvent>() {
-                    // SAFETY: the kernel program writes whole EntryEvent records; read
-                    // unaligned: ring records are only 8-byte aligned by contract.
-                    let record =
-                        unsafe { std::ptr::read_unaligned(item.as_ptr() as *const EntryEvent) };
-                    let mut ev = ConnEvent::from_record(&record);
-                    ev.info.comm = names.comm(ev.info.pid);
-                    batch.push(ev);
-                    n += 1;
-                }
-                // The record's ring space is free again before the batch's work.
-                drop(item);
-                if batch.len() == EVENT_BATCH {
-                    engine.on_events(batch);
-                    batch.clear();
-                }
+        let mut n = 0;
+        batch.clear();
+        while let Some(item) = ring.next() {
+            if item.len() >= std::mem::size_of::<EntryEvent>() {
+                // SAFETY: the kernel program writes whole EntryEvent records; read
+                // unaligned: ring records are only 8-byte aligned by contract.
+                let record =
+                    unsafe { std::ptr::read_unaligned(item.as_ptr() as *const EntryEvent) };
+                let mut ev = ConnEvent::from_record(&record);
+                // The kernel program records the owner's pid, not its name.
+                ev.info.comm = kernel::procfs::with_names(|n| n.comm(ev.info.pid));
+                batch.push(ev);
+                n += 1;
             }
-            engine.on_events(batch);
-            n
-        })
+            // The record's ring space is free again before the batch's work.
+            drop(item);
+            if batch.len() == EVENT_BATCH {
+                engine.on_events(batch);
+                batch.clear();
+            }
+        }
+        engine.on_events(batch);
+        n
     })
 }
 

@@ -4,13 +4,12 @@
 
 use std::collections::HashSet;
 use std::os::fd::AsFd;
-use std::sync::Mutex;
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, IterableMap, Map, MapData};
 use connwatch_common::{ConnEntry, ConnInfo, FLAG_ADDRS6};
 
-use crate::kernel::procfs::Names;
+use crate::kernel::procfs::with_names;
 
 type Entries = HashMap<MapData, u64, ConnEntry>;
 type Addrs6 = HashMap<MapData, u64, [u8; 32]>;
@@ -20,7 +19,6 @@ pub struct ConnMap {
     entries: Entries,
     /// None only for an object without the map, where no entry is flagged.
     addrs6: Option<Addrs6>,
-    names: Mutex<Names>,
 }
 
 impl ConnMap {
@@ -31,7 +29,6 @@ impl ConnMap {
                 .map(Addrs6::try_from)
                 .transpose()
                 .context("the map of IPv6 addresses")?,
-            names: Mutex::default(),
         })
     }
 
@@ -42,7 +39,7 @@ impl ConnMap {
             .then(|| self.addrs6.as_ref()?.get(&key, 0).ok())
             .flatten();
         let mut info = ConnInfo::from_entry(&e, addrs.as_ref());
-        info.comm = self.names().comm(info.pid);
+        info.comm = with_names(|n| n.comm(info.pid));
         Some(info)
     }
 
@@ -104,7 +101,11 @@ impl ConnMap {
             self.entries.map().fd().as_fd(),
             self.addrs6.as_ref().map(|a| a.map().fd().as_fd()),
         )?;
-        self.name(&mut all);
+        with_names(|names| {
+            for (_, info) in &mut all {
+                info.comm = names.comm(info.pid);
+            }
+        });
         Ok(all)
     }
 
@@ -114,16 +115,5 @@ impl ConnMap {
         keys.into_iter()
             .filter_map(|k| Some((k, self.get(k)?)))
             .collect()
-    }
-
-    fn names(&self) -> std::sync::MutexGuard<'_, Names> {
-        self.names.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn name(&self, all: &mut [(u64, ConnInfo)]) {
-        let mut names = self.names();
-        for (_, info) in all {
-            info.comm = names.comm(info.pid);
-        }
     }
 }

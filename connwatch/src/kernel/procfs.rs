@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::fs;
+use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::conn::Owner;
@@ -48,6 +49,15 @@ impl Names {
         self.known.insert(pid, (comm, now));
         comm
     }
+}
+
+/// The one cache of names: the daemon's event reader and its map reader both name the
+/// owners they read.
+static NAMES: LazyLock<Mutex<Names>> = LazyLock::new(Mutex::default);
+
+/// Runs `f` with the shared cache of names (a poisoned lock still holds a usable cache).
+pub fn with_names<R>(f: impl FnOnce(&mut Names) -> R) -> R {
+    f(&mut NAMES.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
 /// The socket inodes held by processes with one of these names, with their owner.
