@@ -621,6 +621,8 @@ fn build_static(tests: &[String]) -> Result<Built> {
         "-p",
         "connwatch",
         "--no-run",
+        "--profile",
+        "vm",
         "--target",
         HOST_TRIPLE,
         "--message-format=json-render-diagnostics",

@@ -90,10 +90,10 @@ impl Engine {
         if due.is_empty() {
             return;
         }
+        let mut put_off = Vec::new();
         if let Some(left) = self.budget_left(now) {
             if due.len() > left {
-                let put_off = due.split_off(left);
-                let next_window = self.window_start_ns + SEC;
+                put_off = due.split_off(left);
                 tracing::warn!(
                     "safety budget: {} sockets due at once, destroying {} now and putting off {} (--max-kills-per-second {:?}, --max-kill-fraction {:?})",
                     put_off.len() + due.len(),
@@ -103,9 +103,6 @@ impl Engine {
                     self.policy.budget.max_kill_fraction,
                 );
                 self.counters.deferred += put_off.len() as u64;
-                for (key, _) in put_off {
-                    self.deadlines.set(key, next_window);
-                }
             }
         }
         // Refresh each from the map: activity and state may have moved since its
@@ -138,6 +135,12 @@ impl Engine {
                     }
                 }
             }
+        }
+        // Due when the window this round used has passed: a second after its first
+        // destroy, which lookups on a loaded host may have put well after `now`.
+        let next_window = self.window_start_ns + SEC;
+        for (key, _) in put_off {
+            self.deadlines.set(key, next_window);
         }
         self.apply_blocks(namespaces);
     }
@@ -194,6 +197,10 @@ impl Engine {
                 // Named by the cookie the kernel recorded: it refuses any other socket.
                 kills.push((key, rule, destroy::target(&chosen, &live)));
             }
+        }
+        if self.window_used == 0 && !kills.is_empty() {
+            // The budget's second starts at its first destroy, not at the round's start.
+            self.window_start_ns = now.saturating_add(started.elapsed().as_nanos() as u64);
         }
         let results: Vec<Outcome> = if self.enforce {
             let socks: Vec<&DiagSocket> = kills.iter().map(|(_, _, live)| live).collect();
