@@ -254,8 +254,17 @@ fn full_reconcile(
         conns.remove(*key);
     }
     let unclaimed = conns.remove_unclaimed();
-    if unclaimed > 0 {
-        tracing::info!("removed the IPv6 addresses of {unclaimed} sockets whose close went unseen");
+    if unclaimed.removed > 0 {
+        tracing::info!(
+            "removed the IPv6 addresses of {} sockets whose close went unseen",
+            unclaimed.removed
+        );
+    }
+    if unclaimed.lost > 0 {
+        tracing::warn!(
+            "{} IPv6 sockets were born at a dead socket's address while its addresses were removed: they show no addresses, and cannot be destroyed, until their next state change",
+            unclaimed.lost
+        );
     }
     if let Some(map) = first_seen {
         let unwritten = kernel::write_first_seen(map, &done.first_seen_set, &done.first_seen_gone);

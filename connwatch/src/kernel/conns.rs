@@ -14,6 +14,15 @@ use crate::kernel::procfs::with_names;
 type Entries = HashMap<MapData, u64, ConnEntry>;
 type Addrs6 = HashMap<MapData, u64, [u8; 32]>;
 
+/// What [`ConnMap::remove_unclaimed`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Unclaimed {
+    /// Addresses that no entry claimed, removed.
+    pub removed: usize,
+    /// Of those, the ones a socket born at the same address claimed the moment after.
+    pub lost: usize,
+}
+
 /// The pinned connection map and the addresses beside it.
 pub struct ConnMap {
     entries: Entries,
@@ -52,31 +61,45 @@ impl ConnMap {
     }
 
     /// Removes the addresses no entry claims (a socket at a reused address whose close
-    /// went unseen can leave them); returns how many. The addresses are read before the
-    /// entries: the kernel program stores a socket's addresses just before its entry,
-    /// so by the time the entries are read every live socket claims its own.
-    pub fn remove_unclaimed(&mut self) -> usize {
+    /// went unseen can leave them). The addresses are read before the entries: the
+    /// kernel program stores a socket's addresses just before its entry, so by the time
+    /// the entries are read every live socket claims its own. A socket born at an
+    /// orphan's address since is found by looking its entry up again just before each
+    /// removal, which leaves microseconds, not the whole read, for one to be born.
+    pub fn remove_unclaimed(&mut self) -> Unclaimed {
+        let mut done = Unclaimed::default();
         let Some(a) = self.addrs6.as_mut() else {
-            return 0;
+            return done;
         };
         let kept: Vec<(u64, [u8; 32])> =
             connwatch_common::entries_batched(a.map().fd().as_fd()).unwrap_or_default();
         if kept.is_empty() {
-            return 0;
+            return done;
         }
         let Ok(entries) =
             connwatch_common::entries_batched::<u64, ConnEntry>(self.entries.map().fd().as_fd())
         else {
-            return 0;
+            return done;
         };
+        let claims = |e: &ConnEntry| e.flags as u32 & FLAG_ADDRS6 != 0;
         let claimed: HashSet<u64> = entries
             .iter()
-            .filter(|(_, e)| e.flags as u32 & FLAG_ADDRS6 != 0)
+            .filter(|(_, e)| claims(e))
             .map(|(k, _)| *k)
             .collect();
-        kept.iter()
-            .filter(|(k, _)| !claimed.contains(k) && a.remove(k).is_ok())
-            .count()
+        let claimed_now = |k: &u64| self.entries.get(k, 0).is_ok_and(|e| claims(&e));
+        for (key, _) in kept.iter().filter(|(k, _)| !claimed.contains(k)) {
+            if claimed_now(key) || a.remove(key).is_err() {
+                continue;
+            }
+            done.removed += 1;
+            // Born in the microseconds between the look and the removal: its addresses
+            // were just written, and are gone until its next state change.
+            if claimed_now(key) {
+                done.lost += 1;
+            }
+        }
+        done
     }
 
     pub fn max_entries(&self) -> u32 {
