@@ -239,8 +239,9 @@ impl Seen {
     }
 }
 
-/// Keeps the addresses apart for an entry that says so (`apart`); removes them when the entry no longer needs them (`had`: it did before).
-/// False if they could not be stored (the map is full).
+/// Keeps the addresses apart for an entry that says so (`apart`); removes them when the
+/// entry no longer needs them (`had`: it did before). False if they could not be stored
+/// (the map is full).
 #[inline(always)]
 fn follow_addrs(key: u64, apart: bool, had: bool, addrs: &[u64; 4]) -> bool {
     if !apart {

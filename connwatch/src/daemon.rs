@@ -168,6 +168,14 @@ thread_local! {
     static BATCH: std::cell::RefCell<Vec<ConnEvent>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Names the batch's owners (the kernel program records the pid, not the name) and
+/// hands the batch to the engine.
+fn hand_over(batch: &mut Vec<ConnEvent>, engine: &mut Engine) {
+    kernel::procfs::name_owners(batch.iter_mut().map(|ev| &mut ev.info));
+    engine.on_events(batch);
+    batch.clear();
+}
+
 /// Hands the engine every event in the ring, a batch at a time; returns how many there
 /// were.
 fn drain(ring: &mut RingBuf<MapData>, engine: &mut Engine) -> usize {
@@ -180,20 +188,16 @@ fn drain(ring: &mut RingBuf<MapData>, engine: &mut Engine) -> usize {
                 // unaligned: ring records are only 8-byte aligned by contract.
                 let record =
                     unsafe { std::ptr::read_unaligned(item.as_ptr() as *const EntryEvent) };
-                let mut ev = ConnEvent::from_record(&record);
-                // The kernel program records the owner's pid, not its name.
-                ev.info.comm = kernel::procfs::with_names(|n| n.comm(ev.info.pid));
-                batch.push(ev);
+                batch.push(ConnEvent::from_record(&record));
                 n += 1;
             }
             // The record's ring space is free again before the batch's work.
             drop(item);
             if batch.len() == EVENT_BATCH {
-                engine.on_events(batch);
-                batch.clear();
+                hand_over(batch, engine);
             }
         }
-        engine.on_events(batch);
+        hand_over(batch, engine);
         n
     })
 }

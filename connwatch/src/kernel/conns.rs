@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use aya::maps::{HashMap, IterableMap, Map, MapData};
 use connwatch_common::{ConnEntry, ConnInfo, FLAG_ADDRS6};
 
-use crate::kernel::procfs::with_names;
+use crate::kernel::procfs::{name_owners, with_names};
 
 type Entries = HashMap<MapData, u64, ConnEntry>;
 type Addrs6 = HashMap<MapData, u64, [u8; 32]>;
@@ -93,9 +93,10 @@ impl ConnMap {
                 continue;
             }
             done.removed += 1;
-            // Born in the microseconds between the look and the removal: its addresses
-            // were just written, and are gone until its next state change.
-            if claimed_now(key) {
+            // Born in the microseconds between the look and the removal: it claims
+            // addresses that are gone until its next state change. (One born after the
+            // removal stored its own before its entry.)
+            if claimed_now(key) && a.get(key, 0).is_err() {
                 done.lost += 1;
             }
         }
@@ -124,11 +125,7 @@ impl ConnMap {
             self.entries.map().fd().as_fd(),
             self.addrs6.as_ref().map(|a| a.map().fd().as_fd()),
         )?;
-        with_names(|names| {
-            for (_, info) in &mut all {
-                info.comm = names.comm(info.pid);
-            }
-        });
+        name_owners(all.iter_mut().map(|(_, info)| info));
         Ok(all)
     }
 

@@ -60,6 +60,15 @@ pub fn with_names<R>(f: impl FnOnce(&mut Names) -> R) -> R {
     f(&mut NAMES.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
+/// Names the owner of each socket read from the kernel, under one lock for them all.
+pub fn name_owners<'a>(infos: impl IntoIterator<Item = &'a mut connwatch_common::ConnInfo>) {
+    with_names(|names| {
+        for info in infos {
+            info.comm = names.comm(info.pid);
+        }
+    });
+}
+
 /// The socket inodes held by processes with one of these names, with their owner.
 pub fn sockets_of(names: &[String]) -> HashMap<u32, Owner> {
     let mut found = HashMap::new();
