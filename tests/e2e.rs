@@ -266,7 +266,7 @@ fn a_reused_tuple_survives() {
     let keys = tracker.keys_with_tuple(&tuple);
     assert_eq!(keys.len(), 1, "the map recorded the client end once");
     let key = keys[0];
-    let chosen_from_map = *tracker.get(key).unwrap();
+    let chosen_from_map = tracker.get(key).unwrap();
     assert_eq!(chosen_from_map.source, Source::Map);
     let first = diag.get(&tuple).unwrap().expect("sock_diag sees it");
     let host = netns::own().unwrap();
@@ -308,7 +308,7 @@ fn a_reused_tuple_survives() {
     // And the new connection itself, once chosen, is destroyed.
     drain_into(&mut loaded, &mut tracker);
     let key2 = tracker.keys_with_tuple(&tuple)[0];
-    let chosen = *tracker.get(key2).unwrap();
+    let chosen = tracker.get(key2).unwrap();
     let outcome = destroy::execute(&mut diag, Some(&loaded.conns), key2, &chosen, true);
     assert!(matches!(outcome, Outcome::Destroyed), "{outcome:?}");
     let err = s2.read(&mut buf).unwrap_err();

@@ -136,7 +136,7 @@ pub fn explain(policy: Policy) -> Result<()> {
         .tracker
         .iter()
         .map(|(key, t)| {
-            let s = engine.subject(t);
+            let s = engine.subject(&t);
             let age = Duration::from_nanos(now.saturating_sub(s.birth.no_later_than()));
             let age = format!(
                 "{}{}",

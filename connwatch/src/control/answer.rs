@@ -68,9 +68,9 @@ fn rows(
     let items = engine
         .tracker
         .iter()
-        .chain(others.iter().map(|(k, t)| (*k, t)))
+        .chain(others.iter().map(|(k, t)| (*k, *t)))
         .filter(|(_, t)| view::listed(t))
-        .map(|(k, t)| view::item_of(engine, k, t, now));
+        .map(|(k, t)| view::item_of(engine, k, &t, now));
     // Traffic and idle times come from one dump per namespace: of every candidate when
     // they order or select the list, else only of the rows kept.
     let needs_dump =
@@ -94,11 +94,14 @@ fn rows(
                 row.next_in_secs = Some(next.at_ns.saturating_sub(now) as f64 / 1e9)
                     .map(|s| (s * 1000.0).round() / 1000.0);
             }
-            let t = engine.tracker.get(key).or_else(|| others.get(&key));
+            let t = engine
+                .tracker
+                .get(key)
+                .or_else(|| others.get(&key).copied());
             if let Some(t) = t {
                 row.protected = engine
                     .policy
-                    .protected(&engine.subject(t))
+                    .protected(&engine.subject(&t))
                     .map(|p| p.to_string());
             }
             row

@@ -126,7 +126,7 @@ pub(super) fn followed(e: &Engine) -> Vec<(u64, crate::track::Tracked, Option<u6
     let mut all: Vec<_> = e
         .tracker
         .iter()
-        .map(|(k, t)| (k, *t, e.deadlines.get(k)))
+        .map(|(k, t)| (k, t, e.deadlines.get(k)))
         .collect();
     all.sort_by_key(|(k, _, _)| *k);
     all

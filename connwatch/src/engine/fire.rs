@@ -215,7 +215,7 @@ impl Engine {
         let killed = started.elapsed();
         let n = kills.len();
         for ((key, rule, live), outcome) in kills.into_iter().zip(results) {
-            let Some(chosen) = self.tracker.get(key).copied() else {
+            let Some(chosen) = self.tracker.get(key) else {
                 continue;
             };
             if matches!(outcome, Outcome::Destroyed | Outcome::WouldDestroy) {
@@ -253,7 +253,7 @@ impl Engine {
     /// Takes in what the map says of a tracked socket now. False when it is no longer
     /// tracked: closed, or its address now holds another socket (whose events follow).
     pub(super) fn refresh_from_map(&mut self, key: u64, conns: Option<&ConnMap>) -> bool {
-        let Some(before) = self.tracker.get(key).copied() else {
+        let Some(before) = self.tracker.get(key) else {
             return false;
         };
         if let (Source::Map, Some(conns)) = (before.source, conns) {
@@ -284,7 +284,7 @@ impl Engine {
             self.plan(key);
             return None;
         };
-        Some((key, *self.tracker.get(key)?, rule))
+        Some((key, self.tracker.get(key)?, rule))
     }
 
     /// Whether a due socket can be destroyed on what the map (in a one-shot run, the
@@ -313,7 +313,7 @@ impl Engine {
         if let Some(o) = self.owner_of(chosen, &target, lookups) {
             self.tracker.note_owner(key, o);
         }
-        let chosen = *self.tracker.get(key)?;
+        let chosen = self.tracker.get(key)?;
         match self.policy.judge(&self.subject(&chosen), rule) {
             Decision::Destroy(_) => Some(target),
             Decision::Protected(_, p) => {
@@ -372,7 +372,7 @@ impl Engine {
         if let Some(o) = self.owner_of(chosen, &live, lookups) {
             self.tracker.note_owner(key, o);
         }
-        let chosen = *self.tracker.get(key)?;
+        let chosen = self.tracker.get(key)?;
         match self.policy.judge(&self.subject(&chosen), rule) {
             Decision::Destroy(_) => Some(live),
             Decision::Protected(_, p) => {

@@ -61,7 +61,7 @@ impl Engine {
         let mut keys = Vec::new();
         for k in self.tracker.keys_with_tuple(&tuple) {
             let in_ns = |t: &Tracked| netns.is_none_or(|ns| t.id.netns == ns);
-            if self.refresh_from_map(k, conns) && self.tracker.get(k).is_some_and(in_ns) {
+            if self.refresh_from_map(k, conns) && self.tracker.get(k).as_ref().is_some_and(in_ns) {
                 keys.push(k);
             }
         }
@@ -79,7 +79,7 @@ impl Engine {
             ));
         }
         let key = keys.first().copied();
-        let chosen = match key.and_then(|k| self.tracker.get(k).copied()) {
+        let chosen = match key.and_then(|k| self.tracker.get(k)) {
             Some(t) => t,
             // Not tracked (a TIME_WAIT no limit follows, say): what the kernel says of it.
             None => {

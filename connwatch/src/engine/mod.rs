@@ -272,7 +272,7 @@ impl Engine {
     pub fn next(&self, key: u64) -> Option<Next> {
         let at_ns = self.deadlines.get(key)?;
         let t = self.tracker.get(key)?;
-        let rule = match self.policy.verdict(&self.deciding(t)) {
+        let rule = match self.policy.verdict(&self.deciding(&t)) {
             Verdict::At { rule, at_ns: v } if v == at_ns => self.policy.rule(rule).name.clone(),
             v => self
                 .per_ip
@@ -324,7 +324,7 @@ impl Engine {
             return;
         }
         let protected_already = settled.is_some_and(|s| s.state == t.state);
-        let s = self.deciding(t);
+        let s = self.deciding(&t);
         let mut verdict = self.policy.verdict(&s);
         if self.policy.has_per_ip_limits() {
             let ip = canonical(s.tuple.remote.ip());
@@ -388,7 +388,7 @@ impl Engine {
         self.counters.events += 1;
         trace_event(ev);
         let to_time_wait = self.to_time_wait(ev);
-        let was = self.tracker.get(ev.key).copied();
+        let was = self.tracker.get(ev.key);
         for key in self.tracker.apply(ev) {
             self.plan(key);
         }
@@ -425,7 +425,7 @@ impl Engine {
     /// process is judged after, with the owner's current name).
     pub fn due_rule(&self, key: u64, now: u64) -> Option<RuleId> {
         let t = self.tracker.get(key)?;
-        self.policy.due(&self.deciding(t), now).or_else(|| {
+        self.policy.due(&self.deciding(&t), now).or_else(|| {
             self.per_ip
                 .breaks(key, Self::per_ip_limit(&self.policy))
                 .filter(|_| self.policy.protected_endpoint(&t.tuple).is_none())

@@ -195,7 +195,7 @@ fn state(e: &Engine) -> Vec<(u64, String, Option<u64>)> {
 /// The engine holds exactly the deadline the policy gives each tracked socket.
 fn deadlines_follow_the_policy(e: &Engine) -> Result<(), TestCaseError> {
     for (k, t) in e.tracker.iter() {
-        let want = match e.policy.verdict(&e.subject(t)) {
+        let want = match e.policy.verdict(&e.subject(&t)) {
             Verdict::At { at_ns, .. } => Some(at_ns),
             Verdict::Never => None,
         };

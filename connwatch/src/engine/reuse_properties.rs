@@ -264,7 +264,7 @@ fn check_counts_and_deadlines(e: &Engine) -> Result<(), TestCaseError> {
     let mut groups: BTreeMap<(usize, u32, IpAddr), Vec<(u64, u64)>> = BTreeMap::new();
     let mut limits = HashMap::new();
     for (k, t) in e.tracker.iter() {
-        let s = e.subject(t);
+        let s = e.subject(&t);
         for (rule, n) in e.policy.per_ip_limits(&s) {
             limits.insert(rule, n);
             groups
@@ -294,7 +294,7 @@ fn check_counts_and_deadlines(e: &Engine) -> Result<(), TestCaseError> {
         let want = if over.contains(&k) {
             Some(0)
         } else {
-            match e.policy.verdict(&e.subject(t)) {
+            match e.policy.verdict(&e.subject(&t)) {
                 Verdict::At { at_ns, .. } => Some(at_ns),
                 Verdict::Never => None,
             }

@@ -559,9 +559,9 @@ pub fn census_with<'a>(
 ) -> (BTreeMap<&'static str, u64>, Vec<u64>) {
     let mut by_state = BTreeMap::new();
     let mut ages = Vec::with_capacity(engine.tracker.len());
-    for t in engine.tracker.iter().map(|(_, t)| t).chain(others) {
+    for t in engine.tracker.iter().map(|(_, t)| t).chain(others.copied()) {
         *by_state.entry(t.state.name()).or_default() += 1;
-        if listed(t) {
+        if listed(&t) {
             ages.push(now.saturating_sub(t.birth.no_later_than()));
         }
     }

@@ -9,11 +9,11 @@ use super::FastMap;
 use std::hash::Hash;
 
 pub struct Deadlines<K> {
-    heap: BinaryHeap<Reverse<(u64, u64, K)>>,
-    /// The live deadline of each key, with the stamp of its heap entry; heap entries
-    /// whose stamp is not here are stale and skipped when they surface.
-    live: FastMap<K, (u64, u64)>,
-    stamp: u64,
+    heap: BinaryHeap<Reverse<(u64, K)>>,
+    /// The live deadline of each key; a heap entry whose time is not its key's here is
+    /// stale and skipped when it surfaces. (A key moved away and back leaves two equal
+    /// entries: the first to surface is taken, and the other is stale then.)
+    live: FastMap<K, u64>,
 }
 
 impl<K: Copy + Eq + Hash + Ord> Default for Deadlines<K> {
@@ -27,7 +27,6 @@ impl<K: Copy + Eq + Hash + Ord> Deadlines<K> {
         Deadlines {
             heap: BinaryHeap::new(),
             live: FastMap::default(),
-            stamp: 0,
         }
     }
 
@@ -40,12 +39,10 @@ impl<K: Copy + Eq + Hash + Ord> Deadlines<K> {
 
     /// Sets (or moves) the deadline of `key` to `at`.
     pub fn set(&mut self, key: K, at: u64) {
-        if self.live.get(&key).is_some_and(|(t, _)| *t == at) {
+        if self.live.insert(key, at) == Some(at) {
             return;
         }
-        self.stamp += 1;
-        self.live.insert(key, (at, self.stamp));
-        self.heap.push(Reverse((at, self.stamp, key)));
+        self.heap.push(Reverse((at, key)));
         self.compact_if_stale();
     }
 
@@ -55,7 +52,7 @@ impl<K: Copy + Eq + Hash + Ord> Deadlines<K> {
     }
 
     pub fn get(&self, key: K) -> Option<u64> {
-        self.live.get(&key).map(|(at, _)| *at)
+        self.live.get(&key).copied()
     }
 
     pub fn len(&self) -> usize {
@@ -69,7 +66,7 @@ impl<K: Copy + Eq + Hash + Ord> Deadlines<K> {
     /// The earliest live deadline.
     pub fn next_at(&mut self) -> Option<u64> {
         self.drop_stale_top();
-        self.heap.peek().map(|Reverse((at, _, _))| *at)
+        self.heap.peek().map(|Reverse((at, _))| *at)
     }
 
     /// Removes and returns the keys due at `now`, earliest first.
@@ -78,7 +75,7 @@ impl<K: Copy + Eq + Hash + Ord> Deadlines<K> {
         loop {
             self.drop_stale_top();
             match self.heap.peek() {
-                Some(Reverse((at, _, key))) if *at <= now => {
+                Some(Reverse((at, key))) if *at <= now => {
                     let (at, key) = (*at, *key);
                     self.heap.pop();
                     self.live.remove(&key);
@@ -90,8 +87,8 @@ impl<K: Copy + Eq + Hash + Ord> Deadlines<K> {
     }
 
     fn drop_stale_top(&mut self) {
-        while let Some(Reverse((_, stamp, key))) = self.heap.peek() {
-            if self.live.get(key).is_some_and(|(_, s)| s == stamp) {
+        while let Some(Reverse((at, key))) = self.heap.peek() {
+            if self.live.get(key) == Some(at) {
                 return;
             }
             self.heap.pop();
@@ -102,11 +99,7 @@ impl<K: Copy + Eq + Hash + Ord> Deadlines<K> {
     /// number of deadlines, not the number of changes ever made.
     fn compact_if_stale(&mut self) {
         if self.heap.len() > 2 * self.live.len() + 1024 {
-            self.heap = self
-                .live
-                .iter()
-                .map(|(k, (at, s))| Reverse((*at, *s, *k)))
-                .collect();
+            self.heap = self.live.iter().map(|(k, at)| Reverse((*at, *k))).collect();
         }
     }
 }
@@ -140,6 +133,18 @@ mod tests {
         assert_eq!(d.pop_due(40), vec![]);
         assert_eq!(d.pop_due(50), vec![(1, 50)]);
         assert_eq!(d.pop_due(1000), vec![]);
+    }
+
+    #[test]
+    fn a_deadline_moved_away_and_back_is_due_once() {
+        let mut d = Deadlines::new();
+        d.set(1u64, 10);
+        d.set(1, 50);
+        d.set(1, 10);
+        d.set(2, 10);
+        assert_eq!(d.pop_due(10), vec![(1, 10), (2, 10)]);
+        assert_eq!(d.pop_due(100), vec![]);
+        assert!(d.is_empty() && d.next_at().is_none());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! and sock_diag dumps) and when each is next due (the deadline heap).
 
 pub mod deadlines;
+mod packed;
 pub mod tracker;
 
 pub use deadlines::Deadlines;

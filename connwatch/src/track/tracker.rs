@@ -1,6 +1,7 @@
 //! What the daemon knows of each socket, fed by the kernel's lifecycle events, the
 //! pinned map at start-up and one sock_diag dump for sockets older than the program.
 
+use super::packed::{Names, Packed};
 use super::FastMap;
 use std::sync::Arc;
 
@@ -137,7 +138,12 @@ const FIRST_SEED_KEY: u64 = 1;
 
 #[derive(Default)]
 pub struct Tracker {
-    conns: FastMap<u64, Tracked>,
+    /// The sockets whose record packs (IPv4, and IPv4-mapped), 64 bytes each.
+    conns: FastMap<u64, Packed>,
+    /// The others (IPv6 addresses), whole.
+    wide: FastMap<u64, Tracked>,
+    /// The owner names the packed records point into.
+    names: Names,
     /// Each socket's key by its identity: one socket is known once, however it was
     /// learned (the map, a dump, a TIME_WAIT follow-up).
     by_id: FastMap<SockId, u64>,
@@ -156,7 +162,7 @@ impl Tracker {
     }
 
     pub fn len(&self) -> usize {
-        self.conns.len()
+        self.conns.len() + self.wide.len()
     }
 
     /// Room for `n` more sockets, for a one-shot run that loads a whole dump at once.
@@ -166,11 +172,46 @@ impl Tracker {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.conns.is_empty()
+        self.conns.is_empty() && self.wide.is_empty()
     }
 
-    pub fn get(&self, key: u64) -> Option<&Tracked> {
-        self.conns.get(&key)
+    /// What is known of the socket under `key` (a copy: records are stored packed).
+    pub fn get(&self, key: u64) -> Option<Tracked> {
+        match self.conns.get(&key) {
+            Some(p) => Some(p.unpack(&self.names)),
+            None => self.wide.get(&key).copied(),
+        }
+    }
+
+    /// The identity of the socket under `key`, without unpacking the rest.
+    fn id_at(&self, key: u64) -> Option<SockId> {
+        match self.conns.get(&key) {
+            Some(p) => Some(p.id()),
+            None => self.wide.get(&key).map(|t| t.id),
+        }
+    }
+
+    /// Stores `t` under `key`, packed where it packs; returns what it replaced.
+    fn put(&mut self, key: u64, t: Tracked) -> Option<Tracked> {
+        let old = self.get(key);
+        match Packed::pack(&t, &mut self.names) {
+            Some(p) => {
+                self.conns.insert(key, p);
+                self.wide.remove(&key);
+            }
+            None => {
+                self.wide.insert(key, t);
+                self.conns.remove(&key);
+            }
+        }
+        old
+    }
+
+    fn take(&mut self, key: u64) -> Option<Tracked> {
+        match self.conns.remove(&key) {
+            Some(p) => Some(p.unpack(&self.names)),
+            None => self.wide.remove(&key),
+        }
     }
 
     /// How many network namespaces hold tracked sockets.
@@ -203,25 +244,26 @@ impl Tracker {
     /// has such a connection. A walk: only a manual destroy asks.
     pub fn keys_with_tuple(&self, tuple: &Tuple) -> Vec<u64> {
         let mut keys: Vec<u64> = self
-            .conns
             .iter()
             .filter(|(_, t)| t.tuple == *tuple)
-            .map(|(k, _)| *k)
+            .map(|(k, _)| k)
             .collect();
         keys.sort_unstable();
         keys
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (u64, &Tracked)> {
-        self.conns.iter().map(|(k, t)| (*k, t))
+    pub fn iter(&self) -> impl Iterator<Item = (u64, Tracked)> + '_ {
+        self.conns
+            .iter()
+            .map(|(k, p)| (*k, p.unpack(&self.names)))
+            .chain(self.wide.iter().map(|(k, t)| (*k, *t)))
     }
 
     /// Records `t` under `key`; returns the keys whose deadlines must be planned again
     /// (this one, and a seeded entry it replaces).
     pub fn upsert(&mut self, key: u64, mut t: Tracked) -> Vec<u64> {
         let mut touched = vec![key];
-        if let Some(old) = self.conns.get(&key) {
-            let old_id = old.id;
+        if let Some(old_id) = self.id_at(key) {
             if self.by_id.get(&old_id) == Some(&key) {
                 self.by_id.remove(&old_id);
             }
@@ -230,7 +272,7 @@ impl Tracker {
             if other != key {
                 // The same connection known twice: a seeded entry now seen by the
                 // kernel program. Keep the earlier sighting as the age bound.
-                if let Some(old) = self.conns.remove(&other) {
+                if let Some(old) = self.take(other) {
                     self.count_in(old.id.netns, false);
                     if let (Birth::Unknown { seen_ns: a }, Birth::Unknown { seen_ns: b }) =
                         (old.birth, t.birth)
@@ -242,7 +284,7 @@ impl Tracker {
             }
         }
         let netns = t.id.netns;
-        if let Some(old) = self.conns.insert(key, t) {
+        if let Some(old) = self.put(key, t) {
             self.count_in(old.id.netns, false);
         }
         self.count_in(netns, true);
@@ -255,7 +297,7 @@ impl Tracker {
         let Some(fresh) = Tracked::from_info(info) else {
             return false;
         };
-        match self.conns.get(&key) {
+        match self.get(key) {
             Some(t) if t.id == fresh.id => {
                 // An owner found holding the socket outranks the listener's.
                 let (owner, owner_from_listener) = match (t.trusted_owner(), fresh.owner) {
@@ -276,7 +318,7 @@ impl Tracker {
                     last_activity_ns: fresh.last_activity_ns.max(t.last_activity_ns),
                     ..fresh
                 };
-                if merged != *t {
+                if merged != t {
                     self.upsert(key, merged);
                 }
                 true
@@ -287,16 +329,20 @@ impl Tracker {
 
     /// Records activity learned elsewhere (`tcp_info`).
     pub fn note_activity(&mut self, key: u64, at_ns: u64) {
-        if let Some(t) = self.conns.get_mut(&key) {
-            t.last_activity_ns = t.last_activity_ns.max(at_ns);
+        if let Some(mut t) = self.get(key) {
+            if at_ns > t.last_activity_ns {
+                t.last_activity_ns = at_ns;
+                self.put(key, t);
+            }
         }
     }
 
     /// Records an owner learned elsewhere (`/proc`).
     pub fn note_owner(&mut self, key: u64, owner: Owner) {
-        if let Some(t) = self.conns.get_mut(&key) {
+        if let Some(mut t) = self.get(key) {
             t.owner = Some(owner);
             t.owner_from_listener = false;
+            self.put(key, t);
         }
     }
 
@@ -324,7 +370,7 @@ impl Tracker {
     }
 
     pub fn remove(&mut self, key: u64) -> Option<Tracked> {
-        let t = self.conns.remove(&key)?;
+        let t = self.take(key)?;
         self.count_in(t.id.netns, false);
         if self.by_id.get(&t.id) == Some(&key) {
             self.by_id.remove(&t.id);
@@ -336,11 +382,7 @@ impl Tracker {
     pub fn apply(&mut self, ev: &ConnEvent) -> Vec<u64> {
         if ev.kind == event_kind::CLOSED {
             // Only if it is the same socket: a CLOSED for an entry we never had is moot.
-            if self
-                .conns
-                .get(&ev.key)
-                .is_some_and(|t| t.id == SockId::new(ev.info.netns, ev.info.cookie))
-            {
+            if self.id_at(ev.key) == Some(SockId::new(ev.info.netns, ev.info.cookie)) {
                 self.remove(ev.key);
             }
             return vec![ev.key];
@@ -460,7 +502,7 @@ mod tests {
         accepted.pid = 10;
         accepted.comm[..5].copy_from_slice(b"inetd");
         t.apply(&ev_at(SK, event_kind::OPENED, accepted));
-        let got = *t.get(SK).unwrap();
+        let got = t.get(SK).unwrap();
         assert_eq!(got.owner.map(|o| o.pid), Some(10), "shown");
         assert_eq!(got.trusted_owner(), None, "not trusted");
         assert_eq!(got.subject_in(None).owner, None, "not judged by");
@@ -487,6 +529,37 @@ mod tests {
         let got = t.get(SK + 128).unwrap();
         assert_eq!(got.owner.map(|o| o.pid), Some(13), "shown");
         assert_eq!(got.trusted_owner(), None, "not trusted");
+    }
+
+    #[test]
+    fn ipv6_sockets_are_kept_whole_beside_packed_ones_and_move_between() {
+        let mut t = Tracker::new();
+        let v4 = info(tcp_state::ESTABLISHED, 40000, 21, 0);
+        let mut v6 = info(tcp_state::ESTABLISHED, 40001, 22, 0);
+        v6.family = AF_INET6;
+        v6.saddr = std::net::Ipv6Addr::LOCALHOST.octets();
+        v6.daddr = "2001:db8::7"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets();
+        t.apply(&ev_at(SK, event_kind::OPENED, v4));
+        t.apply(&ev_at(SK + 64, event_kind::OPENED, v6));
+        assert_eq!((t.conns.len(), t.wide.len(), t.len()), (1, 1, 2));
+        for (key, info) in [(SK, v4), (SK + 64, v6)] {
+            assert_eq!(t.get(key), Tracked::from_info(&info), "comes back whole");
+        }
+        let mut keys: Vec<u64> = t.iter().map(|(k, _)| k).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, vec![SK, SK + 64]);
+        // The address reused by an IPv4 socket: the record moves to the packed table.
+        t.apply(&ev_at(SK + 64, event_kind::CLOSED, v6));
+        let v4b = info(tcp_state::ESTABLISHED, 40002, 23, 0);
+        t.apply(&ev_at(SK + 64, event_kind::OPENED, v4b));
+        assert_eq!((t.conns.len(), t.wide.len()), (2, 0));
+        t.note_activity(SK + 64, 99);
+        assert_eq!(t.get(SK + 64).unwrap().last_activity_ns, 99);
+        assert_eq!(t.remove(SK).map(|r| r.id), Some(SockId::new(HOST, 21)));
+        assert_eq!(t.len(), 1);
     }
 
     #[test]
