@@ -407,7 +407,13 @@ mod tests {
 
     use super::*;
 
-    const LINTIAN_TOOLS: [(&str, &str); 2] = [("lintian", "lintian"), ("man", "man-db")];
+    /// What the test runs besides the package: lintian and man check it, bpftool
+    /// finds the programs it leaves attached.
+    const TOOLS: [(&str, &str); 3] = [
+        ("lintian", "lintian"),
+        ("man", "man-db"),
+        ("bpftool", "bpftool"),
+    ];
 
     fn run(cmd: &mut Command) -> (bool, String) {
         let out = cmd
@@ -549,8 +555,8 @@ mod tests {
     /// connwatch stays pinned or attached, then purges it (also when the test fails).
     ///
     /// Root only, and real: it builds the eBPF object and the release binary (a few
-    /// minutes in a fresh target dir, seconds after), installs lintian and man-db with
-    /// apt-get if they are missing, and takes the daemon suites' lock
+    /// minutes in a fresh target dir, seconds after), installs lintian, man-db and
+    /// bpftool with apt-get if they are missing, and takes the daemon suites' lock
     /// (/tmp/connwatch-tests.lock) while the package's binary runs. A connwatch package
     /// installed beforehand is refused rather than replaced.
     #[test]
@@ -565,7 +571,7 @@ mod tests {
             !(installed && status.contains("installed")),
             "a {PACKAGE} package is installed on this machine ({status}): this test would replace it"
         );
-        ensure_tools(&LINTIAN_TOOLS).expect("lintian and man-db");
+        ensure_tools(&TOOLS).expect("lintian, man-db and bpftool");
         let t = Instant::now();
         let deb = build().expect("cargo xtask deb");
         eprintln!("built {} in {:?}", deb.display(), t.elapsed());
