@@ -325,7 +325,21 @@ pub fn lock_instance() -> Result<std::fs::File> {
     Ok(file)
 }
 
+/// Gives freed tables back to the system. The tracker's tables double as a busy host
+/// opens connections, and glibc, by default, raises its mmap threshold to the size of
+/// each large block freed, so the next tables come from the heap and their freed
+/// predecessors stay resident: at 200,000 followed sockets, 35 bytes a socket
+/// (BENCHMARKS.md). A fixed threshold keeps every large table in its own mapping.
+fn return_freed_tables() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets a parameter of the allocator, at any time.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 pub async fn run(opts: Options) -> Result<()> {
+    return_freed_tables();
     let _lock = lock_instance()?;
     // The listeners come first, while this is still root in full: a daemon that later
     // sheds privileges keeps them.
