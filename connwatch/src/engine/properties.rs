@@ -1,6 +1,6 @@
 //! Properties of the engine under lost, repeated and reloaded input: no kernel needed.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use std::collections::HashSet;
@@ -11,7 +11,7 @@ use crate::kernel::netns::Dump;
 use crate::kernel::sock_diag::DiagSocket;
 use crate::policy::{Limit, Policy, Rule, Selector, Verdict};
 use crate::testing::diag_socket;
-use connwatch_common::{event_kind, tcp_state, ConnEvent, ConnInfo, AF_INET};
+use connwatch_common::{event_kind, tcp_state, ConnEvent, ConnInfo, AF_INET, AF_INET6};
 use proptest::prelude::*;
 
 use crate::clock::SEC;
@@ -41,20 +41,39 @@ fn id(i: usize) -> SockId {
     SockId::new(netns(i), 1000 + i as u64)
 }
 
+/// The address of twin group `j`: IPv4, IPv6, or IPv4-mapped (a dual-stack socket
+/// talking IPv4), so that the tracker's packed and whole records are both exercised.
+fn ip(j: usize) -> IpAddr {
+    match j % 3 {
+        0 => IpAddr::from([127, 0, 0, 1]),
+        1 => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        _ => IpAddr::V6(Ipv4Addr::LOCALHOST.to_ipv6_mapped()),
+    }
+}
+
 fn tuple(i: usize) -> Tuple {
     let j = i / NAMESPACES;
     Tuple::new(
-        SocketAddr::new(IpAddr::from([127, 0, 0, 1]), 10_000 + j as u16),
-        SocketAddr::new(IpAddr::from([127, 0, 0, 1]), 8000 + (j % 3) as u16),
+        SocketAddr::new(ip(j), 10_000 + j as u16),
+        SocketAddr::new(ip(j), 8000 + (j % 3) as u16),
     )
 }
 
 fn info(i: usize, state: u32, born: u64, since: u64) -> ConnInfo {
     let t = tuple(i);
     let mut info = ConnInfo::zeroed();
-    info.family = AF_INET;
-    info.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
-    info.daddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+    match t.local.ip() {
+        IpAddr::V4(v4) => {
+            info.family = AF_INET;
+            info.saddr[..4].copy_from_slice(&v4.octets());
+            info.daddr[..4].copy_from_slice(&v4.octets());
+        }
+        IpAddr::V6(v6) => {
+            info.family = AF_INET6;
+            info.saddr = v6.octets();
+            info.daddr = v6.octets();
+        }
+    }
     info.sport = t.local.port();
     info.dport = t.remote.port();
     info.birth_ns = born;
