@@ -133,6 +133,11 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             "cargo build -p loadgen",
         )?;
         crate::mount_tracefs()?;
+        // Figure 8's server and load generator come from Debian: installed here, as the
+        // tests install theirs, since the figures run in a namespace with no network.
+        if args.figures.is_empty() || args.figures.contains(&8) {
+            crate::deb::ensure_tools(&[("nginx", "nginx-light"), ("wrk", "wrk")])?;
+        }
         return in_own_netns(&connwatch, args.quick, &args.figures);
     }
     let up = std::process::Command::new("ip")
