@@ -44,7 +44,8 @@ const DIRECTION_SHIFT: u8 = 4;
 const SOURCE_SHIFT: u8 = 6;
 
 /// Values many sockets share, each stored once and named by its index: a host runs
-/// few distinct process names and cgroups. Never forgotten: there are few.
+/// few distinct process names and cgroups at a time. The tracker builds the tables
+/// afresh when they hold many more than its records use.
 pub(super) struct Table<T> {
     values: Vec<T>,
     index: FastMap<T, u32>,
@@ -84,6 +85,13 @@ impl<T: Copy + Eq + std::hash::Hash> Table<T> {
 pub(super) struct Names {
     comms: Table<[u8; 16]>,
     cgroups: Table<u64>,
+}
+
+impl Names {
+    /// How many values are kept.
+    pub(super) fn len(&self) -> usize {
+        self.comms.values.len() + self.cgroups.values.len()
+    }
 }
 
 /// An IPv4 endpoint and whether it came IPv4-mapped; None for one that does not pack.

@@ -132,6 +132,10 @@ pub struct Seed {
     pub last_activity_ns: u64,
 }
 
+/// The most shared names and cgroups kept beyond four per packed record before they
+/// are built afresh ([`Tracker::repack`]).
+const REPACK_AT: usize = 4096;
+
 /// Keys of seeded sockets count up from 1; kernel socket addresses, the keys of map
 /// sockets, are far above (the kernel half of the address space), so they never meet.
 const FIRST_SEED_KEY: u64 = 1;
@@ -140,9 +144,9 @@ const FIRST_SEED_KEY: u64 = 1;
 pub struct Tracker {
     /// The sockets whose record packs (IPv4, and IPv4-mapped), 64 bytes each.
     conns: FastMap<u64, Packed>,
-    /// The others (IPv6 addresses), whole.
+    /// The others (IPv6 addresses; anything that does not pack exactly), whole.
     wide: FastMap<u64, Tracked>,
-    /// The owner names the packed records point into.
+    /// The owner names and cgroups the packed records point into.
     names: Names,
     /// Each socket's key by its identity: one socket is known once, however it was
     /// learned (the map, a dump, a TIME_WAIT follow-up).
@@ -191,9 +195,18 @@ impl Tracker {
         }
     }
 
-    /// Stores `t` under `key`, packed where it packs; returns what it replaced.
-    fn put(&mut self, key: u64, t: Tracked) -> Option<Tracked> {
-        let old = self.get(key);
+    /// Stores `t` under `key`, packed where it packs; returns the identity of what it
+    /// replaced.
+    fn put(&mut self, key: u64, t: Tracked) -> Option<SockId> {
+        let old = self.id_at(key);
+        self.store(key, t);
+        if self.names.len() > REPACK_AT + 4 * self.conns.len() {
+            self.repack();
+        }
+        old
+    }
+
+    fn store(&mut self, key: u64, t: Tracked) {
         match Packed::pack(&t, &mut self.names) {
             Some(p) => {
                 self.conns.insert(key, p);
@@ -204,7 +217,17 @@ impl Tracker {
                 self.conns.remove(&key);
             }
         }
-        old
+    }
+
+    /// Builds the shared names and cgroups afresh from the records that use them.
+    /// Cgroups come and go with containers: one no socket uses is not kept forever.
+    /// Done when the tables hold far more values than records use, so its cost is
+    /// spread over many stores.
+    fn repack(&mut self) {
+        let names = std::mem::take(&mut self.names);
+        for (key, p) in std::mem::take(&mut self.conns) {
+            self.store(key, p.unpack(&names));
+        }
     }
 
     fn take(&mut self, key: u64) -> Option<Tracked> {
@@ -285,7 +308,7 @@ impl Tracker {
         }
         let netns = t.id.netns;
         if let Some(old) = self.put(key, t) {
-            self.count_in(old.id.netns, false);
+            self.count_in(old.netns, false);
         }
         self.count_in(netns, true);
         touched
@@ -559,6 +582,28 @@ mod tests {
         t.note_activity(SK + 64, 99);
         assert_eq!(t.get(SK + 64).unwrap().last_activity_ns, 99);
         assert_eq!(t.remove(SK).map(|r| r.id), Some(SockId::new(HOST, 21)));
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn cgroups_no_socket_uses_are_not_kept_forever() {
+        let mut t = Tracker::new();
+        let mut kept = info(tcp_state::ESTABLISHED, 40000, 1, 0);
+        kept.cgroup_id = 7;
+        t.apply(&ev_at(SK, event_kind::OPENED, kept));
+        // Containers come and go, each with a cgroup of its own and one connection.
+        for i in 0..20_000u64 {
+            let mut c = info(tcp_state::ESTABLISHED, 40001, 100 + i, 0);
+            c.cgroup_id = 1000 + i;
+            t.apply(&ev_at(SK + 64, event_kind::OPENED, c));
+            t.apply(&ev_at(SK + 64, event_kind::CLOSED, c));
+        }
+        assert!(t.names.len() < 2 * REPACK_AT, "{} kept", t.names.len());
+        assert_eq!(
+            t.get(SK).map(|r| r.cgroup_id),
+            Some(7),
+            "the one in use kept"
+        );
         assert_eq!(t.len(), 1);
     }
 
