@@ -388,7 +388,8 @@ impl Engine {
         self.counters.events += 1;
         trace_event(ev);
         let to_time_wait = self.to_time_wait(ev);
-        let was = self.tracker.get(ev.key);
+        // What the tracker held before, read only when a TIME_WAIT follow-up needs it.
+        let was = to_time_wait.then(|| self.tracker.get(ev.key)).flatten();
         for key in self.tracker.apply(ev) {
             self.plan(key);
         }

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use aya::maps::{HashMap, IterableMap, Map, MapData};
 use connwatch_common::{ConnEntry, ConnInfo, FLAG_ADDRS6};
 
-use crate::kernel::procfs::{name_owners, with_names};
+use crate::kernel::procfs::name_owners;
 
 type Entries = HashMap<MapData, u64, ConnEntry>;
 type Addrs6 = HashMap<MapData, u64, [u8; 32]>;
@@ -48,7 +48,7 @@ impl ConnMap {
             .then(|| self.addrs6.as_ref()?.get(&key, 0).ok())
             .flatten();
         let mut info = ConnInfo::from_entry(&e, addrs.as_ref());
-        info.comm = with_names(|n| n.comm(info.pid));
+        name_owners([&mut info]);
         Some(info)
     }
 

@@ -5,8 +5,8 @@
 //! Only what packs exactly is packed: IPv4 tuples (and IPv4-mapped IPv6 ones, a
 //! dual-stack socket talking IPv4) with no flow label or scope, a state that fits a
 //! byte, an owner name among the first 65,536 distinct ones and a cgroup among the
-//! first 2^32. Anything else is kept
-//! whole by the tracker, so unpacking always gives back what was stored.
+//! first 2^32. Anything else is kept whole by the tracker, so unpacking always gives
+//! back what was stored.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
@@ -133,6 +133,9 @@ fn direction_bits(d: Option<Direction>) -> u8 {
 impl Packed {
     /// `t` packed, or None when some part of it does not pack exactly.
     pub(super) fn pack(t: &Tracked, names: &mut Names) -> Option<Packed> {
+        // The state and addresses, which may refuse the record, come before a name or
+        // cgroup is kept for it.
+        let state = u8::try_from(t.state.0).ok()?;
         let (local, local_port, l_mapped) = v4_of(t.tuple.local)?;
         let (remote, remote_port, r_mapped) = v4_of(t.tuple.remote)?;
         if l_mapped != r_mapped {
@@ -170,7 +173,7 @@ impl Packed {
             local_port,
             remote_port,
             comm,
-            state: u8::try_from(t.state.0).ok()?,
+            state,
             bits,
         })
     }
@@ -191,7 +194,7 @@ impl Packed {
                 }
             },
             state_since_ns: self.state_since_ns,
-            id: SockId::new(self.netns, self.cookie),
+            id: self.id(),
             source: match (self.bits >> SOURCE_SHIFT) & 3 {
                 0 => Source::Map,
                 1 => Source::Seeded,

@@ -195,15 +195,12 @@ impl Tracker {
         }
     }
 
-    /// Stores `t` under `key`, packed where it packs; returns the identity of what it
-    /// replaced.
-    fn put(&mut self, key: u64, t: Tracked) -> Option<SockId> {
-        let old = self.id_at(key);
+    /// Stores `t` under `key`, packed where it packs.
+    fn put(&mut self, key: u64, t: Tracked) {
         self.store(key, t);
         if self.names.len() > REPACK_AT + 4 * self.conns.len() {
             self.repack();
         }
-        old
     }
 
     fn store(&mut self, key: u64, t: Tracked) {
@@ -286,7 +283,8 @@ impl Tracker {
     /// (this one, and a seeded entry it replaces).
     pub fn upsert(&mut self, key: u64, mut t: Tracked) -> Vec<u64> {
         let mut touched = vec![key];
-        if let Some(old_id) = self.id_at(key) {
+        let old_id = self.id_at(key);
+        if let Some(old_id) = old_id {
             if self.by_id.get(&old_id) == Some(&key) {
                 self.by_id.remove(&old_id);
             }
@@ -307,7 +305,8 @@ impl Tracker {
             }
         }
         let netns = t.id.netns;
-        if let Some(old) = self.put(key, t) {
+        self.put(key, t);
+        if let Some(old) = old_id {
             self.count_in(old.netns, false);
         }
         self.count_in(netns, true);
