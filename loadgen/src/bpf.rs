@@ -157,3 +157,66 @@ pub fn progs() -> io::Result<Vec<Prog>> {
         });
     }
 }
+
+const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+/// The ids of the maps a program uses (`bpf_prog_info`'s `map_ids`), pinned or not:
+/// the log ring and read-only data have no pin of their own.
+pub fn prog_map_ids(prog: &OwnedFd) -> io::Result<Vec<u32>> {
+    // struct bpf_prog_info: nr_map_ids (u32) at 52, map_ids (a pointer) at 56.
+    let mut info = [0u8; 256];
+    obj_info(prog.as_fd(), &mut info)?;
+    let n = u32::from_ne_bytes([info[52], info[53], info[54], info[55]]);
+    let mut ids = vec![0u32; n as usize];
+    info.fill(0);
+    info[52..56].copy_from_slice(&n.to_ne_bytes());
+    info[56..64].copy_from_slice(&(ids.as_mut_ptr() as u64).to_ne_bytes());
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut attr = InfoByFd {
+        bpf_fd: prog.as_raw_fd() as u32,
+        info_len: info.len() as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: the kernel writes at most `info_len` bytes into `info` and at most
+    // `nr_map_ids` ids into `ids`, both alive across the call.
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)? };
+    // The program cannot gain maps; it says how many it wrote.
+    let written = u32::from_ne_bytes([info[52], info[53], info[54], info[55]]).min(n);
+    ids.truncate(written as usize);
+    Ok(ids)
+}
+
+/// A descriptor of the map with this id.
+pub fn map_by_id(id: u32) -> io::Result<OwnedFd> {
+    #[repr(C)]
+    struct FdById {
+        map_id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    let mut attr = FdById {
+        map_id: id,
+        next_id: 0,
+        open_flags: 0,
+    };
+    // SAFETY: no pointers in the attribute.
+    let fd = unsafe { bpf(BPF_MAP_GET_FD_BY_ID, &mut attr)? };
+    // SAFETY: a fresh descriptor from the kernel.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// A map's name as the kernel keeps it (`bpf_map_info`'s `name`, at most 15 bytes).
+pub fn map_name(map: &OwnedFd) -> io::Result<String> {
+    // struct bpf_map_info: name[16] at offset 24.
+    let mut info = [0u8; 96];
+    obj_info(map.as_fd(), &mut info)?;
+    let name = &info[24..40];
+    let len = name.iter().position(|&b| b == 0).unwrap_or(16);
+    Ok(String::from_utf8_lossy(&name[..len]).into_owned())
+}

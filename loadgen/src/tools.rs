@@ -77,18 +77,53 @@ pub fn rusage(cmd: &[String], out: Option<&Path>, timeout_secs: f64) -> Result<(
     Ok(())
 }
 
-/// Prints, for each pinned map (the connection map and its IPv6 addresses, the ring,
-/// the counters), `map <name> <max_entries> <memlock_bytes>`; then `entries <n>` for
-/// the connection map and `stats <events> <map_full> <ring_full>`.
+/// Prints `map <name> <max_entries> <memlock_bytes>` for every map connwatch holds in
+/// the kernel, each once: those pinned in `pin_dir` (the connection map and its IPv6
+/// addresses, the ring, the counters, the listeners, the first sightings, the filter)
+/// and those its pinned programs use without a pin (the log ring, read-only data).
+/// Then `entries <n>` for the connection map and `stats <events> <map_full>
+/// <ring_full>`.
 pub fn maps(pin_dir: &Path) -> Result<()> {
+    let mut pins: Vec<_> = std::fs::read_dir(pin_dir)
+        .with_context(|| format!("read {}", pin_dir.display()))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()
+        .with_context(|| format!("read {}", pin_dir.display()))?;
+    pins.sort();
+    let mut seen = HashSet::new();
+    let mut show = |fd: &std::os::fd::OwnedFd| -> Result<()> {
+        let info = bpf::fdinfo(fd)?;
+        if seen.insert(bpf::info_u64(&info, "map_id")) {
+            println!(
+                "map {} {} {}",
+                bpf::map_name(fd)?,
+                bpf::info_u64(&info, "max_entries"),
+                bpf::info_u64(&info, "memlock")
+            );
+        }
+        Ok(())
+    };
+    for path in &pins {
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        if name.starts_with("link_") {
+            continue;
+        }
+        let fd = bpf::open(path)?;
+        if name.starts_with("prog_") {
+            for id in bpf::prog_map_ids(&fd).with_context(|| format!("maps of {name}"))? {
+                // A map freed meanwhile holds nothing.
+                if let Ok(map) = bpf::map_by_id(id) {
+                    show(&map)?;
+                }
+            }
+        } else {
+            show(&fd)?;
+        }
+    }
     for name in [MAP_CONNS, MAP_ADDRS6, MAP_EVENTS, MAP_STATS] {
-        let fd = bpf::open(&pin_dir.join(name))?;
-        let info = bpf::fdinfo(&fd)?;
-        println!(
-            "map {name} {} {}",
-            bpf::info_u64(&info, "max_entries"),
-            bpf::info_u64(&info, "memlock")
-        );
+        if !pin_dir.join(name).exists() {
+            bail!("{} has no {name}: is connwatch loaded?", pin_dir.display());
+        }
     }
     println!("entries {}", bpf::conns(pin_dir)?.len());
     let stats = bpf::open(&pin_dir.join(MAP_STATS))?;

@@ -196,7 +196,7 @@ fn scenario(b: &mut Bench, s: &Scenario, group: u8) -> Result<Option<Quiet>> {
         b.note(
             6,
             format!(
-                "{} sockets: connection map {} ({:.0} B a socket it holds: allocated as used, its bucket array sized by capacity), event ring and stats {}, daemon RSS {} ({:.0} B a socket) without the ring pages it maps, which the maps count already (with them {}); of it anonymous {} (the rest the binary's code and libraries, page cache)",
+                "{} sockets: connection map {} ({:.0} B a socket it holds: allocated as used, its bucket array sized by capacity), the other maps {} (the event ring, the listeners, the first sightings, the counters, the filter, the log ring), daemon RSS {} ({:.0} B a socket) without the ring pages it maps, which the maps count already (with them {}); of it anonymous {} (the rest the binary's code and libraries, page cache)",
                 count(sockets),
                 bytes(m.conns_memlock as f64),
                 m.conns_memlock as f64 / sockets.max(1) as f64,
