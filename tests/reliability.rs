@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use connwatch::clock::monotonic_ns;
 use connwatch::conn::{TcpState, Tuple};
+use connwatch::kernel::first_seen::FirstSeenFile;
 use connwatch::kernel::privilege;
 use connwatch::kernel::sock_diag::{DestroyError, SockDiag};
 use connwatch::kernel::{layout, pins};
@@ -591,12 +592,12 @@ fn restarts_keep_the_first_sighting_of_sockets_older_than_connwatch() {
     // Once they are gone, the next start forgets their first sightings.
     d3.stop();
     let kept = || -> HashSet<u64> {
-        pins::open_pinned_first_seen()
-            .expect("the pinned first sightings")
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|[_, netns]| *netns == u64::from(host_netns()))
-            .map(|[cookie, _]| cookie)
+        FirstSeenFile::host()
+            .read()
+            .expect("the kept first sightings")
+            .into_iter()
+            .filter(|(id, _)| id.netns == host_netns())
+            .map(|(id, _)| id.cookie)
             .collect()
     };
     let before = kept();
@@ -613,6 +614,141 @@ fn restarts_keep_the_first_sighting_of_sockets_older_than_connwatch() {
         after.len()
     );
     d4.stop();
+}
+
+/// An upgrade keeps the first sightings of sockets older than connwatch: builds before
+/// this one kept them in a pinned map (`CW_FIRST_SEEN`); the first start of this build
+/// takes them over into its file and removes that pin, so the sockets keep the age
+/// bound the earlier build gave them.
+#[test]
+fn an_upgrade_takes_over_the_first_sightings_an_earlier_build_pinned() {
+    let _x = exclusive();
+    cleanup();
+    let l = listen("127.0.0.1");
+    let p = port(&l);
+    let port_n: u16 = p.parse().unwrap();
+    let conns: Vec<Conn> = (0..3).map(|_| Conn::open(&l)).collect();
+    let ours: Vec<u64> = SockDiag::open()
+        .unwrap()
+        .dump(SockDiag::ALL_STATES)
+        .unwrap()
+        .into_iter()
+        .filter(|s| touches(&s.tuple, port_n) && s.state == TcpState::ESTABLISHED)
+        .map(|s| connwatch::conn::cookie_from_diag(s.cookie))
+        .collect();
+    assert_eq!(ours.len(), 6);
+    // A start makes the pin directory; then it is left as an earlier build left it: no
+    // file, the sightings in the pinned map, 30 s before now (a guest just booted
+    // waits for its clock to get there).
+    Daemon::start(&["--max-age", "1h", "--port", "1"]).stop();
+    let file = FirstSeenFile::host();
+    file.remove().unwrap();
+    const EARLIER: u64 = 30_000_000_000;
+    while monotonic_ns() < EARLIER + 1_000_000_000 {
+        thread::sleep(Duration::from_millis(200));
+    }
+    let seen = monotonic_ns() - EARLIER;
+    let pin = std::path::Path::new(pins::PIN_DIR.as_str()).join(connwatch_common::MAP_FIRST_SEEN);
+    pin_first_seen(
+        &pin,
+        ours.iter().map(|c| ([*c, u64::from(host_netns())], seen)),
+    );
+
+    // Over a limit of 20 s by the sighting taken over, at 30 s; 2 s old by their
+    // opening.
+    let config = MaxAgeConfig::new("connwatch-upgrade", &p, "20s");
+    let d = Daemon::start(&["--config", config.path(), "--enforce"]);
+    let said = d.wait_for(
+        "first sightings from the pinned map",
+        Duration::from_secs(1),
+    );
+    assert!(said.contains("took over 6 first sightings"), "{said}");
+    assert!(!pin.exists(), "the earlier build's pin is still there");
+    let kept: HashMap<u64, u64> = file
+        .read()
+        .unwrap()
+        .into_iter()
+        .filter(|(id, _)| id.netns == host_netns())
+        .map(|(id, at)| (id.cookie, at))
+        .collect();
+    for c in &ours {
+        assert_eq!(kept.get(c), Some(&seen), "cookie {c}: {kept:?}");
+    }
+    for c in &conns {
+        c.dies_within(Duration::from_secs(5)).unwrap_or_else(|| {
+            panic!(
+                "{} outlived its limit by the sighting taken over",
+                c.tuple()
+            )
+        });
+    }
+    d.stop();
+}
+
+/// Pins a hash map `[cookie, netns inode]` -> ns at `path`, as builds before the
+/// first-sightings file did, holding `entries`.
+fn pin_first_seen(path: &std::path::Path, entries: impl Iterator<Item = ([u64; 2], u64)>) {
+    use connwatch_common::bpf;
+    #[repr(C)]
+    struct Create {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+        inner_map_fd: u32,
+        numa_node: u32,
+        map_name: [u8; 16],
+    }
+    let mut name = [0u8; 16];
+    name[..13].copy_from_slice(b"CW_FIRST_SEEN");
+    let mut create = Create {
+        map_type: 1, // BPF_MAP_TYPE_HASH
+        key_size: 16,
+        value_size: 8,
+        max_entries: 1024,
+        map_flags: 1, // BPF_F_NO_PREALLOC
+        inner_map_fd: 0,
+        numa_node: 0,
+        map_name: name,
+    };
+    // SAFETY: no pointers in the attribute.
+    let fd = unsafe { bpf(0, &mut create) }.expect("BPF_MAP_CREATE") as i32;
+    // SAFETY: the kernel just gave it.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    #[repr(C)]
+    struct Update {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    for (key, at) in entries {
+        let mut update = Update {
+            map_fd: fd.as_raw_fd() as u32,
+            _pad: 0,
+            key: key.as_ptr() as u64,
+            value: std::ptr::addr_of!(at) as u64,
+            flags: 0,
+        };
+        // SAFETY: key and value alive across the call, of the map's sizes.
+        unsafe { bpf(2, &mut update) }.expect("BPF_MAP_UPDATE_ELEM");
+    }
+    #[repr(C)]
+    struct Pin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let mut pin = Pin {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        file_flags: 0,
+    };
+    // SAFETY: the path is NUL-terminated and alive across the call.
+    unsafe { bpf(6, &mut pin) }.expect("BPF_OBJ_PIN");
 }
 
 /// A clean stop says what it leaves pinned; `connwatch cleanup` removes all of it, and
@@ -648,10 +784,15 @@ fn a_clean_stop_says_what_it_leaves_and_cleanup_removes_it_all() {
         "a socket born while stopped is recorded"
     );
 
-    let pinned: HashSet<String> = std::fs::read_dir(pins::PIN_DIR.as_str())
+    let mut pinned: HashSet<String> = std::fs::read_dir(pins::PIN_DIR.as_str())
         .unwrap()
         .map(|e| e.unwrap().path().display().to_string())
         .collect();
+    // Sockets older than this daemon (any on the host) had their first sighting kept.
+    let first_seen = FirstSeenFile::host();
+    if first_seen.path().exists() {
+        pinned.insert(first_seen.path().display().to_string());
+    }
     let mut programs = Vec::new();
     // Each hook this kernel has (6.1 lacks the send/receive ones): the others are
     // never attached, so never pinned.
@@ -669,6 +810,7 @@ fn a_clean_stop_says_what_it_leaves_and_cleanup_removes_it_all() {
         .collect();
     assert_eq!(removed, pinned, "{text}");
     assert!(!std::path::Path::new(pins::PIN_DIR.as_str()).exists());
+    assert!(!first_seen.path().exists(), "{text}");
     thread::sleep(Duration::from_millis(200));
     let loaded: HashSet<u32> = aya::programs::loaded_programs()
         .filter_map(Result::ok)

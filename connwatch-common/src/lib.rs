@@ -23,10 +23,10 @@ pub const MAP_ADDRS6: &str = "CW_ADDRS6";
 /// allocated as used).
 pub const MAX_LISTENERS: u32 = 65_536;
 
-/// The first sighting of each socket older than connwatch (birth unknown, found by a
-/// sock_diag dump), by identity `[cookie, netns inode]`, in `CLOCK_MONOTONIC` ns: kept
-/// by the daemon so a restart does not push back such a socket's age bound. Pinned
-/// beside the others; a daemon that finds none goes on without it.
+/// Where builds before this one pinned the first sighting of each socket older than
+/// connwatch (a hash `[cookie, netns inode]` -> `CLOCK_MONOTONIC` ns that no program
+/// read). The daemon now keeps them in a file; it takes over this map once, if it
+/// finds it, and removes its pin.
 pub const MAP_FIRST_SEEN: &str = "CW_FIRST_SEEN";
 
 /// Default capacity of the connection map; the daemon may size it at load time.

@@ -55,13 +55,6 @@ static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
 #[map(name = "CW_LISTENERS")]
 static LISTENERS: HashMap<u64, ListenOwner> = HashMap::pinned(MAX_LISTENERS, BPF_F_NO_PREALLOC);
 
-// The first sighting of each socket older than connwatch (found by a sock_diag dump,
-// birth unknown), by identity [cookie, netns inode] -> CLOCK_MONOTONIC ns: written and
-// cleaned by the daemon alone, so a restart keeps the age bound of such sockets. No
-// program here uses it; entries are allocated as they come.
-#[map(name = "CW_FIRST_SEEN")]
-static FIRST_SEEN: HashMap<[u64; 2], u64> = HashMap::pinned(DEFAULT_MAX_CONNS, BPF_F_NO_PREALLOC);
-
 // What the daemon wants to hear of (`connwatch_common::Filter`): all zero, so nothing is
 // sent, until a daemon writes it; cleared again at a clean stop.
 #[map(name = "CW_FILTER")]

@@ -16,18 +16,21 @@ use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::clock::monotonic_ns;
+use crate::conn::SockId;
 use crate::control::answer::{self, Ctx};
 use crate::control::protocol::{error, Reply, Request};
 use crate::control::{http, server};
 use crate::engine::{suggested_max_conns, Engine, Pace, Reconciled};
 use crate::kernel::cgroup::Cgroups;
+use crate::kernel::first_seen::{self, FirstSeenFile};
 use crate::kernel::netns::Namespaces;
 use crate::kernel::sock_diag::{DestroySupport, SockDiag};
-use crate::kernel::{self, pins, privilege, ConnMap, FilterMap, FirstSeenMap, Loaded, Stats};
+use crate::kernel::{self, pins, privilege, ConnMap, FilterMap, Loaded, Stats};
 use crate::observe::journal::Journal;
 use crate::observe::log::{self, reopen_log_file};
 use crate::observe::metrics::Metrics;
 use crate::policy::{Policy, PolicySource};
+use crate::track::FastMap;
 
 /// How often the kernel's drop counters are read: a constant cost, whatever the load.
 const STATS_EVERY: Duration = Duration::from_secs(2);
@@ -213,7 +216,7 @@ fn refilter(
     ring: &mut RingBuf<MapData>,
     namespaces: &mut Namespaces,
     conns: &mut ConnMap,
-    first_seen: Option<&mut FirstSeenMap>,
+    first_seen: &FirstSeenFile,
 ) {
     // Failures are logged, not fatal: the daemon stays up with the new policy, and the
     // next stats tick's reconcile (after any loss) or the next reload tries again.
@@ -241,7 +244,7 @@ fn full_reconcile(
     engine: &mut Engine,
     namespaces: &mut Namespaces,
     conns: &mut ConnMap,
-    first_seen: Option<&mut FirstSeenMap>,
+    first_seen: &FirstSeenFile,
 ) -> Result<Reconciled> {
     let now = monotonic_ns();
     let dump = namespaces.dump_all(SockDiag::ALL_STATES);
@@ -270,11 +273,10 @@ fn full_reconcile(
             unclaimed.lost
         );
     }
-    if let Some(map) = first_seen {
-        let unwritten = kernel::write_first_seen(map, &done.first_seen_set, &done.first_seen_gone);
-        if unwritten > 0 {
+    if !done.first_seen_set.is_empty() || !done.first_seen_gone.is_empty() {
+        if let Err(e) = first_seen.write(&engine.first_seen) {
             tracing::warn!(
-                "{unwritten} first sightings of sockets older than connwatch could not be kept (the pinned map is full): a restart counts their age from then"
+                "{e:#}: a restart counts the age of sockets older than connwatch from then"
             );
         }
     }
@@ -282,6 +284,41 @@ fn full_reconcile(
     drop(dump);
     give_back_freed_memory();
     Ok(done)
+}
+
+/// The first sightings of sockets older than connwatch that earlier starts kept: in
+/// `file`, and in the pinned map of a build before it (taken over once, the earlier of
+/// two times kept). A file that cannot be read is started afresh, and said so: those
+/// sockets then count their age from this start, later, never earlier.
+fn kept_first_sightings(file: &FirstSeenFile) -> FastMap<SockId, u64> {
+    let mut kept: FastMap<SockId, u64> = match file.read() {
+        Ok(all) => all.into_iter().collect(),
+        Err(e) => {
+            tracing::warn!("{e:#}: sockets older than connwatch count their age from this start");
+            FastMap::default()
+        }
+    };
+    match first_seen::take_pinned() {
+        None => {}
+        Some(Ok(pinned)) => {
+            let n = pinned.len();
+            for (id, at) in pinned {
+                let t = kept.entry(id).or_insert(at);
+                *t = (*t).min(at);
+            }
+            match file.write(&kept) {
+                Ok(()) => tracing::info!(
+                    "took over {n} first sightings from the pinned map of an earlier build into {}",
+                    file.path().display()
+                ),
+                Err(e) => tracing::warn!("{e:#}: the {n} first sightings an earlier build pinned are kept until this daemon stops"),
+            }
+        }
+        Some(Err(e)) => {
+            tracing::warn!("{e:#}: the first sightings an earlier build pinned are not taken over")
+        }
+    }
+    kept
 }
 
 /// Hands the memory a full reconcile used (the dump and the map read: tens of MiB on a
@@ -359,7 +396,6 @@ pub async fn run(opts: Options) -> Result<()> {
         events,
         stats,
         filter: mut filter_map,
-        mut first_seen,
         set_state,
         logger,
     } = kernel::load_and_attach(opts.sizes)?;
@@ -382,9 +418,8 @@ pub async fn run(opts: Options) -> Result<()> {
     tracing::info!("policy: {}", opts.policy.describe());
     let mut engine = Engine::new(opts.policy, opts.enforce);
     // Sockets older than connwatch keep the age bound an earlier start gave them.
-    if let Some(map) = &first_seen {
-        engine.first_seen = kernel::read_first_seen(map);
-    }
+    let first_seen = FirstSeenFile::host();
+    engine.first_seen = kept_first_sightings(&first_seen);
     engine.name_cgroups(Cgroups::default());
     if engine.policy.block_firewall.is_some() {
         // After the privilege drop: nft must work with what the daemon keeps.
@@ -402,12 +437,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let capacity = conns.max_entries();
     let mut pace = Pace::new(STATS_EVERY, RECONCILE_MAX_EVERY);
     let mut told_map_full = false;
-    let done = full_reconcile(
-        &mut engine,
-        &mut namespaces,
-        &mut conns,
-        first_seen.as_mut(),
-    )?;
+    let done = full_reconcile(&mut engine, &mut namespaces, &mut conns, &first_seen)?;
     // Before the line that says it runs: a stop right after it must be a clean stop.
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -500,7 +530,7 @@ pub async fn run(opts: Options) -> Result<()> {
                 } else {
                     report_drops(last_stats, s);
                     drain(ring.get_mut(), &mut engine);
-                    match full_reconcile(&mut engine, &mut namespaces, &mut conns, first_seen.as_mut()) {
+                    match full_reconcile(&mut engine, &mut namespaces, &mut conns, &first_seen) {
                         Ok(done) => {
                             engine.counters.reconciles += 1;
                             pace.reconciled(at.into_std());
@@ -536,7 +566,7 @@ pub async fn run(opts: Options) -> Result<()> {
                     Err(e) => tracing::error!("{e:#}; logging goes on to the file as it was"),
                 }
                 if reload(&mut engine, &opts.source, metrics.as_deref(), "").is_ok() {
-                    refilter(&mut engine, &mut filter_map, ring.get_mut(), &mut namespaces, &mut conns, first_seen.as_mut());
+                    refilter(&mut engine, &mut filter_map, ring.get_mut(), &mut namespaces, &mut conns, &first_seen);
                     polling.awake(&mut filter_map, &engine, true);
                     drain_tick.reset();
                 }
@@ -549,7 +579,7 @@ pub async fn run(opts: Options) -> Result<()> {
                     Request::Reload => {
                         match reload(&mut engine, &opts.source, metrics.as_deref(), " (control API)") {
                             Ok(description) => {
-                                refilter(&mut engine, &mut filter_map, ring.get_mut(), &mut namespaces, &mut conns, first_seen.as_mut());
+                                refilter(&mut engine, &mut filter_map, ring.get_mut(), &mut namespaces, &mut conns, &first_seen);
                                 polling.awake(&mut filter_map, &engine, true);
                                 drain_tick.reset();
                                 Reply::Json(serde_json::json!({"ok": true, "description": description}))

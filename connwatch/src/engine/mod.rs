@@ -148,9 +148,9 @@ pub struct Engine {
     /// A one-shot run (`sweep`): see [`Engine::one_shot`].
     one_shot: bool,
     /// When each socket older than connwatch (birth unknown) was first seen, as kept
-    /// across restarts (the pinned `CW_FIRST_SEEN`): its age bound counts from then, not
-    /// from this start. Reconciles add the sockets they seed and forget the gone ones,
-    /// saying which in [`Reconciled`] so the daemon writes the pinned map alike.
+    /// across restarts (`kernel::first_seen`): its age bound counts from then, not from
+    /// this start. Reconciles add the sockets they seed and forget the gone ones,
+    /// saying which in [`Reconciled`] so the daemon knows to keep them anew.
     pub first_seen: FastMap<SockId, u64>,
 }
 

@@ -6,13 +6,13 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 
 use anyhow::{bail, Context, Result};
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, Map, MapData, PerCpuArray, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::BtfTracePoint;
 use aya::{Btf, Ebpf, EbpfLoader};
 use connwatch_common::{
     sock_globals, stat, Filter, DEFAULT_RING_BYTES, LAYOUT_VERSION, MAP_ADDRS6, MAP_CONNS,
-    MAP_EVENTS, MAP_FILTER, MAP_FIRST_SEEN, MAP_STATS, SET_STATE_PROGRAM,
+    MAP_EVENTS, MAP_FILTER, MAP_STATS, SET_STATE_PROGRAM,
 };
 
 use crate::kernel::btf::SockOffsets;
@@ -27,8 +27,6 @@ use crate::kernel::pins::{
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/connwatch.bpf.o"));
 
 pub type FilterMap = Array<MapData, Filter>;
-/// First sightings of sockets older than connwatch: `[cookie, netns inode]` -> ns.
-pub type FirstSeenMap = HashMap<MapData, [u64; 2], u64>;
 
 /// The ring buffer wakes the daemon only when this share of it is unread (the daemon
 /// also drains it on a short timer): one wakeup a batch, not one an event.
@@ -43,8 +41,6 @@ pub struct Loaded {
     pub stats: PerCpuArray<MapData, u64>,
     /// What the kernel program sends (see `connwatch_common::Filter`).
     pub filter: FilterMap,
-    /// First sightings kept across restarts; None if the object has no such map.
-    pub first_seen: Option<FirstSeenMap>,
     /// The pinned set-state program, for its `recursion_misses`; None if not pinned.
     pub set_state: Option<std::os::fd::OwnedFd>,
     /// The kernel program's rare diagnostics (a full map, a full ring), through
@@ -287,21 +283,12 @@ pub fn load_and_attach(sizes: Sizes) -> Result<Loaded> {
     let stats = PerCpuArray::try_from(ebpf.take_map(MAP_STATS).context("no stats map")?)?;
     let filter = FilterMap::try_from(ebpf.take_map(MAP_FILTER).context("no filter map")?)?;
     let set_state = pins::open_prog(&prog_pin(SET_STATE_PROGRAM)).ok();
-    let first_seen = match ebpf.take_map(MAP_FIRST_SEEN).map(FirstSeenMap::try_from) {
-        Some(Ok(map)) => Some(map),
-        Some(Err(e)) => {
-            tracing::warn!("{MAP_FIRST_SEEN} is not usable ({e}): sockets older than connwatch will count their age from each start");
-            None
-        }
-        None => None,
-    };
     Ok(Loaded {
         ebpf,
         conns,
         events,
         stats,
         filter,
-        first_seen,
         set_state,
         logger,
     })
@@ -332,28 +319,4 @@ pub fn read_stats(
         opened_out: sum(stat::OPENED_OUT)?,
         closed: sum(stat::CLOSED)?,
     })
-}
-
-/// The first sightings the pinned map holds, by identity.
-pub fn read_first_seen<C: FromIterator<(crate::conn::SockId, u64)>>(map: &FirstSeenMap) -> C {
-    map.iter()
-        .filter_map(Result::ok)
-        .map(|([cookie, netns], at)| (crate::conn::SockId::new(netns as u32, cookie), at))
-        .collect()
-}
-
-/// Writes what a reconcile learned of first sightings into the pinned map: returns how
-/// many could not be written (the map full).
-pub fn write_first_seen(
-    map: &mut FirstSeenMap,
-    set: &[(crate::conn::SockId, u64)],
-    gone: &[crate::conn::SockId],
-) -> usize {
-    let key = |id: &crate::conn::SockId| [id.cookie, u64::from(id.netns)];
-    for id in gone {
-        let _ = map.remove(&key(id));
-    }
-    set.iter()
-        .filter(|(id, at)| map.insert(key(id), at, 0).is_err())
-        .count()
 }

@@ -6,6 +6,7 @@ pub mod btf;
 pub mod cgroup;
 pub mod conns;
 pub mod firewall;
+pub mod first_seen;
 pub mod fs;
 pub mod layout;
 pub mod load;
@@ -16,7 +17,4 @@ pub mod procfs;
 pub mod sock_diag;
 
 pub use conns::ConnMap;
-pub use load::{
-    load_and_attach, read_first_seen, read_stats, write_filter, write_first_seen, FilterMap,
-    FirstSeenMap, Loaded, Sizes, Stats,
-};
+pub use load::{load_and_attach, read_stats, write_filter, FilterMap, Loaded, Sizes, Stats};

@@ -10,11 +10,11 @@ use std::sync::LazyLock;
 
 use anyhow::{Context, Result};
 use aya::maps::{Map, MapData};
-use connwatch_common::{obj_get, obj_info, LAYOUT_VERSION, MAP_ADDRS6, MAP_CONNS, MAP_FIRST_SEEN};
+use connwatch_common::{obj_get, obj_info, LAYOUT_VERSION, MAP_ADDRS6, MAP_CONNS};
 
 use crate::kernel::conns::ConnMap;
+use crate::kernel::first_seen::FirstSeenFile;
 use crate::kernel::layout::Hook;
-use crate::kernel::load::FirstSeenMap;
 
 /// Where every layout's pins live; `cleanup` empties it.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/connwatch";
@@ -124,15 +124,21 @@ pub fn left_behind() -> String {
         )
     };
     format!(
-        "left pinned in {dir_name}: the maps {} (`connwatch list` still reads them); {attached}; `connwatch cleanup` removes it all",
-        maps.join(", ")
+        "left pinned in {dir_name}: the maps {} (`connwatch list` still reads them); {attached}; the first sightings of sockets older than connwatch stay in {}; `connwatch cleanup` removes it all",
+        maps.join(", "),
+        crate::kernel::first_seen::PATH
     )
 }
 
 /// Removes every pinned object of every layout: the links first (which detaches the
-/// programs), then the programs and the maps (and the ages in them).
+/// programs), then the programs and the maps (and the ages in them), and the first
+/// sightings of sockets older than connwatch.
 pub fn cleanup() -> Result<Vec<String>> {
     let mut removed = Vec::new();
+    let first_seen = FirstSeenFile::host();
+    if first_seen.remove()? {
+        removed.push(first_seen.path().display().to_string());
+    }
     let root = Path::new(PIN_ROOT);
     if !root.exists() {
         return Ok(removed);
@@ -185,12 +191,4 @@ pub fn open_pinned_conns() -> Result<ConnMap> {
     let addrs6 = MapData::from_pin(Path::new(PIN_DIR.as_str()).join(MAP_ADDRS6))
         .with_context(|| format!("cannot open {MAP_ADDRS6} beside {}", path.display()))?;
     ConnMap::new(Map::HashMap(data), Some(Map::HashMap(addrs6)))
-}
-
-/// Opens the pinned map of first sightings of sockets older than connwatch.
-pub fn open_pinned_first_seen() -> Result<FirstSeenMap> {
-    let path = Path::new(PIN_DIR.as_str()).join(MAP_FIRST_SEEN);
-    let data =
-        MapData::from_pin(&path).with_context(|| format!("cannot open {}", path.display()))?;
-    Ok(FirstSeenMap::try_from(Map::HashMap(data))?)
 }
