@@ -79,7 +79,7 @@ pub fn rusage(cmd: &[String], out: Option<&Path>, timeout_secs: f64) -> Result<(
 
 /// Prints `map <name> <max_entries> <memlock_bytes>` for every map connwatch holds in
 /// the kernel, each once: those pinned in `pin_dir` (the connection map and its IPv6
-/// addresses, the ring, the counters, the listeners, the first sightings, the filter)
+/// addresses, the ring, the counters, the listeners, the filter)
 /// and those its pinned programs use without a pin (the log ring, read-only data).
 /// Then `entries <n>` for the connection map and `stats <events> <map_full>
 /// <ring_full>`.

@@ -169,7 +169,10 @@ fn scenario(b: &mut Bench, s: &Scenario, group: u8) -> Result<Option<Quiet>> {
     if s.memory {
         // The ring's pages the daemon has mapped are in the maps' memlock already.
         let rss = d.own_rss();
-        let total = (m.memlock + rss) as f64;
+        // The first sightings of sockets older than the daemon live in a file on tmpfs:
+        // memory too.
+        let kept = std::fs::metadata("/run/connwatch.first-seen").map_or(0, |f| f.len());
+        let total = (m.memlock + rss + kept) as f64;
         let per = total / sockets.max(1) as f64;
         b.row(Row {
             figure: 6,
@@ -196,11 +199,12 @@ fn scenario(b: &mut Bench, s: &Scenario, group: u8) -> Result<Option<Quiet>> {
         b.note(
             6,
             format!(
-                "{} sockets: connection map {} ({:.0} B a socket it holds: allocated as used, its bucket array sized by capacity), the other maps {} (the event ring, the listeners, the first sightings, the counters, the filter, the log ring), daemon RSS {} ({:.0} B a socket) without the ring pages it maps, which the maps count already (with them {}); of it anonymous {} (the rest the binary's code and libraries, page cache)",
+                "{} sockets: connection map {} ({:.0} B a socket it holds: allocated as used, its bucket array sized by capacity), the other maps {} (the event ring, the listeners, the counters, the filter, the log ring), the first sightings file {} B, daemon RSS {} ({:.0} B a socket) without the ring pages it maps, which the maps count already (with them {}); of it anonymous {} (the rest the binary's code and libraries, page cache)",
                 count(sockets),
                 bytes(m.conns_memlock as f64),
                 m.conns_memlock as f64 / sockets.max(1) as f64,
                 bytes((m.memlock - m.conns_memlock) as f64),
+                kept,
                 bytes(rss as f64),
                 rss as f64 / sockets.max(1) as f64,
                 bytes(d.rss() as f64),
