@@ -3,6 +3,8 @@
 
 use super::packed::{Names, Packed};
 use super::FastMap;
+use hashbrown::HashTable;
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use connwatch_common::{
@@ -136,6 +138,28 @@ pub struct Seed {
 /// are built afresh ([`Tracker::repack`]).
 const REPACK_AT: usize = 4096;
 
+/// The identity of the socket under `key` in the tracker's two stores.
+fn id_in(conns: &FastMap<u64, Packed>, wide: &FastMap<u64, Tracked>, key: u64) -> Option<SockId> {
+    match conns.get(&key) {
+        Some(p) => Some(p.id()),
+        None => wide.get(&key).map(|t| t.id),
+    }
+}
+
+/// Where an indexed key goes when the index grows: by the identity its record holds.
+/// Every indexed key has a record (it is stored before it is indexed, and unindexed
+/// before it goes).
+fn rehash(
+    conns: &FastMap<u64, Packed>,
+    wide: &FastMap<u64, Tracked>,
+    h: &foldhash::fast::RandomState,
+    key: u64,
+) -> u64 {
+    let id = id_in(conns, wide, key);
+    debug_assert!(id.is_some(), "key {key} is indexed without a record");
+    id.map_or(0, |id| h.hash_one(id))
+}
+
 /// Keys of seeded sockets count up from 1; kernel socket addresses, the keys of map
 /// sockets, are far above (the kernel half of the address space), so they never meet.
 const FIRST_SEED_KEY: u64 = 1;
@@ -149,8 +173,12 @@ pub struct Tracker {
     /// The owner names and cgroups the packed records point into.
     names: Names,
     /// Each socket's key by its identity: one socket is known once, however it was
-    /// learned (the map, a dump, a TIME_WAIT follow-up).
-    by_id: FastMap<SockId, u64>,
+    /// learned (the map, a dump, a TIME_WAIT follow-up). Only the keys are stored,
+    /// hashed by the identity their record holds (9 bytes a slot, where a map from
+    /// identity to key took 25).
+    by_id: HashTable<u64>,
+    /// How identities are hashed into `by_id`.
+    id_hash: foldhash::fast::RandomState,
     /// How many sockets each network namespace holds: a namespace with none is one
     /// the daemon need not keep a sock_diag socket in.
     per_netns: FastMap<u32, usize>,
@@ -172,7 +200,8 @@ impl Tracker {
     /// Room for `n` more sockets, for a one-shot run that loads a whole dump at once.
     pub fn reserve(&mut self, n: usize) {
         self.conns.reserve(n);
-        self.by_id.reserve(n);
+        let (conns, wide, h) = (&self.conns, &self.wide, &self.id_hash);
+        self.by_id.reserve(n, |&k| rehash(conns, wide, h, k));
     }
 
     pub fn is_empty(&self) -> bool {
@@ -189,9 +218,23 @@ impl Tracker {
 
     /// The identity of the socket under `key`, without unpacking the rest.
     fn id_at(&self, key: u64) -> Option<SockId> {
-        match self.conns.get(&key) {
-            Some(p) => Some(p.id()),
-            None => self.wide.get(&key).map(|t| t.id),
+        id_in(&self.conns, &self.wide, key)
+    }
+
+    /// Indexes `key` under the identity its record holds (stored already).
+    fn index(&mut self, id: SockId, key: u64) {
+        let (conns, wide, h) = (&self.conns, &self.wide, &self.id_hash);
+        self.by_id
+            .insert_unique(h.hash_one(id), key, |&k| rehash(conns, wide, h, k));
+    }
+
+    /// Drops `key` from the index, where it is under `id`.
+    fn unindex(&mut self, id: SockId, key: u64) {
+        if let Ok(e) = self
+            .by_id
+            .find_entry(self.id_hash.hash_one(id), |&k| k == key)
+        {
+            e.remove();
         }
     }
 
@@ -257,7 +300,9 @@ impl Tracker {
     }
 
     pub fn key_of(&self, id: &SockId) -> Option<u64> {
-        self.by_id.get(id).copied()
+        self.by_id
+            .find(self.id_hash.hash_one(id), |&k| self.id_at(k) == Some(*id))
+            .copied()
     }
 
     /// The keys of the tracked sockets with this tuple: one per network namespace that
@@ -285,31 +330,29 @@ impl Tracker {
         let mut touched = vec![key];
         let old_id = self.id_at(key);
         if let Some(old_id) = old_id {
-            if self.by_id.get(&old_id) == Some(&key) {
-                self.by_id.remove(&old_id);
-            }
+            self.unindex(old_id, key);
         }
-        if let Some(other) = self.by_id.insert(t.id, key) {
-            if other != key {
-                // The same connection known twice: a seeded entry now seen by the
-                // kernel program. Keep the earlier sighting as the age bound.
-                if let Some(old) = self.take(other) {
-                    self.count_in(old.id.netns, false);
-                    if let (Birth::Unknown { seen_ns: a }, Birth::Unknown { seen_ns: b }) =
-                        (old.birth, t.birth)
-                    {
-                        t.birth = Birth::Unknown { seen_ns: a.min(b) };
-                    }
+        if let Some(other) = self.key_of(&t.id) {
+            // The same connection known twice: a seeded entry now seen by the kernel
+            // program. Keep the earlier sighting as the age bound.
+            self.unindex(t.id, other);
+            if let Some(old) = self.take(other) {
+                self.count_in(old.id.netns, false);
+                if let (Birth::Unknown { seen_ns: a }, Birth::Unknown { seen_ns: b }) =
+                    (old.birth, t.birth)
+                {
+                    t.birth = Birth::Unknown { seen_ns: a.min(b) };
                 }
-                touched.push(other);
             }
+            touched.push(other);
         }
-        let netns = t.id.netns;
+        let id = t.id;
         self.put(key, t);
+        self.index(id, key);
         if let Some(old) = old_id {
             self.count_in(old.netns, false);
         }
-        self.count_in(netns, true);
+        self.count_in(id.netns, true);
         touched
     }
 
@@ -382,7 +425,7 @@ impl Tracker {
     /// Records a socket the map does not hold, under a key of its own, unless its
     /// connection is known already.
     fn insert_outside_map(&mut self, t: Tracked) -> Option<u64> {
-        if self.by_id.contains_key(&t.id) {
+        if self.key_of(&t.id).is_some() {
             return None;
         }
         let key = self.next_seed_key;
@@ -394,9 +437,7 @@ impl Tracker {
     pub fn remove(&mut self, key: u64) -> Option<Tracked> {
         let t = self.take(key)?;
         self.count_in(t.id.netns, false);
-        if self.by_id.get(&t.id) == Some(&key) {
-            self.by_id.remove(&t.id);
-        }
+        self.unindex(t.id, key);
         Some(t)
     }
 
