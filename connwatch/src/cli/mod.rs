@@ -87,7 +87,8 @@ pub enum Command {
     Top(TopArgs),
     /// Check that this kernel and this user have what connwatch needs.
     Check,
-    /// Remove everything connwatch pinned in /sys/fs/bpf/connwatch (the ages with it).
+    /// Remove everything connwatch pinned in /sys/fs/bpf/connwatch (the ages with it),
+    /// and the first sightings of older sockets kept in /run/connwatch.first-seen.
     ///
     /// Refused while `connwatch run` is active. Needed to resize the maps.
     Cleanup,
