@@ -288,8 +288,9 @@ fn full_reconcile(
 
 /// The first sightings of sockets older than connwatch that earlier starts kept: in
 /// `file`, and in the pinned map of a build before it (taken over once, the earlier of
-/// two times kept). A file that cannot be read is started afresh, and said so: those
-/// sockets then count their age from this start, later, never earlier.
+/// two times kept; its pin goes only once the file holds them). A file that cannot be
+/// read is started afresh, and said so: those sockets then count their age from this
+/// start, later, never earlier.
 fn kept_first_sightings(file: &FirstSeenFile) -> FastMap<SockId, u64> {
     let mut kept: FastMap<SockId, u64> = match file.read() {
         Ok(all) => all.into_iter().collect(),
@@ -298,7 +299,7 @@ fn kept_first_sightings(file: &FirstSeenFile) -> FastMap<SockId, u64> {
             FastMap::default()
         }
     };
-    match first_seen::take_pinned() {
+    match first_seen::read_pinned() {
         None => {}
         Some(Ok(pinned)) => {
             let n = pinned.len();
@@ -306,12 +307,12 @@ fn kept_first_sightings(file: &FirstSeenFile) -> FastMap<SockId, u64> {
                 let t = kept.entry(id).or_insert(at);
                 *t = (*t).min(at);
             }
-            match file.write(&kept) {
+            match file.write(&kept).and_then(|()| first_seen::forget_pinned()) {
                 Ok(()) => tracing::info!(
                     "took over {n} first sightings from the pinned map of an earlier build into {}",
                     file.path().display()
                 ),
-                Err(e) => tracing::warn!("{e:#}: the {n} first sightings an earlier build pinned are kept until this daemon stops"),
+                Err(e) => tracing::warn!("{e:#}: the {n} first sightings an earlier build pinned stay in its map, read again at the next start"),
             }
         }
         Some(Err(e)) => {

@@ -96,9 +96,7 @@ impl FirstSeenFile {
             bytes.extend_from_slice(&id.netns.to_le_bytes());
             bytes.extend_from_slice(&at.to_le_bytes());
         }
-        let mut new = self.path.clone().into_os_string();
-        new.push(".new");
-        let new = PathBuf::from(new);
+        let new = self.new_path();
         let written = fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -112,8 +110,17 @@ impl FirstSeenFile {
             .with_context(|| format!("cannot write {}", self.path.display()))
     }
 
-    /// Removes the file (`connwatch cleanup`); true if there was one.
+    /// Where a write puts the new content before it takes the file's place.
+    fn new_path(&self) -> PathBuf {
+        let mut new = self.path.clone().into_os_string();
+        new.push(".new");
+        PathBuf::from(new)
+    }
+
+    /// Removes the file (`connwatch cleanup`), and any new one a write left half done;
+    /// true if there was one.
     pub fn remove(&self) -> Result<bool> {
+        let _ = fs::remove_file(self.new_path());
         match fs::remove_file(&self.path) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
@@ -122,11 +129,16 @@ impl FirstSeenFile {
     }
 }
 
-/// The sightings an earlier build kept in the pinned map `CW_FIRST_SEEN`, whose pin is
-/// then removed (the map goes with its last descriptor); None if there is no such pin.
-/// Read once, at the first start of this build, so an upgrade keeps them.
-pub fn take_pinned() -> Option<Result<Vec<(SockId, u64)>>> {
-    let path = Path::new(PIN_DIR.as_str()).join(MAP_FIRST_SEEN);
+/// Where builds before the file pinned the sightings.
+fn pinned_path() -> PathBuf {
+    Path::new(PIN_DIR.as_str()).join(MAP_FIRST_SEEN)
+}
+
+/// The sightings an earlier build kept in the pinned map `CW_FIRST_SEEN`; None if there
+/// is no such pin. Read at the first start of this build, so an upgrade keeps them; the
+/// caller removes the pin ([`forget_pinned`]) once the file holds them.
+pub fn read_pinned() -> Option<Result<Vec<(SockId, u64)>>> {
+    let path = pinned_path();
     if !path.exists() {
         return None;
     }
@@ -134,15 +146,19 @@ pub fn take_pinned() -> Option<Result<Vec<(SockId, u64)>>> {
         let data =
             MapData::from_pin(&path).with_context(|| format!("cannot open {}", path.display()))?;
         let map: HashMap<MapData, [u64; 2], u64> = HashMap::try_from(Map::HashMap(data))?;
-        let all = map
+        Ok(map
             .iter()
             .filter_map(Result::ok)
             .map(|([cookie, netns], at)| (SockId::new(netns as u32, cookie), at))
-            .collect();
-        fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
-        Ok(all)
+            .collect())
     };
     Some(read())
+}
+
+/// Removes the earlier build's pin (the map goes with its last descriptor).
+pub fn forget_pinned() -> Result<()> {
+    let path = pinned_path();
+    fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))
 }
 
 #[cfg(test)]
