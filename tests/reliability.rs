@@ -196,6 +196,19 @@ fn map_entries() -> HashMap<Tuple, ConnInfo> {
         .collect()
 }
 
+/// The cookies of the established sockets with `port` at either end, as sock_diag
+/// reports them.
+fn established_cookies(port: u16) -> Vec<u64> {
+    SockDiag::open()
+        .unwrap()
+        .dump(SockDiag::ALL_STATES)
+        .unwrap()
+        .into_iter()
+        .filter(|s| touches(&s.tuple, port) && s.state == TcpState::ESTABLISHED)
+        .map(|s| connwatch::conn::cookie_from_diag(s.cookie))
+        .collect()
+}
+
 fn touches(t: &Tuple, port: u16) -> bool {
     t.local.port() == port || t.remote.port() == port
 }
@@ -511,14 +524,7 @@ fn restarts_keep_the_first_sighting_of_sockets_older_than_connwatch() {
     let conns: Vec<Conn> = (0..20).map(|_| Conn::open(&l)).collect();
     let opened = Instant::now();
     let port_n: u16 = p.parse().unwrap();
-    let ours: HashSet<u64> = SockDiag::open()
-        .unwrap()
-        .dump(SockDiag::ALL_STATES)
-        .unwrap()
-        .into_iter()
-        .filter(|s| touches(&s.tuple, port_n) && s.state == TcpState::ESTABLISHED)
-        .map(|s| connwatch::conn::cookie_from_diag(s.cookie))
-        .collect();
+    let ours: HashSet<u64> = established_cookies(port_n).into_iter().collect();
     assert_eq!(ours.len(), 40);
     // The limit is an hour through the first two starts, then set before the third
     // from the time spent so far (a start takes seconds under emulation, a TCG guest),
@@ -628,14 +634,7 @@ fn an_upgrade_takes_over_the_first_sightings_an_earlier_build_pinned() {
     let p = port(&l);
     let port_n: u16 = p.parse().unwrap();
     let conns: Vec<Conn> = (0..3).map(|_| Conn::open(&l)).collect();
-    let ours: Vec<u64> = SockDiag::open()
-        .unwrap()
-        .dump(SockDiag::ALL_STATES)
-        .unwrap()
-        .into_iter()
-        .filter(|s| touches(&s.tuple, port_n) && s.state == TcpState::ESTABLISHED)
-        .map(|s| connwatch::conn::cookie_from_diag(s.cookie))
-        .collect();
+    let ours = established_cookies(port_n);
     assert_eq!(ours.len(), 6);
     // A start makes the pin directory; then it is left as an earlier build left it: no
     // file, the sightings in the pinned map, 30 s before now (a guest just booted
